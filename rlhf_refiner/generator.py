@@ -1,0 +1,90 @@
+"""Generator: the policy's vLLM engine. generate(prompts) -> Rollouts; receives the learner's weights each step.
+
+Each of the G responses of a prompt is its own request with its own seed, derived from (sampling seed, step,
+prompt id, index), so generation is reproducible and the G samples differ. `policy_version` is the learner
+step whose weights the engine holds; every rollout carries it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rlhf_refiner import engines
+from rlhf_refiner.config import Config
+from rlhf_refiner.records import Prompt, Rollout
+from rlhf_refiner.weight_sync import ParamMeta, WeightReceiver
+
+
+def request_seed(base: int, step: int, prompt_id: int, index: int) -> int:
+    """A distinct, reproducible 63-bit seed per (step, prompt, sample)."""
+    return (base * 1_000_003 + step * 7_919 + prompt_id * 104_729 + index) % (2**63 - 1)
+
+
+class Generator:
+    def __init__(self, model_path: str, config: Config) -> None:
+        self.config = config
+        self.llm = engines.start_engine(
+            model_path,
+            config.generator.engine,
+            config.model.dtype,
+            config.trainer.seed,
+            worker_extension_cls=f"{WeightReceiver.__module__}.{WeightReceiver.__qualname__}",
+        )
+        self.policy_version = 0
+
+    def generate(self, prompts: list[Prompt], step: int) -> tuple[list[Rollout], dict[str, float]]:
+        """G rollouts per prompt, contiguous per prompt, in prompt order."""
+        group_size = self.config.generator.group_size
+        sampling = self.config.generator.sampling
+        requests = [(prompt, k) for prompt in prompts for k in range(group_size)]
+        params = [
+            engines.sampling_params(sampling, request_seed(sampling.seed, step, p.prompt_id, k), logprobs=True)
+            for p, k in requests
+        ]
+        started = time.perf_counter()
+        completions = engines.complete(self.llm, [list(p.prompt_token_ids) for p, _ in requests], params)
+        seconds = time.perf_counter() - started
+        rollouts = [
+            Rollout(
+                sample_id=f"{step}-{prompt.prompt_id}-{k}",
+                prompt=prompt,
+                response=c.text,
+                response_token_ids=c.token_ids,
+                response_logprobs=c.logprobs,
+                finished=c.finished,
+                policy_version=self.policy_version,
+            )
+            for (prompt, k), c in zip(requests, completions)
+        ]
+        tokens = sum(len(r.response_token_ids) for r in rollouts)
+        return rollouts, {
+            "generator/tokens_per_s": tokens / max(seconds, 1e-9),
+            "generator/response_tokens_mean": tokens / len(rollouts),
+            "generator/truncated_frac": sum(not r.finished for r in rollouts) / len(rollouts),
+            "generator/policy_version": self.policy_version,
+        }
+
+    def init_weight_sync(
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        metas: list[ParamMeta],
+        bucket_bytes: int,
+        timeout_s: float,
+    ) -> None:
+        self.llm.collective_rpc(
+            WeightReceiver.rlhf_init_sync.__name__,
+            timeout=timeout_s,
+            args=(host, port, rank, world_size, timeout_s, metas, bucket_bytes),
+        )
+
+    def receive_weights(self, policy_version: int, verify: bool, timeout_s: float) -> dict:
+        """Join the learner's broadcast, load the weights, and stamp `policy_version`."""
+        (result,) = self.llm.collective_rpc(
+            WeightReceiver.rlhf_receive_weights.__name__, timeout=timeout_s, args=(verify,)
+        )
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.policy_version = policy_version
+        return result

@@ -1,0 +1,227 @@
+"""Learner: the policy under DeepSpeed. step(batch) -> metrics; source of weight syncs; saves HF checkpoints.
+
+One step = `learner.updates_per_step` optimizer updates over the batch, each accumulated over micro-batches.
+Loss = GRPO's PPO-clip term + the constraint: λ·CE on refined responses (`dynamic`), β·KL to π0
+(`static_kl`), or nothing. Refined rows identical to the sampled response reuse the policy forward pass, so
+the dynamic constraint costs an extra forward only for the responses the refiner changed. π0 (the
+reference) is loaded only when the KL is in the loss or `algo.log_kl_to_ref` asks for the metric.
+The only module that touches DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_refiner import algo
+from rlhf_refiner.config import Config
+from rlhf_refiner.records import Batch, Sample
+from rlhf_refiner.weight_sync import ParamMeta, SyncGroup, free_port, named_tensor_metas, plan_buckets, send_weights
+
+
+@dataclass
+class _Rows:
+    """A padded forward batch: policy rows first, then refined rows that differ from their response."""
+
+    input_ids: torch.Tensor  # (N, T)
+    attention_mask: torch.Tensor  # (N, T)
+    target_mask: torch.Tensor  # (N, T-1): 1 where the next token is a response / refined token
+    policy_rows: int  # the first B rows are the policy's sequences
+    refined_index: list[int]  # row of each refined sequence (a policy row when a' == a); empty without refiner
+
+
+def build_rows(samples: list[Sample], pad_id: int, with_refined: bool) -> _Rows:
+    sequences: list[tuple[tuple[int, ...], int]] = []  # (token ids, prompt length)
+    for s in samples:
+        sequences.append(
+            (s.rollout.prompt.prompt_token_ids + s.rollout.response_token_ids, len(s.rollout.prompt.prompt_token_ids))
+        )
+    refined_index: list[int] = []
+    if with_refined:
+        for i, s in enumerate(samples):
+            assert s.refinement is not None, f"sample {s.sample_id} has no refinement"
+            if s.refinement.refined_token_ids == s.rollout.response_token_ids:
+                refined_index.append(i)
+            else:
+                refined_index.append(len(sequences))
+                prompt = s.rollout.prompt.prompt_token_ids
+                sequences.append((prompt + s.refinement.refined_token_ids, len(prompt)))
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    target = torch.zeros((len(sequences), width - 1))
+    for row, (ids, prompt_len) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        target[row, prompt_len - 1 : len(ids) - 1] = 1.0  # logits at t predict token t+1
+    return _Rows(input_ids, attention, target, len(samples), refined_index)
+
+
+class Learner:
+    def __init__(self, model_path: str, config: Config) -> None:
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config
+        torch.manual_seed(config.trainer.seed)
+        torch.set_num_threads(config.learner.torch_threads)
+        port = free_port()
+        deepspeed.init_distributed(
+            dist_backend="gloo" if config.learner.num_gpus == 0 else "nccl",
+            auto_mpi_discovery=False,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=0,
+            world_size=1,
+            verbose=False,
+        )
+        dtype = getattr(torch, config.model.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.samples_per_update = (
+            config.data.prompts_per_step * config.generator.group_size // config.learner.updates_per_step
+        )
+        micro = min(config.learner.micro_batch_size, self.samples_per_update)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": self.samples_per_update // micro,
+            "gradient_clipping": config.learner.grad_clip,
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            **config.learner.deepspeed,
+        }
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.learner.lr, weight_decay=config.learner.weight_decay
+        )
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.micro_batch_size = micro
+        self.zero_stage = self.engine.zero_optimization_stage()
+        self.ref_model = None
+        if config.algo.constraint == "static_kl" or config.algo.log_kl_to_ref:
+            self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False)
+        self.policy_version = 0
+        self.sync_group: SyncGroup | None = None
+
+    # ---- training -------------------------------------------------------------------------------------------
+    def _forward_logprobs(self, model, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits[:, :-1]  # (N, T-1, V)
+        return algo.token_logprobs(logits, rows.input_ids[:, 1:]), logits
+
+    def _micro_step(self, samples: list[Sample]) -> dict[str, float]:
+        cfg = self.config.algo
+        with_refined = cfg.constraint == "dynamic" or samples[0].refinement is not None
+        rows = build_rows(samples, self.tokenizer.pad_token_id, with_refined)
+        logprobs, logits = self._forward_logprobs(self.engine, rows)  # (N, T-1)
+        B = rows.policy_rows
+        policy_lp, policy_mask = logprobs[:B], rows.target_mask[:B]
+        advantages = torch.tensor([s.advantage for s in samples])
+        old_lp = policy_lp.detach()  # one update per step: the weights that produced `old` are the current ones
+        loss_rl, rl_metrics = algo.ppo_clip_loss(policy_lp, old_lp, advantages, policy_mask, cfg.clip_eps)
+        loss = loss_rl
+        metrics = {"learner/loss_rl": loss_rl.item(), "learner/clip_frac": rl_metrics["clip_frac"]}
+        with torch.no_grad():
+            metrics["learner/entropy"] = algo.masked_mean(algo.entropy_from_logits(logits[:B]), policy_mask).item()
+        if with_refined:
+            index = torch.tensor(rows.refined_index)
+            ce, _ = algo.refined_ce(logprobs[index], rows.target_mask[index])
+            metrics["learner/ce_refined"] = ce.item()
+            if cfg.constraint == "dynamic":
+                loss = loss + cfg.ce_coef * ce
+        if self.ref_model is not None:
+            policy_only = _Rows(rows.input_ids[:B], rows.attention_mask[:B], policy_mask, B, [])
+            with torch.no_grad():
+                ref_lp, _ = self._forward_logprobs(self.ref_model, policy_only)
+            kl, _ = algo.kl_penalty(policy_lp, ref_lp, policy_mask, cfg.kl_estimator)
+            metrics["learner/kl_to_ref"] = kl.item()
+            if cfg.constraint == "static_kl":
+                loss = loss + cfg.kl_coef * kl
+        self.engine.backward(loss)
+        self.engine.step()
+        metrics["learner/loss"] = loss.item()
+        return metrics
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        """Train on one batch; returns the mean of each metric over micro-batches, and the new policy version."""
+        started = time.perf_counter()
+        self.engine.train()
+        samples = list(batch.samples)
+        sums: dict[str, float] = {}
+        count = 0
+        grad_norms = []
+        for start in range(0, len(samples), self.micro_batch_size):
+            for key, value in self._micro_step(samples[start : start + self.micro_batch_size]).items():
+                sums[key] = sums.get(key, 0.0) + value
+            count += 1
+            if (
+                self.engine.is_gradient_accumulation_boundary()
+                or (start + self.micro_batch_size) % self.samples_per_update == 0
+            ):
+                norm = self.engine.get_global_grad_norm()
+                if norm is not None:
+                    grad_norms.append(float(norm))
+        self.policy_version += 1
+        metrics = {key: value / count for key, value in sums.items()}
+        if grad_norms:
+            metrics["learner/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["learner/lr"] = self.engine.get_lr()[0]
+        metrics["learner/policy_version"] = self.policy_version
+        metrics["learner/samples"] = len(samples)
+        metrics["time/learner_compute"] = time.perf_counter() - started
+        return metrics
+
+    # ---- weights out ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _full_params(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Full (un-partitioned) parameters by HF name; gathers them under ZeRO-3."""
+        named = dict(self.engine.module.named_parameters())
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None):
+                yield {k: v.data for k, v in named.items()}
+        else:
+            yield {k: v.data for k, v in named.items()}
+
+    def weight_metas(self) -> list[ParamMeta]:
+        with self._full_params() as params:
+            return named_tensor_metas(params.items())
+
+    def sync_port(self) -> int:
+        """A free port on the learner's node for the weight-sync store."""
+        return free_port()
+
+    def init_weight_sync(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
+        """Join (as rank 0) the group the vLLM workers join concurrently."""
+        self.sync_group = SyncGroup(host, port, 0, world_size, timeout_s, who="learner")
+
+    def broadcast_weights(self, bucket_bytes: int) -> dict:
+        """Send the current weights to every vLLM worker; returns checksums, bytes and seconds."""
+        assert self.sync_group is not None, "init_weight_sync was not called"
+        started = time.perf_counter()
+        with self._full_params() as params:
+            buckets = plan_buckets(named_tensor_metas(params.items()), bucket_bytes)
+            sums, nbytes = send_weights(self.sync_group, buckets, params)
+        return {"checksums": sums, "bytes": nbytes, "seconds": time.perf_counter() - started, "buckets": len(buckets)}
+
+    def save_pretrained(self, path: str) -> str:
+        """The policy in HF format (weights + config + tokenizer), written to a temp dir then renamed."""
+        tmp = f"{path}.tmp"
+        with self._full_params() as params:
+            state = {k: v.detach().clone() for k, v in params.items()}
+        self.engine.module.save_pretrained(tmp, state_dict=state)
+        self.tokenizer.save_pretrained(tmp)
+        os.replace(tmp, path) if not os.path.exists(path) else (_replace_dir(tmp, path))
+        return path
+
+
+def _replace_dir(tmp: str, path: str) -> None:
+    import shutil
+
+    old = f"{path}.old"
+    os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old)

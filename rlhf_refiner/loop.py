@@ -1,0 +1,202 @@
+"""The driver: build the actors, then per step generate -> refine -> score -> buffer -> learn -> sync -> log.
+
+Synchronous (on-policy) schedule, with policy versions: at step k the generator holds version k-1 (the
+learner's weights after k-1 updates). Refinement of the step's rollouts and their scoring run concurrently
+(both read the rollouts' ObjectRef); the learner then trains on the batch and becomes version k; the
+broadcast makes the generator version k before step k+1 generates. Nothing overlaps with learning.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from rlhf_refiner import placement
+from rlhf_refiner.config import Config
+from rlhf_refiner.data import PromptSource
+from rlhf_refiner.metrics import MetricsLogger
+from rlhf_refiner.records import Refinement, Reward, Rollout, Sample
+
+
+class StageTimeoutError(TimeoutError):
+    """A stage's remote call missed its deadline; the message names the stage and actor."""
+
+
+def wait(refs: list[Any], stage: str, timeout_s: float) -> list[Any]:
+    """`ray.get` with a deadline whose error names the stage."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise StageTimeoutError(f"stage '{stage}' did not answer within {timeout_s:.0f}s") from None
+
+
+def prepare_output_dir(config: Config) -> Path:
+    out = Path(config.trainer.output_dir)
+    if out.exists() and any(out.iterdir()) and not config.trainer.overwrite:
+        raise FileExistsError(
+            f"trainer.output_dir '{out}' exists and is not empty; choose another or set trainer.overwrite=true"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "samples.jsonl", "summary.json"):  # overwrite=true: start these afresh
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
+def resolve_model_path(config: Config) -> str:
+    """`model.path` as a local dir or hub id; `embedded` builds (or reuses) the tiny CPU π0."""
+    if config.model.path == "embedded":
+        from rlhf_refiner import pi0
+
+        return str(pi0.ensure_built(config.model.embedded, config.task, config.refiner.template))
+    path = config.model.path
+    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise FileNotFoundError(f"model.path '{path}' is not a directory (nor an HF hub id of the form org/name)")
+    return os.path.expanduser(path) if looks_local else path
+
+
+def assemble_samples(
+    rollouts: list[Rollout], refinements: list[Refinement] | None, rewards: list[Reward], config: Config
+) -> list[Sample]:
+    import torch
+
+    from rlhf_refiner import algo
+
+    advantages = algo.group_advantages(
+        torch.tensor([r.reward for r in rewards], dtype=torch.float64),
+        config.generator.group_size,
+        config.algo.normalize_adv_std,
+        config.algo.adv_eps,
+    ).tolist()
+    return [
+        Sample(rollout, refinements[i] if refinements else None, rewards[i], advantages[i], rollout.policy_version)
+        for i, rollout in enumerate(rollouts)
+    ]
+
+
+def step_metrics(samples: list[Sample]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    rewards = [s.reward.reward for s in samples]
+    metrics = {"reward/mean": statistics.fmean(rewards), "reward/std": statistics.pstdev(rewards)}
+    for key in samples[0].reward.components:
+        metrics[f"reward/{key}"] = statistics.fmean(s.reward.components[key] for s in samples)
+    accuracies = [s.reward.accuracy for s in samples if s.reward.accuracy is not None]
+    if accuracies:
+        metrics["task/accuracy"] = statistics.fmean(accuracies)
+    rows = [
+        {
+            "sample_id": s.sample_id,
+            "query": s.rollout.prompt.query,
+            "response": s.rollout.response,
+            "refined": s.refinement.refined if s.refinement else None,
+            "reward": s.reward.reward,
+            "accuracy": s.reward.accuracy,
+            "advantage": s.advantage,
+        }
+        for s in samples
+    ]
+    return metrics, rows
+
+
+def run(config: Config) -> dict[str, Any]:
+    output_dir = prepare_output_dir(config)
+    model_path = resolve_model_path(config)
+    from transformers import AutoTokenizer
+
+    source = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(model_path))
+    started_ray = not ray.is_initialized()
+    if started_ray:  # joins `ray.address`, else RAY_ADDRESS, else starts a local cluster
+        ray.init(
+            address=config.ray.address, num_cpus=config.ray.num_cpus, namespace=config.ray.namespace or config.run_name
+        )
+    deadline, startup = config.ray.call_timeout_s, config.ray.startup_timeout_s
+    actors = placement.start_actors(config, model_path, startup)
+    logger = MetricsLogger(config, output_dir, config.trainer.steps)
+    summary: dict[str, Any] = {"model_path": model_path, "run_name": config.run_name}
+    try:
+        # Weight-sync group: learner = rank 0, the generator's vLLM worker = rank 1.
+        host = placement.node_ip(actors.learner, startup)
+        port, metas = wait(
+            [actors.learner.sync_port.remote(), actors.learner.weight_metas.remote()], "learner-0 startup", startup
+        )
+        bucket_bytes = int(config.sync.bucket_mb * 2**20)
+        wait(
+            [
+                actors.learner.init_weight_sync.remote(host, port, 2, config.sync.timeout_s),
+                actors.generator.init_weight_sync.remote(host, port, 1, 2, metas, bucket_bytes, config.sync.timeout_s),
+            ],
+            "weight sync setup (learner-0, generator-0)",
+            startup,
+        )
+        if actors.refiner is not None:
+            wait([actors.refiner.__ray_call__.remote(lambda _self: True)], "refiner-0 startup", startup)
+        version, samples_per_step = 0, config.data.prompts_per_step * config.generator.group_size
+        run_started = time.perf_counter()
+        for step in range(1, config.trainer.steps + 1):
+            t0 = time.perf_counter()
+            prompts = source.next_batch(version)
+            rollouts_ref, gen_metrics_ref = actors.generator.generate.options(num_returns=2).remote(prompts, step)
+            reward_refs = [w.score.remote(rollouts_ref, i, len(actors.rewards)) for i, w in enumerate(actors.rewards)]
+            refine_refs = actors.refiner.refine.options(num_returns=2).remote(rollouts_ref) if actors.refiner else None
+            rollouts, metrics = wait([rollouts_ref, gen_metrics_ref], "generate (generator-0)", deadline)
+            rewards = [r for part in wait(reward_refs, "score (reward-*)", deadline) for r in part]
+            refinements = None
+            if refine_refs is not None:
+                refinements, refine_metrics = wait(list(refine_refs), "refine (refiner-0)", deadline)
+                metrics.update(refine_metrics)
+            t1 = time.perf_counter()
+            samples = assemble_samples(rollouts, refinements, rewards, config)
+            actors.buffer.add.remote(samples)
+            batch_ref = actors.buffer.take.remote(samples_per_step, version)
+            metrics.update(wait([actors.learner.step.remote(batch_ref)], "learn (learner-0)", deadline)[0])
+            version += 1
+            t2 = time.perf_counter()
+            sent, received = wait(
+                [
+                    actors.learner.broadcast_weights.remote(bucket_bytes),
+                    actors.generator.receive_weights.remote(version, config.sync.verify, config.sync.timeout_s),
+                ],
+                "weight sync (learner-0 -> generator-0)",
+                config.sync.timeout_s + 30,
+            )
+            if config.sync.verify and sent["checksums"] != received["checksums"]:
+                raise RuntimeError(f"weight sync to generator-0 corrupted bytes at version {version}")
+            t3 = time.perf_counter()
+            sample_metrics, rows = step_metrics(samples)
+            metrics.update(sample_metrics)
+            metrics.update(wait([actors.buffer.metrics.remote()], "buffer", deadline)[0])
+            metrics.update(
+                {
+                    "sync/seconds": t3 - t2,
+                    "sync/bytes": sent["bytes"],
+                    "sync/buckets": sent["buckets"],
+                    "sync/load_seconds": received["load_seconds"],
+                    "time/rollout": t1 - t0,
+                    "time/learn": t2 - t1,
+                    "time/sync": t3 - t2,
+                    "time/step": time.perf_counter() - t0,
+                }
+            )
+            logger.log(step, metrics)
+            logger.log_samples(step, rows[: config.metrics.samples_per_step])
+            summary.setdefault("first", {k: metrics[k] for k in ("reward/mean", "task/accuracy") if k in metrics})
+            summary["last"] = {k: metrics[k] for k in ("reward/mean", "task/accuracy") if k in metrics}
+        summary.update(
+            {"steps": config.trainer.steps, "policy_version": version, "seconds": time.perf_counter() - run_started}
+        )
+        if config.trainer.save_final:
+            final = str((output_dir / "final").resolve())
+            summary["final"] = wait([actors.learner.save_pretrained.remote(final)], "save (learner-0)", deadline)[0]
+    finally:
+        logger.close(summary)
+        for actor in [actors.generator, actors.refiner, actors.buffer, actors.learner, *actors.rewards]:
+            if actor is not None:
+                ray.kill(actor)
+        ray.util.remove_placement_group(actors.placement_group)
+        if started_ray:
+            ray.shutdown()
+    return summary

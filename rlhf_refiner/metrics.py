@@ -1,0 +1,94 @@
+"""Metrics sink of the driver: metrics.jsonl + samples.jsonl (atomic per line), W&B, console, progress bar.
+
+Actors never log; the loop hands every step's namespaced metrics here. W&B runs offline unless configured
+otherwise, so a run needs no account; `wandb sync <output_dir>/wandb/offline-run-*` uploads it later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rlhf_refiner.config import Config, dump
+
+CONSOLE_KEYS = [
+    ("reward/mean", "reward"),
+    ("task/accuracy", "acc"),
+    ("refiner/unchanged_frac", "unchanged"),
+    ("learner/ce_refined", "ce"),
+    ("learner/kl_to_ref", "kl"),
+    ("time/step", "s"),
+]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, config: Config, output_dir: Path, total_steps: int, start_step: int = 0) -> None:
+        self.output_dir = output_dir
+        # Held open for the run and flushed per line, so a crash loses at most the line being written.
+        self.metrics_file = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115
+        self.samples_file = open(output_dir / "samples.jsonl", "a")  # noqa: SIM115
+        self.wandb = None
+        if config.metrics.wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=config.metrics.wandb_project,
+                name=config.run_name,
+                dir=str(output_dir),
+                mode=config.metrics.wandb_mode,
+                config=config.model_dump(mode="json"),
+            )
+        self.progress = None
+        if config.metrics.progress_bar:
+            from tqdm import tqdm
+
+            self.progress = tqdm(
+                total=total_steps, initial=start_step, desc=config.run_name, unit="step", dynamic_ncols=True
+            )
+        (output_dir / "config.yaml").write_text(dump(config))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: _clean(v) for k, v in sorted(metrics.items())}}
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        line = f"step {step}: " + " ".join(
+            f"{short} {metrics[key]:.3f}" for key, short in CONSOLE_KEYS if key in metrics
+        )
+        if self.progress is not None:
+            self.progress.write(line)
+            self.progress.update(1)
+        else:
+            print(line, flush=True)
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.samples_file.write(json.dumps({"step": step, **row}) + "\n")
+        self.samples_file.flush()
+        if self.wandb is not None and rows:
+            import wandb
+
+            columns = ["step", *rows[0].keys()]
+            table = wandb.Table(columns=columns, data=[[step, *row.values()] for row in rows])
+            self.wandb.log({"samples": table}, step=step)
+
+    def close(self, summary: dict[str, Any]) -> None:
+        tmp = self.output_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        tmp.replace(self.output_dir / "summary.json")
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            self.wandb.finish()
+        if self.progress is not None:
+            self.progress.close()
+        self.metrics_file.close()
+        self.samples_file.close()

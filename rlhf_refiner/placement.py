@@ -1,0 +1,101 @@
+"""Resources -> one placement group and the Ray actor options of every stage; the only GPU arithmetic.
+
+Each stage class is wrapped with `ray.remote` once, here. Actors are named (`generator-0`, `refiner-0`,
+`reward-<i>`, `learner-0`, `buffer`) in the run's namespace so operators (and tests) can find them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_refiner.buffer import Buffer
+from rlhf_refiner.config import Config
+from rlhf_refiner.generator import Generator
+from rlhf_refiner.learner import Learner
+from rlhf_refiner.refiner import Refiner
+from rlhf_refiner.reward import RewardWorker
+
+BUFFER_CPUS = 0.1
+# Environment of every actor process: quiet engines, and no tokenizer thread pools fighting for cores.
+ACTOR_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR_QUIET": "1"}
+
+
+@dataclass
+class Actors:
+    generator: Any
+    refiner: Any | None  # None when the refiner is not used (or is an external server reached by the loop)
+    rewards: list[Any]
+    buffer: Any
+    learner: Any
+    placement_group: PlacementGroup
+
+
+def uses_refiner(config: Config) -> bool:
+    return config.algo.constraint == "dynamic" or config.refiner.monitor
+
+
+def _bundles(config: Config) -> list[dict[str, float]]:
+    """One bundle per actor, in the order `start_actors` uses them."""
+
+    def bundle(cpus: float, gpus: float) -> dict[str, float]:
+        return {"CPU": cpus, "GPU": gpus} if gpus > 0 else {"CPU": cpus}
+
+    bundles = [
+        bundle(config.learner.num_cpus, config.learner.num_gpus),
+        bundle(config.generator.engine.num_cpus, config.generator.engine.num_gpus),
+    ]
+    if uses_refiner(config):
+        bundles.append(bundle(config.refiner.engine.num_cpus, config.refiner.engine.num_gpus))
+    bundles += [bundle(config.reward.num_cpus, 0)] * config.reward.num_workers
+    bundles.append(bundle(BUFFER_CPUS, 0))
+    return bundles
+
+
+def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
+    """Reserve resources for every stage and start its actor; returns once the placement group is ready."""
+    bundles = _bundles(config)
+    pg = placement_group(bundles, strategy="PACK", name=f"{config.run_name}-stages")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(
+            f"placement: resources {bundles} were not available within {timeout_s:.0f}s "
+            f"(cluster has {ray.cluster_resources()}); lower the *.num_cpus / *.num_gpus settings"
+        ) from None
+    slot = iter(range(len(bundles)))
+
+    def options(name: str) -> dict[str, Any]:
+        index = next(slot)
+        return {
+            "name": name,
+            "num_cpus": bundles[index]["CPU"],
+            "num_gpus": bundles[index].get("GPU", 0),
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
+            "runtime_env": {"env_vars": ACTOR_ENV},
+        }
+
+    learner = ray.remote(Learner).options(**options("learner-0")).remote(model_path, config)
+    generator = ray.remote(Generator).options(**options("generator-0")).remote(model_path, config)
+    refiner = None
+    if uses_refiner(config):
+        refiner = (
+            ray.remote(Refiner)
+            .options(**options("refiner-0"))
+            .remote(model_path, config.refiner, config.model.dtype, config.trainer.seed)
+        )
+    reward_cls = ray.remote(RewardWorker)
+    rewards = [
+        reward_cls.options(**options(f"reward-{i}")).remote(config.task) for i in range(config.reward.num_workers)
+    ]
+    buffer = ray.remote(Buffer).options(**options("buffer")).remote(config.buffer.max_staleness, config.buffer.capacity)
+    return Actors(generator, refiner, rewards, buffer, learner, pg)
+
+
+def node_ip(actor: Any, timeout_s: float) -> str:
+    """IP address of the node an actor runs on (the learner hosts the weight-sync store there)."""
+    return ray.get(actor.__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()), timeout=timeout_s)

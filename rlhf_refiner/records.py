@@ -1,0 +1,81 @@
+"""Typed records that cross actor boundaries, in pipeline order: Prompt -> Rollout -> Refinement -> Sample -> Batch.
+
+Every record is a frozen dataclass that names its producer and consumer and carries `policy_version`, the
+learner step whose weights produced the data, so staleness is always a visible number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """data.PromptSource -> Generator: one query, already rendered with the policy's chat template."""
+
+    prompt_id: int
+    query: str  # the task text (user turn content), as the refiner template sees it
+    prompt_token_ids: tuple[int, ...]  # chat-templated query, ending with the assistant header
+    answer: str | None  # ground truth for `task/accuracy`, when the task has one
+    policy_version: int
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Generator -> Refiner, RewardWorker, Buffer: one sampled response to one prompt."""
+
+    sample_id: str  # "<step>-<prompt_id>-<index in group>": unique across the run
+    prompt: Prompt
+    response: str
+    response_token_ids: tuple[int, ...]
+    response_logprobs: tuple[float, ...]  # behaviour log-probs from the engine, one per response token
+    finished: bool  # ended on a stop token rather than on max_new_tokens
+    policy_version: int
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """Refiner -> Buffer (via loop): π0's minimally corrected response a' for one rollout."""
+
+    sample_id: str
+    refined: str
+    refined_token_ids: tuple[int, ...]  # ends with the end-of-turn token, like a response that finished
+    unchanged: bool  # a' == a token for token
+    edit_distance: int  # token-level Levenshtein distance between a and a'
+    fallback: bool  # refiner output unusable (empty, truncated, unparsable): a' = a
+    policy_version: int  # version of the rollout it refines (π0 itself never changes)
+
+
+@dataclass(frozen=True)
+class Reward:
+    """RewardWorker -> loop: the optimised reward of one response, and the true task score beside it."""
+
+    sample_id: str
+    reward: float
+    accuracy: float | None  # exact task success (1/0) where the task has ground truth
+    components: dict[str, float] = field(default_factory=dict)  # per-source parts, e.g. {"digits": .6}
+    policy_version: int = 0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """loop -> Buffer -> Learner: a scored (query, response, refined) triple with its group advantage."""
+
+    rollout: Rollout
+    refinement: Refinement | None  # None when the constraint does not use the refiner
+    reward: Reward
+    advantage: float
+    policy_version: int
+
+    @property
+    def sample_id(self) -> str:
+        return self.rollout.sample_id
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Buffer -> Learner: the samples of one training step and the learner version they are trained at."""
+
+    samples: tuple[Sample, ...]
+    policy_version: int  # learner version the batch is consumed at
+    dropped_stale: int  # samples dropped by the staleness bound while forming this batch

@@ -1,0 +1,124 @@
+"""Refiner: frozen π0 behind the task's template; refine(rollouts) -> Refinements (the minimally corrected a').
+
+π0 runs as an in-cluster vLLM engine with ngram speculative decoding (the prompt holds the response, so
+copies are drafted for free), or behind an OpenAI-compatible server (`refiner.base_url`). π0 never receives
+weights. Unusable outputs (empty, truncated, not extractable) fall back to a' = a and are counted.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from rlhf_refiner import engines
+from rlhf_refiner.config import RefinerConfig
+from rlhf_refiner.data import render_user_turn
+from rlhf_refiner.records import Refinement, Rollout
+
+
+def edit_distance(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Levenshtein distance between two token sequences (insert, delete, substitute all cost 1)."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def extract_refined(output: str, finished: bool, pattern: str | None) -> str | None:
+    """The refined response inside π0's output, or None when the output is unusable."""
+    if not finished or not output.strip():
+        return None
+    if pattern is None:
+        return output
+    match = re.search(pattern, output, flags=re.DOTALL)
+    return match.group(1) if match else None
+
+
+def make_refinement(rollout: Rollout, refined: str | None, tokenizer) -> Refinement:
+    """Pair a rollout with its refined text; a' = a on fallback. Token ids end with EOS, like a finished reply."""
+    eos = tokenizer.eos_token_id
+    fallback = refined is None
+    text = rollout.response if refined is None else refined
+    response_ids = tuple(t for t in rollout.response_token_ids if t != eos)
+    if text == rollout.response:
+        refined_ids = response_ids  # reuse the sampled ids: retokenising may differ on non-canonical merges
+    else:
+        refined_ids = tuple(tokenizer(text, add_special_tokens=False).input_ids)
+    return Refinement(
+        sample_id=rollout.sample_id,
+        refined=text,
+        refined_token_ids=refined_ids + (eos,),
+        unchanged=text == rollout.response,
+        edit_distance=edit_distance(response_ids, refined_ids),
+        fallback=fallback,
+        policy_version=rollout.policy_version,
+    )
+
+
+class Refiner:
+    def __init__(self, model_path: str, config: RefinerConfig, dtype: str, seed: int) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.model_path = model_path
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.llm = None
+        self.client = None
+        if config.base_url is None:
+            self.llm = engines.start_engine(model_path, config.engine, dtype, seed, speculative=config.speculative)
+        else:
+            import openai
+
+            self.client = openai.OpenAI(
+                base_url=config.base_url,
+                api_key=config.api_key,
+                timeout=config.request_timeout_s,
+                max_retries=config.max_retries,
+            )
+            self.served_model = self.client.models.list().data[0].id
+
+    def _complete(self, prompts: list[list[int]]) -> list[tuple[str, bool]]:
+        sampling = self.config.sampling
+        if self.llm is not None:
+            params = [engines.sampling_params(sampling, sampling.seed + i, logprobs=False) for i in range(len(prompts))]
+            return [(c.text, c.finished) for c in engines.complete(self.llm, prompts, params)]
+        response = self.client.completions.create(
+            model=self.served_model,
+            prompt=prompts,
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+        )
+        choices = sorted(response.choices, key=lambda c: c.index)
+        return [(c.text, c.finish_reason == "stop") for c in choices]
+
+    def refine(self, rollouts: list[Rollout]) -> tuple[list[Refinement], dict[str, float]]:
+        prompts = [
+            render_user_turn(self.tokenizer, self.config.template.format(query=r.prompt.query, response=r.response))
+            for r in rollouts
+        ]
+        drafted0, accepted0 = engines.speculative_counters(self.llm) if self.llm is not None else (0, 0)
+        started = time.perf_counter()
+        outputs = self._complete(prompts)
+        seconds = time.perf_counter() - started
+        refinements = [
+            make_refinement(r, extract_refined(text, finished, self.config.extract_pattern), self.tokenizer)
+            for r, (text, finished) in zip(rollouts, outputs)
+        ]
+        n = len(refinements)
+        metrics = {
+            "refiner/unchanged_frac": sum(f.unchanged for f in refinements) / n,
+            "refiner/edit_distance": sum(f.edit_distance for f in refinements) / n,
+            "refiner/fallback_frac": sum(f.fallback for f in refinements) / n,
+            "refiner/tokens_per_s": sum(len(f.refined_token_ids) for f in refinements) / max(seconds, 1e-9),
+        }
+        if self.llm is not None and self.config.speculative.method != "none":
+            drafted, accepted = engines.speculative_counters(self.llm)
+            if drafted > drafted0:
+                metrics["refiner/spec_accept_rate"] = (accepted - accepted0) / (drafted - drafted0)
+        return refinements, metrics

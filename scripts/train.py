@@ -1,0 +1,31 @@
+"""Train: python scripts/train.py --config configs/quickstart.yaml [key.sub=value ...]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="RL fine-tuning with an online refiner (dynamic constraints).")
+    parser.add_argument("--config", required=True, help="YAML config file, e.g. configs/quickstart.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.steps=5")
+    args = parser.parse_args(argv)
+
+    from rlhf_refiner import config as config_lib
+
+    try:
+        config = config_lib.load(args.config, args.overrides)
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from rlhf_refiner import loop  # heavy imports (ray, torch) only after the config is known to be valid
+
+    summary = loop.run(config)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # vLLM spawns engine processes: the guard is required
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Hand-derived checks of algo.py on 3-element tensors; the arithmetic is in the comments."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_refiner import algo
+
+
+def test_group_advantages_hand_derived():
+    # group 1: [1, 0, 0.5] -> mean 0.5, unbiased std = sqrt((0.25+0.25+0)/2) = 0.5 -> [1, -1, 0]
+    # group 2: [2, 2, 2] -> all equal -> 0 (no signal)
+    adv = algo.group_advantages(torch.tensor([1.0, 0.0, 0.5, 2.0, 2.0, 2.0]), group_size=3, eps=0.0)
+    assert adv.tolist() == pytest.approx([1.0, -1.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_group_advantages_without_std():
+    # mean-centred only: [3, 1, 2] - 2 = [1, -1, 0]
+    adv = algo.group_advantages(torch.tensor([3.0, 1.0, 2.0]), group_size=3, normalize_std=False)
+    assert adv.tolist() == pytest.approx([1.0, -1.0, 0.0])
+
+
+def test_group_advantages_rejects_ragged_groups():
+    with pytest.raises(ValueError, match="groups of 4"):
+        algo.group_advantages(torch.zeros(6), group_size=4)
+
+
+def test_ppo_clip_loss_hand_derived():
+    # advantages [1, 0, -1], ratios [1.3, 1.0, 0.7], eps 0.2, one token per sequence:
+    #   seq 0: min(1.3*1, 1.2*1) = 1.2          -> -1.2 (clipped)
+    #   seq 1: 0                                 ->  0
+    #   seq 2: min(0.7*-1, 0.8*-1) = -0.8        ->  0.8 (clipped)
+    # loss = mean(-1.2, 0, 0.8) = -0.4/3; clipped tokens: 2 of 3
+    old = torch.zeros(3, 1)
+    new = torch.log(torch.tensor([[1.3], [1.0], [0.7]]))
+    loss, metrics = algo.ppo_clip_loss(new, old, torch.tensor([1.0, 0.0, -1.0]), torch.ones(3, 1), clip_eps=0.2)
+    assert loss.item() == pytest.approx(-0.4 / 3, abs=1e-6)
+    assert metrics["clip_frac"] == pytest.approx(2 / 3)
+
+
+def test_ppo_clip_loss_is_sequence_mean_of_token_means_and_ignores_masked():
+    # seq 0 has tokens with ratio 1 and adv 2 -> per-token -2 on 2 tokens (3rd masked, huge ratio ignored) -> -2
+    # seq 1 has one token, ratio 1, adv -1 -> +1 ; loss = (-2 + 1) / 2 = -0.5
+    new = torch.tensor([[0.0, 0.0, 5.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    loss, _ = algo.ppo_clip_loss(new, torch.zeros(2, 3), torch.tensor([2.0, -1.0]), mask, clip_eps=0.2)
+    assert loss.item() == pytest.approx(-0.5)
+
+
+def test_kl_estimators_hand_derived():
+    # log π_θ = [0, 0, 0], log π0 = [0, ln 2, -ln 2]  ->  d = log π0 - log π_θ = [0, ln2, -ln2]
+    # k1 = -d = [0, -ln2, ln2]; k2 = d²/2 = [0, ln2²/2, ln2²/2]; k3 = e^d - d - 1 = [0, 1 - ln2, -0.5 + ln2]
+    lp = torch.zeros(3)
+    ref = torch.tensor([0.0, math.log(2), -math.log(2)])
+    ln2 = math.log(2)
+    assert algo.kl_estimate(lp, ref, "k1").tolist() == pytest.approx([0, -ln2, ln2])
+    assert algo.kl_estimate(lp, ref, "k2").tolist() == pytest.approx([0, ln2**2 / 2, ln2**2 / 2])
+    assert algo.kl_estimate(lp, ref, "k3").tolist() == pytest.approx([0, 1 - ln2, -0.5 + ln2])
+
+
+def test_kl_penalty_masks_and_averages():
+    # k3 on the 2 unmasked tokens: [1 - ln2, -0.5 + ln2] -> mean = 0.25
+    lp = torch.zeros(1, 3)
+    ref = torch.tensor([[math.log(2), -math.log(2), 7.0]])
+    kl, metrics = algo.kl_penalty(lp, ref, torch.tensor([[1.0, 1.0, 0.0]]), "k3")
+    assert kl.item() == pytest.approx(0.25)
+    assert metrics["kl_to_ref"] == pytest.approx(0.25)
+
+
+def test_kl_zero_when_policy_equals_reference():
+    lp = torch.log(torch.tensor([0.2, 0.5, 0.3]))
+    for estimator in ("k1", "k2", "k3"):
+        assert algo.kl_estimate(lp, lp, estimator).abs().max().item() == 0.0
+
+
+def test_refined_ce_hand_derived():
+    # refined token probs [0.5, 0.25, (masked)] -> CE = -(ln .5 + ln .25)/2 = 1.5 ln 2
+    lp = torch.log(torch.tensor([[0.5, 0.25, 0.9]]))
+    ce, metrics = algo.refined_ce(lp, torch.tensor([[1.0, 1.0, 0.0]]))
+    assert ce.item() == pytest.approx(1.5 * math.log(2))
+    assert metrics["ce_refined"] == pytest.approx(1.5 * math.log(2))
+
+
+def test_refined_ce_gradient_on_unchanged_response():
+    # a' == a: the CE is the NLL of the policy's own sampled tokens. With logits z over 3 tokens and the target
+    # token 0 at one position, dCE/dz = softmax(z) - onehot(0). For z = [0, ln 2, ln 1] -> p = [1/4, 2/4, 1/4]
+    # so the gradient is [-3/4, 1/2, 1/4]: it raises the sampled token, i.e. it reinforces a good answer.
+    logits = torch.tensor([[[0.0, math.log(2), 0.0]]], requires_grad=True)  # (B=1, T=1, V=3)
+    lp = algo.token_logprobs(logits, torch.tensor([[0]]))
+    ce, _ = algo.refined_ce(lp, torch.ones(1, 1))
+    ce.backward()
+    assert logits.grad[0, 0].tolist() == pytest.approx([-0.75, 0.5, 0.25])
+    assert ce.item() == pytest.approx(math.log(4))
+
+
+def test_entropy_from_logits():
+    # uniform over 4 -> ln 4; one-hot-ish (huge margin) -> ~0
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
+    ent = algo.entropy_from_logits(logits)
+    assert ent[0, 0].item() == pytest.approx(math.log(4))
+    assert ent[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_masked_mean_of_empty_mask_is_zero():
+    assert algo.masked_mean(torch.tensor([1.0, 2.0]), torch.zeros(2)).item() == 0.0

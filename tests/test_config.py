@@ -1,0 +1,74 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf_refiner import config as config_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_loads_and_opens_with_its_command(path):
+    config = config_lib.load(path)
+    assert isinstance(config, config_lib.Config)
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# python scripts/train.py --config configs/"), first_line
+
+
+def test_unknown_key_fails_and_names_it(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  steps: 3\n  stepz: 4\n")
+    with pytest.raises(config_lib.ConfigError, match=r"trainer\.stepz: unknown key"):
+        config_lib.load(bad)
+
+
+def test_unknown_override_fails_and_names_it():
+    with pytest.raises(config_lib.ConfigError, match=r"algo\.lambda: unknown key"):
+        config_lib.load(None, ["algo.lambda=2"])
+
+
+def test_overrides_are_typed_and_applied():
+    config = config_lib.load(None, ["trainer.steps=7", "algo.constraint=static_kl", "generator.sampling.stop=[x]"])
+    assert config.trainer.steps == 7
+    assert config.algo.constraint == "static_kl"
+    assert config.generator.sampling.stop == ["x"]
+
+
+def test_bad_literal_names_field():
+    with pytest.raises(config_lib.ConfigError, match=r"algo\.constraint"):
+        config_lib.load(None, ["algo.constraint=kl"])
+
+
+def test_batch_not_divisible_by_updates_names_fields():
+    with pytest.raises(config_lib.ConfigError, match=r"learner\.updates_per_step"):
+        config_lib.load(None, ["data.prompts_per_step=3", "generator.group_size=3", "learner.updates_per_step=2"])
+
+
+def test_template_must_hold_query_and_response():
+    with pytest.raises(config_lib.ConfigError, match=r"\{response\}"):
+        config_lib.load(None, ["refiner.template={query} fix it"])
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(config_lib.ConfigError, match="key.sub=value"):
+        config_lib.load(None, ["trainer.steps"])
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match="nope.yaml"):
+        config_lib.load(tmp_path / "nope.yaml")
+
+
+def test_config_imports_no_torch_ray_or_vllm():
+    code = "import sys, rlhf_refiner.config; print(sorted(m for m in ('torch','ray','vllm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_dump_round_trips(tmp_path):
+    config = config_lib.load(None, ["trainer.steps=5", "learner.deepspeed.zero_optimization.stage=2"])
+    path = tmp_path / "c.yaml"
+    path.write_text(config_lib.dump(config))
+    assert config_lib.load(path) == config

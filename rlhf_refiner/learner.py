@@ -70,14 +70,18 @@ class Learner:
         self.config = config
         torch.manual_seed(config.trainer.seed)
         torch.set_num_threads(config.learner.torch_threads)
-        port = free_port()
+        # One learner process: this actor is its own launcher, so it sets what torchrun would set.
+        os.environ.update(
+            {
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port()),
+            }
+        )
         deepspeed.init_distributed(
-            dist_backend="gloo" if config.learner.num_gpus == 0 else "nccl",
-            auto_mpi_discovery=False,
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=0,
-            world_size=1,
-            verbose=False,
+            dist_backend="gloo" if config.learner.num_gpus == 0 else "nccl", auto_mpi_discovery=False, verbose=False
         )
         dtype = getattr(torch, config.model.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)

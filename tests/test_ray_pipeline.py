@@ -1,0 +1,269 @@
+"""`ray` tier: the real loop on vLLM engines + DeepSpeed on a local Ray cluster, weight sync, external refiner."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+REQUIRED_METRICS = [
+    "reward/mean",
+    "task/accuracy",
+    "learner/loss_rl",
+    "learner/kl_to_ref",
+    "learner/entropy",
+    "learner/grad_norm",
+    "sync/seconds",
+    "sync/bytes",
+    "time/rollout",
+    "time/learn",
+    "time/sync",
+    "time/step",
+    "generator/tokens_per_s",
+]
+REFINER_METRICS = [
+    "refiner/unchanged_frac",
+    "refiner/edit_distance",
+    "refiner/fallback_frac",
+    "refiner/tokens_per_s",
+    "learner/ce_refined",
+]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, namespace="rlhf_refiner_tests", include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_pi0(tmp_path_factory):
+    """A briefly trained π0 (quality irrelevant here), built once per session through the real builder."""
+    from rlhf_refiner import pi0
+    from rlhf_refiner.config import load
+
+    config = load(None, ["model.embedded.sft_steps=60", f"model.embedded.cache_dir={tmp_path_factory.mktemp('pi0')}"])
+    return str(pi0.ensure_built(config.model.embedded, config.task, config.refiner.template))
+
+
+def _config(tmp_path, model_path, *overrides):
+    from rlhf_refiner.config import load
+
+    return load(
+        "configs/quickstart.yaml",
+        [
+            f"model.path={model_path}",
+            f"trainer.output_dir={tmp_path / 'run'}",
+            "trainer.steps=3",
+            "data.prompts_per_step=4",
+            "generator.group_size=4",
+            "metrics.progress_bar=false",
+            "metrics.wandb_mode=offline",
+            "sync.verify=true",
+            *overrides,
+        ],
+    )
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("constraint", ["dynamic", "static_kl", "none"])
+def test_loop_runs_each_constraint(ray_cluster, tiny_pi0, tmp_path, constraint):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_refiner import loop
+
+    config = _config(tmp_path, tiny_pi0, f"algo.constraint={constraint}")
+    summary = loop.run(config)
+    run_dir = tmp_path / "run"
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        missing = [k for k in REQUIRED_METRICS if k not in row]
+        assert not missing, f"step {row['step']} lacks {missing}"
+        assert 0.0 <= row["reward/mean"] <= 1.5
+        assert row["learner/samples"] == 16
+        # synchronous: the generator samples with the weights of the previous learner step
+        assert row["generator/policy_version"] == row["step"] - 1
+        assert row["learner/policy_version"] == row["step"]
+        assert row["sync/bytes"] > 0
+    has_refiner = [all(k in row for k in REFINER_METRICS) for row in rows]
+    assert all(has_refiner) if constraint == "dynamic" else not any(has_refiner)
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * config.metrics.samples_per_step
+    assert (samples[0]["refined"] is not None) == (constraint == "dynamic")
+    assert json.loads((run_dir / "summary.json").read_text())["policy_version"] == 3
+    final = AutoModelForCausalLM.from_pretrained(summary["final"])
+    start = AutoModelForCausalLM.from_pretrained(tiny_pi0)
+    moved = sum((a - b).abs().sum().item() for a, b in zip(final.parameters(), start.parameters(), strict=True))
+    assert moved > 0, "three learner steps left the policy unchanged"
+
+
+def test_nonempty_output_dir_is_not_overwritten(tiny_pi0, tmp_path):
+    from rlhf_refiner import loop
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="trainer.overwrite"):
+        loop.run(_config(tmp_path, tiny_pi0))
+    assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
+
+
+def test_missing_model_path_is_named(tmp_path):
+    from rlhf_refiner import loop
+
+    with pytest.raises(FileNotFoundError, match="does/not/exist"):
+        loop.run(_config(tmp_path, "./does/not/exist"))
+
+
+def test_weight_sync_transport_and_load(ray_cluster, tiny_pi0, tmp_path):
+    """After a learner step and a sync, the engine's greedy tokens and log-probs equal an HF model's with the
+    learner's weights, and every bucket's checksum as received equals the learner's."""
+    import ray
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_refiner import loop, placement
+    from rlhf_refiner.data import PromptSource
+
+    config = _config(tmp_path, tiny_pi0, "generator.sampling.temperature=0", "learner.lr=0.01", "sync.bucket_mb=0.25")
+    actors = placement.start_actors(config, tiny_pi0, timeout_s=600)
+    try:
+        host = placement.node_ip(actors.learner, 60)
+        port, metas = ray.get([actors.learner.sync_port.remote(), actors.learner.weight_metas.remote()], timeout=600)
+        bucket_bytes = int(config.sync.bucket_mb * 2**20)
+        ray.get(
+            [
+                actors.learner.init_weight_sync.remote(host, port, 2, 60),
+                actors.generator.init_weight_sync.remote(host, port, 1, 2, metas, bucket_bytes, 60),
+            ],
+            timeout=600,
+        )
+        from transformers import AutoTokenizer
+
+        source = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(tiny_pi0))
+        prompts = source.next_batch(0)
+        rollouts, _ = ray.get(actors.generator.generate.remote(prompts, 1), timeout=300)
+        rewards = ray.get(actors.rewards[0].score.remote(rollouts), timeout=60)
+        refinements, _ = ray.get(actors.refiner.refine.remote(rollouts), timeout=300)
+        samples = loop.assemble_samples(rollouts, refinements, rewards, config)
+        ray.get(actors.buffer.add.remote(samples), timeout=60)
+        ray.get(actors.learner.step.remote(actors.buffer.take.remote(len(samples), 0)), timeout=300)
+        sent, received = ray.get(
+            [
+                actors.learner.broadcast_weights.remote(bucket_bytes),
+                actors.generator.receive_weights.remote(1, True, 60),
+            ],
+            timeout=120,
+        )
+        assert sent["buckets"] > 1, "bucket size should split this model into several buckets"
+        assert received["checksums"] == sent["checksums"]
+        final = ray.get(actors.learner.save_pretrained.remote(str(tmp_path / "learner")), timeout=120)
+        after, _ = ray.get(actors.generator.generate.remote(prompts, 2), timeout=300)
+    finally:
+        for actor in [actors.generator, actors.refiner, actors.learner, actors.buffer, *actors.rewards]:
+            ray.kill(actor)
+        ray.util.remove_placement_group(actors.placement_group)
+
+    hf = AutoModelForCausalLM.from_pretrained(final).eval()
+    for rollout in after[:: config.generator.group_size]:
+        ids = list(rollout.prompt.prompt_token_ids)
+        with torch.no_grad():
+            greedy = hf.generate(
+                torch.tensor([ids]),
+                max_new_tokens=config.generator.sampling.max_new_tokens,
+                do_sample=False,
+                eos_token_id=hf.config.eos_token_id,
+                pad_token_id=hf.config.pad_token_id,
+            )[0, len(ids) :].tolist()
+            full = torch.tensor([ids + list(rollout.response_token_ids)])
+            logprobs = torch.log_softmax(hf(full).logits[0, len(ids) - 1 : -1].float(), -1)
+        hf_lp = logprobs.gather(-1, torch.tensor(rollout.response_token_ids).unsqueeze(-1)).squeeze(-1).tolist()
+        assert list(rollout.response_token_ids) == greedy[: len(rollout.response_token_ids)]
+        assert rollout.response_logprobs == pytest.approx(hf_lp, abs=2e-3)
+    old = [r.response_logprobs for r in rollouts[:: config.generator.group_size]]
+    new = [r.response_logprobs for r in after[:: config.generator.group_size]]
+    assert old != new, "the engine's log-probs did not change after the sync: weights were not loaded"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_refiner_through_openai_server_matches_engine(ray_cluster, tiny_pi0, tmp_path):
+    """`refiner.base_url`: a real vLLM OpenAI-compatible server of π0 on CPU refines exactly like the engine."""
+    import ray
+
+    from rlhf_refiner.config import load
+    from rlhf_refiner.refiner import Refiner
+    from rlhf_refiner.records import Prompt, Rollout
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            tiny_pi0,
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--host",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        env={**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 300
+        while True:  # poll the health endpoint: readiness, not a fixed sleep
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"vLLM server exited or missed its 300 s start deadline (rc={server.poll()})")
+                time.sleep(1)
+        config = load(None, [f"refiner.base_url=http://127.0.0.1:{port}/v1", "refiner.request_timeout_s=60"])
+        remote = Refiner(tiny_pi0, config.refiner, "float32", 0)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tiny_pi0)
+        rollouts = []
+        for i, (query, response) in enumerate([("12+34=", "64"), ("50+55=", "501"), ("99+99=", "891+=+")]):
+            prompt = Prompt(i, query, (), None, 0)
+            ids = tuple(tok(response, add_special_tokens=False).input_ids) + (tok.eos_token_id,)
+            rollouts.append(Rollout(f"0-{i}-0", prompt, response, ids, (), True, 0))
+        via_server, metrics = remote.refine(rollouts)
+        local = (
+            ray.remote(Refiner)
+            .options(num_cpus=1)
+            .remote(tiny_pi0, config.refiner.model_copy(update={"base_url": None}), "float32", 0)
+        )
+        via_engine, _ = ray.get(local.refine.remote(rollouts), timeout=600)
+        ray.kill(local)
+        assert [f.refined for f in via_server] == [f.refined for f in via_engine]
+        assert metrics["refiner/fallback_frac"] == sum(f.fallback for f in via_server) / 3
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -13,7 +13,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
@@ -217,8 +216,8 @@ class SyncConfig(_Strict):
     """Checksum every bucket as received in the vLLM worker against the learner's, every step."""
     timeout_s: float = Field(120.0, gt=0)
     """Deadline of each weight-sync collective."""
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """Process-group backend: gloo on CPU, nccl on GPU when `auto`."""
+    backend: Literal["gloo"] = "gloo"
+    """Process-group backend of the sync group; gloo (CPU). NCCL arrives with the GPU path."""
 
 
 class MetricsConfig(_Strict):

@@ -115,7 +115,9 @@ class Learner:
         logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits[:, :-1]  # (N, T-1, V)
         return algo.token_logprobs(logits, rows.input_ids[:, 1:]), logits
 
-    def _micro_step(self, samples: list[Sample]) -> dict[str, float]:
+    def _micro_step(self, samples: list[Sample], old_logprobs: torch.Tensor | None) -> dict[str, float]:
+        """Forward + backward of one micro-batch; `old_logprobs` (B, T-1) is None when the weights that sampled
+        the PPO ratio's denominator are the current ones (the step's first update)."""
         cfg = self.config.algo
         with_refined = cfg.constraint == "dynamic" or samples[0].refinement is not None
         rows = build_rows(samples, self.tokenizer.pad_token_id, with_refined)
@@ -123,7 +125,10 @@ class Learner:
         B = rows.policy_rows
         policy_lp, policy_mask = logprobs[:B], rows.target_mask[:B]
         advantages = torch.tensor([s.advantage for s in samples])
-        old_lp = policy_lp.detach()  # one update per step: the weights that produced `old` are the current ones
+        if old_logprobs is None:
+            old_lp = policy_lp.detach()
+        else:  # refined rows can make this batch wider than the policy-only pre-pass; the extra columns are masked
+            old_lp = torch.nn.functional.pad(old_logprobs, (0, policy_lp.shape[1] - old_logprobs.shape[1]))
         loss_rl, rl_metrics = algo.ppo_clip_loss(policy_lp, old_lp, advantages, policy_mask, cfg.clip_eps)
         loss = loss_rl
         metrics = {"learner/loss_rl": loss_rl.item(), "learner/clip_frac": rl_metrics["clip_frac"]}
@@ -144,29 +149,44 @@ class Learner:
             if cfg.constraint == "static_kl":
                 loss = loss + cfg.kl_coef * kl
         self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        # ZeRO 1-3 report the (pre-clip) norm after the step; stage 0 does not, so take it from the grads first.
+        stage0_norm = self._grad_norm() if boundary and self.zero_stage == 0 else None
         self.engine.step()
+        if boundary:
+            norm = self.engine.get_global_grad_norm()
+            metrics["learner/grad_norm"] = float(norm) if norm is not None else stage0_norm
         metrics["learner/loss"] = loss.item()
         return metrics
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad.detach().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(grads)).item() if grads else 0.0
+
+    @torch.no_grad()
+    def _old_logprobs(self, samples: list[Sample]) -> torch.Tensor:
+        rows = build_rows(samples, self.tokenizer.pad_token_id, with_refined=False)
+        return self._forward_logprobs(self.engine, rows)[0]
 
     def step(self, batch: Batch) -> dict[str, float]:
         """Train on one batch; returns the mean of each metric over micro-batches, and the new policy version."""
         started = time.perf_counter()
         self.engine.train()
         samples = list(batch.samples)
+        micro_batches = [samples[i : i + self.micro_batch_size] for i in range(0, len(samples), self.micro_batch_size)]
+        # With several updates per step, later ones must see the ratio against the weights before the first.
+        old = [None] * len(micro_batches)
+        if self.config.learner.updates_per_step > 1:
+            old = [self._old_logprobs(micro) for micro in micro_batches]
         sums: dict[str, float] = {}
-        count = 0
-        grad_norms = []
-        for start in range(0, len(samples), self.micro_batch_size):
-            for key, value in self._micro_step(samples[start : start + self.micro_batch_size]).items():
+        grad_norms = []  # one per optimizer update, not per micro-batch
+        for micro, old_logprobs in zip(micro_batches, old, strict=True):
+            micro_metrics = self._micro_step(micro, old_logprobs)
+            if "learner/grad_norm" in micro_metrics:
+                grad_norms.append(micro_metrics.pop("learner/grad_norm"))
+            for key, value in micro_metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
-            count += 1
-            if (
-                self.engine.is_gradient_accumulation_boundary()
-                or (start + self.micro_batch_size) % self.samples_per_update == 0
-            ):
-                norm = self.engine.get_global_grad_norm()
-                if norm is not None:
-                    grad_norms.append(float(norm))
+        count = len(micro_batches)
         self.policy_version += 1
         metrics = {key: value / count for key, value in sums.items()}
         if grad_norms:

@@ -1,7 +1,8 @@
 """Resources -> one placement group and the Ray actor options of every stage; the only GPU arithmetic.
 
 Each stage class is wrapped with `ray.remote` once, here. Actors are named (`generator-0`, `refiner-0`,
-`reward-<i>`, `learner-0`, `buffer`) in the run's namespace so operators (and tests) can find them.
+`reward-<i>`, `learner-0`, `buffer`) in the run's namespace (`ray.namespace`, default: the run name), so
+operators (and tests) can find them, and two runs on one cluster do not collide.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from rlhf_refiner.refiner import Refiner
 from rlhf_refiner.reward import RewardWorker
 
 BUFFER_CPUS = 0.1
-# Environment of every actor process: quiet engines, and no tokenizer thread pools fighting for cores.
-ACTOR_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR_QUIET": "1"}
+# Environment of every actor process: quiet engines (each sync logs a harmless "RotaryEmbedding: Failed to
+# load weights" warning: its cos/sin cache is not a checkpoint tensor), and no tokenizer thread pools.
+ACTOR_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR_QUIET": "1"}
 
 
 @dataclass
@@ -73,6 +75,7 @@ def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
         index = next(slot)
         return {
             "name": name,
+            "namespace": config.ray.namespace or config.run_name,
             "num_cpus": bundles[index]["CPU"],
             "num_gpus": bundles[index].get("GPU", 0),
             "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),

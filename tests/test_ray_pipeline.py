@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -55,14 +57,14 @@ def tiny_pi0(tmp_path_factory):
     return str(pi0.ensure_built(config.model.embedded, config.task, config.refiner.template))
 
 
-def _config(tmp_path, model_path, *overrides):
+def _config(tmp_path, model_path, *overrides, run="run"):
     from rlhf_refiner.config import load
 
     return load(
         "configs/quickstart.yaml",
         [
             f"model.path={model_path}",
-            f"trainer.output_dir={tmp_path / 'run'}",
+            f"trainer.output_dir={tmp_path / run}",
             "trainer.steps=3",
             "data.prompts_per_step=4",
             "generator.group_size=4",
@@ -80,14 +82,13 @@ def _rows(run_dir):
 
 @pytest.mark.parametrize("constraint", ["dynamic", "static_kl", "none"])
 def test_loop_runs_each_constraint(ray_cluster, tiny_pi0, tmp_path, constraint):
-    import torch
     from transformers import AutoModelForCausalLM
 
     from rlhf_refiner import loop
 
-    config = _config(tmp_path, tiny_pi0, f"algo.constraint={constraint}")
+    config = _config(tmp_path, tiny_pi0, f"algo.constraint={constraint}", run=f"run-{constraint}")
     summary = loop.run(config)
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / f"run-{constraint}"
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:
@@ -138,7 +139,9 @@ def test_weight_sync_transport_and_load(ray_cluster, tiny_pi0, tmp_path):
     from rlhf_refiner import loop, placement
     from rlhf_refiner.data import PromptSource
 
-    config = _config(tmp_path, tiny_pi0, "generator.sampling.temperature=0", "learner.lr=0.01", "sync.bucket_mb=0.25")
+    config = _config(
+        tmp_path, tiny_pi0, "generator.sampling.temperature=0", "learner.lr=0.01", "sync.bucket_mb=0.25", run="sync"
+    )
     actors = placement.start_actors(config, tiny_pi0, timeout_s=600)
     try:
         host = placement.node_ip(actors.learner, 60)
@@ -204,13 +207,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_line(process: subprocess.Popen, marker: str, deadline_s: float) -> None:
+    """Read the process's output until `marker` appears (readiness by event, not by sleeping); fail on exit."""
+    end = time.monotonic() + deadline_s
+    tail: list[str] = []
+    while time.monotonic() < end:
+        ready, _, _ = select.select([process.stdout], [], [], max(0.0, end - time.monotonic()))
+        if not ready:
+            break
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(
+                f"vLLM server exited (rc={process.wait(timeout=30)}) before '{marker}':\n{''.join(tail)}"
+            )
+        tail = (tail + [line])[-30:]
+        if marker in line:
+            return
+    raise TimeoutError(f"vLLM server did not print '{marker}' within {deadline_s:.0f}s:\n{''.join(tail)}")
+
+
 def test_refiner_through_openai_server_matches_engine(ray_cluster, tiny_pi0, tmp_path):
     """`refiner.base_url`: a real vLLM OpenAI-compatible server of π0 on CPU refines exactly like the engine."""
     import ray
 
     from rlhf_refiner.config import load
-    from rlhf_refiner.refiner import Refiner
     from rlhf_refiner.records import Prompt, Rollout
+    from rlhf_refiner.refiner import Refiner
 
     port = _free_port()
     server = subprocess.Popen(
@@ -228,22 +250,14 @@ def test_refiner_through_openai_server_matches_engine(ray_cluster, tiny_pi0, tmp
             "--host",
             "127.0.0.1",
         ],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        text=True,
         env={**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     try:
-        import urllib.request
-
-        deadline = time.monotonic() + 300
-        while True:  # poll the health endpoint: readiness, not a fixed sleep
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"vLLM server exited or missed its 300 s start deadline (rc={server.poll()})")
-                time.sleep(1)
+        wait_for_line(server, "Application startup complete", deadline_s=300)
+        threading.Thread(target=server.stdout.read, daemon=True).start()  # keep draining: a full pipe blocks it
         config = load(None, [f"refiner.base_url=http://127.0.0.1:{port}/v1", "refiner.request_timeout_s=60"])
         remote = Refiner(tiny_pi0, config.refiner, "float32", 0)
         from transformers import AutoTokenizer

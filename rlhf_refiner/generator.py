@@ -76,6 +76,7 @@ class Generator:
             "generator/response_tokens_mean": tokens / len(rollouts),
             "generator/truncated_frac": sum(not r.finished for r in rollouts) / len(rollouts),
             "generator/policy_version": self.policy_version,
+            "time/generate": seconds,
         }
 
     def init_weight_sync(

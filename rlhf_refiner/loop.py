@@ -8,6 +8,7 @@ broadcast makes the generator version k before step k+1 generates. Nothing overl
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -21,6 +22,8 @@ from rlhf_refiner.config import Config
 from rlhf_refiner.data import PromptSource
 from rlhf_refiner.metrics import MetricsLogger
 from rlhf_refiner.records import Refinement, Reward, Rollout, Sample
+
+SUMMARY_KEYS = ("reward/mean", "task/accuracy", "learner/kl_to_ref", "learner/ce_refined")
 
 
 class StageTimeoutError(TimeoutError):
@@ -102,44 +105,66 @@ def step_metrics(samples: list[Sample]) -> tuple[dict[str, float], list[dict[str
     return metrics, rows
 
 
+def connect_weight_sync(actors: placement.Actors, config: Config) -> int:
+    """Form the sync group: learner = rank 0, the generator's vLLM worker = rank 1. Returns the bucket size."""
+    startup = config.ray.startup_timeout_s
+    host = placement.node_ip(actors.learner, startup)
+    port, metas = wait(
+        [actors.learner.sync_port.remote(), actors.learner.weight_metas.remote()], "learner-0 startup", startup
+    )
+    bucket_bytes = int(config.sync.bucket_mb * 2**20)
+    timeout = config.sync.timeout_s
+    wait(
+        [
+            actors.learner.init_weight_sync.remote(host, port, 2, timeout),
+            actors.generator.init_weight_sync.remote(host, port, 1, 2, metas, bucket_bytes, timeout),
+        ],
+        "weight sync setup (learner-0, generator-0)",
+        startup,
+    )
+    return bucket_bytes
+
+
+def init_ray(config: Config) -> bool:
+    """Join `ray.address`, else RAY_ADDRESS (set by `ray job submit`), else start a local cluster.
+    Returns whether this call started Ray (and so must shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    local = {} if address else {"num_cpus": config.ray.num_cpus, "include_dashboard": False}
+    ray.init(address=address, namespace=config.ray.namespace or config.run_name, **local)
+    return True
+
+
 def run(config: Config) -> dict[str, Any]:
     output_dir = prepare_output_dir(config)
     model_path = resolve_model_path(config)
     from transformers import AutoTokenizer
 
     source = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(model_path))
-    started_ray = not ray.is_initialized()
-    if started_ray:  # joins `ray.address`, else RAY_ADDRESS, else starts a local cluster
-        ray.init(
-            address=config.ray.address, num_cpus=config.ray.num_cpus, namespace=config.ray.namespace or config.run_name
-        )
-    deadline, startup = config.ray.call_timeout_s, config.ray.startup_timeout_s
-    actors = placement.start_actors(config, model_path, startup)
-    logger = MetricsLogger(config, output_dir, config.trainer.steps)
     summary: dict[str, Any] = {"model_path": model_path, "run_name": config.run_name}
+    if (Path(model_path) / "quality.json").exists():  # the embedded π0 reports its quality
+        summary["pi0_quality"] = json.loads((Path(model_path) / "quality.json").read_text())
+    started_ray = init_ray(config)
+    deadline = config.ray.call_timeout_s
+    actors = None
+    logger = MetricsLogger(config, output_dir, config.trainer.steps)
     try:
-        # Weight-sync group: learner = rank 0, the generator's vLLM worker = rank 1.
-        host = placement.node_ip(actors.learner, startup)
-        port, metas = wait(
-            [actors.learner.sync_port.remote(), actors.learner.weight_metas.remote()], "learner-0 startup", startup
-        )
-        bucket_bytes = int(config.sync.bucket_mb * 2**20)
-        wait(
-            [
-                actors.learner.init_weight_sync.remote(host, port, 2, config.sync.timeout_s),
-                actors.generator.init_weight_sync.remote(host, port, 1, 2, metas, bucket_bytes, config.sync.timeout_s),
-            ],
-            "weight sync setup (learner-0, generator-0)",
-            startup,
-        )
+        actors = placement.start_actors(config, model_path, config.ray.startup_timeout_s)
+        bucket_bytes = connect_weight_sync(actors, config)
         if actors.refiner is not None:
-            wait([actors.refiner.__ray_call__.remote(lambda _self: True)], "refiner-0 startup", startup)
+            wait(
+                [actors.refiner.__ray_call__.remote(lambda _self: True)],
+                "refiner-0 startup",
+                config.ray.startup_timeout_s,
+            )
         version, samples_per_step = 0, config.data.prompts_per_step * config.generator.group_size
         run_started = time.perf_counter()
         for step in range(1, config.trainer.steps + 1):
             t0 = time.perf_counter()
             prompts = source.next_batch(version)
             rollouts_ref, gen_metrics_ref = actors.generator.generate.options(num_returns=2).remote(prompts, step)
+            # refine and score both read the rollouts' ObjectRef and run concurrently
             reward_refs = [w.score.remote(rollouts_ref, i, len(actors.rewards)) for i, w in enumerate(actors.rewards)]
             refine_refs = actors.refiner.refine.options(num_returns=2).remote(rollouts_ref) if actors.refiner else None
             rollouts, metrics = wait([rollouts_ref, gen_metrics_ref], "generate (generator-0)", deadline)
@@ -183,20 +208,19 @@ def run(config: Config) -> dict[str, Any]:
             )
             logger.log(step, metrics)
             logger.log_samples(step, rows[: config.metrics.samples_per_step])
-            summary.setdefault("first", {k: metrics[k] for k in ("reward/mean", "task/accuracy") if k in metrics})
-            summary["last"] = {k: metrics[k] for k in ("reward/mean", "task/accuracy") if k in metrics}
-        summary.update(
-            {"steps": config.trainer.steps, "policy_version": version, "seconds": time.perf_counter() - run_started}
-        )
+            summary.setdefault("first", {k: metrics[k] for k in SUMMARY_KEYS if k in metrics})
+            summary["last"] = {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+        summary.update(steps=config.trainer.steps, policy_version=version, seconds=time.perf_counter() - run_started)
         if config.trainer.save_final:
             final = str((output_dir / "final").resolve())
             summary["final"] = wait([actors.learner.save_pretrained.remote(final)], "save (learner-0)", deadline)[0]
     finally:
         logger.close(summary)
-        for actor in [actors.generator, actors.refiner, actors.buffer, actors.learner, *actors.rewards]:
-            if actor is not None:
-                ray.kill(actor)
-        ray.util.remove_placement_group(actors.placement_group)
+        if actors is not None:
+            for actor in [actors.generator, actors.refiner, actors.buffer, actors.learner, *actors.rewards]:
+                if actor is not None:
+                    ray.kill(actor)
+            ray.util.remove_placement_group(actors.placement_group)
         if started_ray:
             ray.shutdown()
     return summary

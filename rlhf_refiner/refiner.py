@@ -116,6 +116,7 @@ class Refiner:
             "refiner/edit_distance": sum(f.edit_distance for f in refinements) / n,
             "refiner/fallback_frac": sum(f.fallback for f in refinements) / n,
             "refiner/tokens_per_s": sum(len(f.refined_token_ids) for f in refinements) / max(seconds, 1e-9),
+            "time/refine": seconds,
         }
         if self.llm is not None and self.config.speculative.method != "none":
             drafted, accepted = engines.speculative_counters(self.llm)

@@ -72,3 +72,8 @@ def test_dump_round_trips(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(config_lib.dump(config))
     assert config_lib.load(path) == config
+
+
+def test_micro_batch_must_divide_update_names_fields():
+    with pytest.raises(config_lib.ConfigError, match=r"learner\.micro_batch_size \(24\)"):
+        config_lib.load(None, ["data.prompts_per_step=8", "generator.group_size=8", "learner.micro_batch_size=24"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import select
-import socket
 import subprocess
 import sys
 import threading
@@ -201,12 +200,6 @@ def test_weight_sync_transport_and_load(ray_cluster, tiny_pi0, tmp_path):
     assert old != new, "the engine's log-probs did not change after the sync: weights were not loaded"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for_line(process: subprocess.Popen, marker: str, deadline_s: float) -> None:
     """Read the process's output until `marker` appears (readiness by event, not by sleeping); fail on exit."""
     end = time.monotonic() + deadline_s
@@ -233,8 +226,9 @@ def test_refiner_through_openai_server_matches_engine(ray_cluster, tiny_pi0, tmp
     from rlhf_refiner.config import load
     from rlhf_refiner.records import Prompt, Rollout
     from rlhf_refiner.refiner import Refiner
+    from rlhf_refiner.weight_sync import free_port
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             sys.executable,

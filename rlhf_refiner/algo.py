@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 KLEstimator = Literal["k1", "k2", "k3"]
+LossAgg = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum"]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -48,27 +49,84 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: LossAgg) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to a scalar; sequences without tokens are left out.
+
+    | mode | formula | used by |
+    |---|---|---|
+    | `seq_mean_token_mean` | mean over sequences of (sum over tokens / tokens in the sequence) | GRPO |
+    | `token_mean` | sum over all tokens / all tokens: long responses weigh more | DAPO |
+    | `seq_mean_token_sum` | mean over sequences of (sum over tokens): no length normaliser | Dr. GRPO-style |
+    """
+    if mode == "token_mean":
+        return masked_mean(per_token, mask)
+    token_sums = (per_token * mask).sum(-1)  # (B,)
+    lengths = mask.sum(-1)
+    has_tokens = (lengths > 0).float()
+    if mode == "seq_mean_token_mean":
+        per_sequence = token_sums / lengths.clamp(min=1.0)
+    elif mode == "seq_mean_token_sum":
+        per_sequence = token_sums
+    else:
+        raise ValueError(f"unknown loss aggregation '{mode}'")
+    return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+
+
 def ppo_clip_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    clip_eps_high: float | None = None,
+    loss_agg: LossAgg = "seq_mean_token_mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRPO's policy term: −min(r·A, clip(r, 1−ε, 1+ε)·A) per token, averaged per sequence, then over sequences.
+    """PPO-clip policy term −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A), aggregated by `loss_agg`.
 
     logprobs/old_logprobs/mask are (B, T) over response tokens; advantages is (B,), broadcast over tokens.
+    ε_high defaults to ε_low (`clip_eps`): symmetric GRPO/PPO. DAPO's clip-higher sets ε_high > ε_low.
     """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     adv = advantages.unsqueeze(-1)  # (B, 1)
     unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * adv
     per_token = -torch.minimum(unclipped, clipped)  # (B, T)
-    per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
-    has_tokens = (mask.sum(-1) > 0).float()
-    loss = (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+    loss = aggregate(per_token, mask, loss_agg)
     clip_frac = masked_mean((clipped < unclipped).float(), mask)  # tokens where the clip is active
     return loss, {"clip_frac": clip_frac.item(), "ratio_mean": masked_mean(ratio, mask).item()}
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, baseline: bool, eps: float = 1e-6) -> torch.Tensor:
+    """REINFORCE++ advantages: rewards whitened over the whole batch (not per group).
+
+    With `baseline` (REINFORCE++-baseline), each reward first has its group's mean subtracted, then the batch
+    std divides. Without it, the batch mean and std whiten the raw rewards. (B,) in, (B,) out.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    if baseline:
+        grouped = rewards.view(-1, group_size)
+        centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    else:
+        centred = rewards - rewards.mean()
+    std = centred.std() if centred.numel() > 1 else torch.zeros(())
+    return centred / (std + eps) if std > 0 else torch.zeros_like(centred)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment, added to the reward: 0 up to `max_length - buffer` tokens, then falling
+    linearly to −`factor` at `max_length`, and −`factor` beyond. (B,) lengths in, (B,) penalties (≤ 0) out."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float64)
+    into_buffer = (lengths.double() - (max_length - buffer)).clamp(min=0.0)
+    return -(into_buffer / buffer).clamp(max=1.0) * factor
+
+
+def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(num_groups,) bool: groups whose rewards are not all equal (DAPO dynamic sampling keeps only these)."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped.max(dim=1).values - grouped.min(dim=1).values) > 0
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:

@@ -143,6 +143,8 @@ class RefinerConfig(_Strict):
     """vLLM engine settings for the in-cluster refiner."""
     speculative: SpeculativeConfig = SpeculativeConfig()
     """Speculative decoding of the refiner."""
+    improved_eval_fraction: float = Field(1.0, ge=0, le=1)
+    """Fraction of each step's samples whose a' is scored for `refiner/improved_frac` (only changed a' cost a call)."""
     monitor: bool = False
     """Run the refiner under `static_kl` / `none` too, to log refiner metrics and `learner/ce_refined` there."""
     base_url: str | None = None
@@ -171,8 +173,23 @@ class AlgoConfig(_Strict):
     """β, weight of the KL to π0 (`static_kl`)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """Estimator of KL(π_θ‖π0) from samples of π_θ, for the loss and `learner/kl_to_ref`."""
+    advantage: Literal["grpo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
+    """`grpo`: group-normalised; `reinforce_pp`: batch-whitened rewards; `reinforce_pp_baseline`: group mean
+    subtracted, then batch-whitened."""
     clip_eps: float = Field(0.2, gt=0)
-    """PPO clip range ε."""
+    """PPO clip range ε (ε_low when `clip_eps_high` is set)."""
+    clip_eps_high: float | None = Field(None, gt=0)
+    """Upper clip ε_high (DAPO clip-higher, e.g. 0.28); None: symmetric."""
+    loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum"] = "seq_mean_token_mean"
+    """Policy-loss aggregation (README table): GRPO `seq_mean_token_mean`, DAPO `token_mean`."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: replace groups whose rewards all agree with groups of fresh prompts."""
+    max_sampling_rounds: int = Field(3, ge=0)
+    """Extra rollout rounds dynamic sampling may run per step before filling with zero-variance groups."""
+    overlong_buffer: int = Field(0, ge=0)
+    """DAPO soft overlong penalty: the last this-many tokens before `generator.sampling.max_new_tokens` (0: off)."""
+    overlong_penalty_factor: float = Field(1.0, ge=0)
+    """Penalty at the maximum length; added to the reward that the advantages see (not to `reward/mean`)."""
     adv_eps: float = Field(1e-6, gt=0)
     """Added to the group std when normalising advantages."""
     normalize_adv_std: bool = True
@@ -281,6 +298,11 @@ class Config(_Strict):
             raise ValueError(
                 f"data.prompts_per_step * generator.group_size ({samples}) must be divisible by "
                 f"learner.updates_per_step ({self.learner.updates_per_step})"
+            )
+        if self.algo.overlong_buffer > self.generator.sampling.max_new_tokens:
+            raise ValueError(
+                f"algo.overlong_buffer ({self.algo.overlong_buffer}) exceeds generator.sampling.max_new_tokens "
+                f"({self.generator.sampling.max_new_tokens})"
             )
         per_update = samples // self.learner.updates_per_step
         micro = min(self.learner.micro_batch_size, per_update)

@@ -129,7 +129,9 @@ class Learner:
             old_lp = policy_lp.detach()
         else:  # refined rows can make this batch wider than the policy-only pre-pass; the extra columns are masked
             old_lp = torch.nn.functional.pad(old_logprobs, (0, policy_lp.shape[1] - old_logprobs.shape[1]))
-        loss_rl, rl_metrics = algo.ppo_clip_loss(policy_lp, old_lp, advantages, policy_mask, cfg.clip_eps)
+        loss_rl, rl_metrics = algo.ppo_clip_loss(
+            policy_lp, old_lp, advantages, policy_mask, cfg.clip_eps, cfg.clip_eps_high, cfg.loss_agg
+        )
         loss = loss_rl
         metrics = {"learner/loss_rl": loss_rl.item(), "learner/clip_frac": rl_metrics["clip_frac"]}
         with torch.no_grad():

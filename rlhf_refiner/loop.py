@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from rlhf_refiner import placement
 from rlhf_refiner.config import Config
 from rlhf_refiner.data import PromptSource
 from rlhf_refiner.metrics import MetricsLogger
-from rlhf_refiner.records import Refinement, Reward, Rollout, Sample
+from rlhf_refiner.records import Prompt, Refinement, Reward, Rollout, Sample
 
 SUMMARY_KEYS = ("reward/mean", "task/accuracy", "learner/kl_to_ref", "learner/ce_refined")
 
@@ -66,20 +67,47 @@ def resolve_model_path(config: Config) -> str:
 def assemble_samples(
     rollouts: list[Rollout], refinements: list[Refinement] | None, rewards: list[Reward], config: Config
 ) -> list[Sample]:
+    """Pair each rollout with its refinement and reward, and attach its advantage (`algo.advantage`). DAPO's
+    overlong penalty shapes the reward the advantages see; the logged `reward/*` stay the task's."""
     import torch
 
     from rlhf_refiner import algo
 
-    advantages = algo.group_advantages(
-        torch.tensor([r.reward for r in rewards], dtype=torch.float64),
-        config.generator.group_size,
-        config.algo.normalize_adv_std,
-        config.algo.adv_eps,
-    ).tolist()
+    cfg, group = config.algo, config.generator.group_size
+    shaped = torch.tensor([r.reward for r in rewards], dtype=torch.float64)
+    if cfg.overlong_buffer > 0:
+        lengths = torch.tensor([len(r.response_token_ids) for r in rollouts])
+        max_length = config.generator.sampling.max_new_tokens
+        shaped = shaped + algo.overlong_penalty(lengths, max_length, cfg.overlong_buffer, cfg.overlong_penalty_factor)
+    if cfg.advantage == "grpo":
+        advantages = algo.group_advantages(shaped, group, cfg.normalize_adv_std, cfg.adv_eps)
+    else:
+        advantages = algo.reinforce_pp_advantages(shaped, group, cfg.advantage == "reinforce_pp_baseline", cfg.adv_eps)
     return [
-        Sample(rollout, refinements[i] if refinements else None, rewards[i], advantages[i], rollout.policy_version)
+        Sample(
+            rollout, refinements[i] if refinements else None, rewards[i], advantages[i].item(), rollout.policy_version
+        )
         for i, rollout in enumerate(rollouts)
     ]
+
+
+def improvement_sample(refinements: list[Refinement], fraction: float, step: int) -> tuple[list[int], int]:
+    """Indices of the changed refinements among a reproducible `fraction` of the step's samples, and how many
+    samples were drawn. Unchanged a' = a have reward(a') = reward(a) by definition, so they cost no reward call."""
+    drawn = sorted(random.Random(step).sample(range(len(refinements)), round(fraction * len(refinements))))
+    return [i for i in drawn if not refinements[i].unchanged], len(drawn)
+
+
+def improvement_metrics(before: list[float], after: list[float], drawn: int) -> dict[str, float]:
+    """`refiner/improved_frac` (paper, Fig. 5): share of drawn rollouts with reward(a') > reward(a), and its twins."""
+    if drawn == 0:
+        return {}
+    return {
+        "refiner/improved_frac": sum(a > b for b, a in zip(before, after)) / drawn,
+        "refiner/worsened_frac": sum(a < b for b, a in zip(before, after)) / drawn,
+        "refiner/reward_delta": sum(a - b for b, a in zip(before, after)) / drawn,
+        "refiner/improved_eval_count": drawn,
+    }
 
 
 def step_metrics(samples: list[Sample]) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -103,6 +131,75 @@ def step_metrics(samples: list[Sample]) -> tuple[dict[str, float], list[dict[str
         for s in samples
     ]
     return metrics, rows
+
+
+Collected = tuple[list[Rollout], list[Refinement] | None, list[Reward], dict[str, float]]
+
+
+def collect(actors: placement.Actors, prompts: list[Prompt], step: int, config: Config) -> Collected:
+    """One rollout round: generate G responses per prompt, then refine and score them concurrently (both read
+    the rollouts' ObjectRef), then score the changed a' of a sample for `refiner/improved_frac`."""
+    deadline = config.ray.call_timeout_s
+    rollouts_ref, gen_metrics_ref = actors.generator.generate.options(num_returns=2).remote(prompts, step)
+    reward_refs = [w.score.remote(rollouts_ref, i, len(actors.rewards)) for i, w in enumerate(actors.rewards)]
+    refine_refs = actors.refiner.refine.options(num_returns=2).remote(rollouts_ref) if actors.refiner else None
+    rollouts, metrics = wait([rollouts_ref, gen_metrics_ref], "generate (generator-0)", deadline)
+    rewards = [r for part in wait(reward_refs, "score (reward-*)", deadline) for r in part]
+    refinements = None
+    if refine_refs is not None:
+        refinements, refine_metrics = wait(list(refine_refs), "refine (refiner-0)", deadline)
+        metrics.update(refine_metrics)
+        changed, drawn = improvement_sample(refinements, config.refiner.improved_eval_fraction, step)
+        refined_ref = actors.rewards[0].score_refined.remote(
+            [rollouts[i] for i in changed], [refinements[i] for i in changed]
+        )
+        refined_rewards = wait([refined_ref], "score refined (reward-0)", deadline)[0]
+        before = [rewards[i].reward for i in changed]
+        metrics.update(improvement_metrics(before, [r.reward for r in refined_rewards], drawn))
+    return rollouts, refinements, rewards, metrics
+
+
+def refill_groups(
+    actors: placement.Actors,
+    source: PromptSource,
+    rollouts: list[Rollout],
+    refinements: list[Refinement] | None,
+    rewards: list[Reward],
+    step: int,
+    version: int,
+    config: Config,
+) -> Collected:
+    """DAPO dynamic sampling: keep the groups whose rewards vary, over-sampling fresh prompts for at most
+    `algo.max_sampling_rounds` extra rounds. A batch still short after that is filled with zero-variance groups
+    (advantage 0: they carry only the constraint term), so the learner's batch size never changes."""
+    import torch
+
+    from rlhf_refiner import algo
+
+    group = config.generator.group_size
+    wanted = config.data.prompts_per_step
+    kept: list[range] = []  # sample indices of each group with reward variance, in collection order
+    spare: list[range] = []  # the other groups, used only to fill a batch still short after the last round
+    rounds = 0
+    while True:
+        signal = algo.groups_with_signal(torch.tensor([r.reward for r in rewards], dtype=torch.float64), group)
+        for g in range(len(kept) + len(spare), len(signal)):  # the groups this round added
+            (kept if signal[g] else spare).append(range(g * group, (g + 1) * group))
+        if len(kept) >= wanted or rounds >= config.algo.max_sampling_rounds:
+            break
+        rounds += 1
+        more_rollouts, more_refinements, more_rewards, _ = collect(actors, source.next_batch(version), step, config)
+        rollouts, rewards = rollouts + more_rollouts, rewards + more_rewards
+        if refinements is not None:
+            refinements = refinements + more_refinements
+    fill_rate = min(len(kept), wanted) / wanted
+    chosen = [i for indices in (kept + spare)[:wanted] for i in indices]
+    return (
+        [rollouts[i] for i in chosen],
+        [refinements[i] for i in chosen] if refinements is not None else None,
+        [rewards[i] for i in chosen],
+        {"algo/fill_rate": fill_rate, "algo/sampling_rounds": rounds},
+    )
 
 
 def connect_weight_sync(actors: placement.Actors, config: Config) -> int:
@@ -162,17 +259,12 @@ def run(config: Config) -> dict[str, Any]:
         run_started = time.perf_counter()
         for step in range(1, config.trainer.steps + 1):
             t0 = time.perf_counter()
-            prompts = source.next_batch(version)
-            rollouts_ref, gen_metrics_ref = actors.generator.generate.options(num_returns=2).remote(prompts, step)
-            # refine and score both read the rollouts' ObjectRef and run concurrently
-            reward_refs = [w.score.remote(rollouts_ref, i, len(actors.rewards)) for i, w in enumerate(actors.rewards)]
-            refine_refs = actors.refiner.refine.options(num_returns=2).remote(rollouts_ref) if actors.refiner else None
-            rollouts, metrics = wait([rollouts_ref, gen_metrics_ref], "generate (generator-0)", deadline)
-            rewards = [r for part in wait(reward_refs, "score (reward-*)", deadline) for r in part]
-            refinements = None
-            if refine_refs is not None:
-                refinements, refine_metrics = wait(list(refine_refs), "refine (refiner-0)", deadline)
-                metrics.update(refine_metrics)
+            rollouts, refinements, rewards, metrics = collect(actors, source.next_batch(version), step, config)
+            if config.algo.dynamic_sampling:  # DAPO: replace groups without reward variance, bounded rounds
+                rollouts, refinements, rewards, fill = refill_groups(
+                    actors, source, rollouts, refinements, rewards, step, version, config
+                )
+                metrics.update(fill)
             t1 = time.perf_counter()
             samples = assemble_samples(rollouts, refinements, rewards, config)
             actors.buffer.add.remote(samples)

@@ -104,3 +104,56 @@ def test_entropy_from_logits():
 
 def test_masked_mean_of_empty_mask_is_zero():
     assert algo.masked_mean(torch.tensor([1.0, 2.0]), torch.zeros(2)).item() == 0.0
+
+
+def test_asymmetric_clip_hand_derived():
+    # DAPO clip-higher, ε_low 0.2, ε_high 0.28; advantages [1, 1, -1], ratios [1.3, 1.25, 0.7]:
+    #   seq 0: min(1.3, 1.28) = 1.28 -> -1.28 (clipped at 1 + ε_high)
+    #   seq 1: min(1.25, 1.28) = 1.25 -> -1.25 (inside the wider upper range: not clipped)
+    #   seq 2: min(-0.7, -0.8) = -0.8 -> 0.8 (clipped at 1 - ε_low)
+    # loss = (-1.28 - 1.25 + 0.8) / 3 = -1.73 / 3; clipped tokens: 2 of 3
+    new = torch.log(torch.tensor([[1.3], [1.25], [0.7]]))
+    loss, metrics = algo.ppo_clip_loss(
+        new, torch.zeros(3, 1), torch.tensor([1.0, 1.0, -1.0]), torch.ones(3, 1), clip_eps=0.2, clip_eps_high=0.28
+    )
+    assert loss.item() == pytest.approx(-1.73 / 3, abs=1e-6)
+    assert metrics["clip_frac"] == pytest.approx(2 / 3)
+
+
+def test_loss_aggregation_modes_hand_derived():
+    # per-token losses: seq 0 = [1, 2, 3] (3 tokens), seq 1 = [4, masked, masked] (1 token)
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # token_mean: (1+2+3+4)/4 = 2.5; seq_mean_token_mean: (2 + 4)/2 = 3; seq_mean_token_sum: (6 + 4)/2 = 5
+    assert algo.aggregate(per_token, mask, "token_mean").item() == pytest.approx(2.5)
+    assert algo.aggregate(per_token, mask, "seq_mean_token_mean").item() == pytest.approx(3.0)
+    assert algo.aggregate(per_token, mask, "seq_mean_token_sum").item() == pytest.approx(5.0)
+
+
+def test_reinforce_pp_without_baseline_whitens_over_the_batch():
+    # rewards [1, 2, 3, 6]: batch mean 3, centred [-2, -1, 0, 3], unbiased std sqrt(14/3) = 2.1602
+    adv = algo.reinforce_pp_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), group_size=2, baseline=False, eps=0.0)
+    std = math.sqrt(14 / 3)
+    assert adv.tolist() == pytest.approx([-2 / std, -1 / std, 0.0, 3 / std])
+
+
+def test_reinforce_pp_baseline_subtracts_group_mean_then_batch_std():
+    # groups [1, 3] and [5, 5]: minus group means -> [-1, 1, 0, 0]; batch std (unbiased) = sqrt(2/3)
+    adv = algo.reinforce_pp_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), group_size=2, baseline=True, eps=0.0)
+    std = math.sqrt(2 / 3)
+    assert adv.tolist() == pytest.approx([-1 / std, 1 / std, 0.0, 0.0])
+    # all rewards equal: no signal, no NaN
+    assert algo.reinforce_pp_advantages(torch.ones(4), 2, baseline=True).tolist() == [0.0] * 4
+
+
+def test_overlong_penalty_hand_derived():
+    # max 16 tokens, buffer 4, factor 1: lengths 12 -> 0; 14 -> -(2/4) = -0.5; 16 -> -1; 20 -> -1 (capped)
+    pen = algo.overlong_penalty(torch.tensor([12, 14, 16, 20]), max_length=16, buffer=4, factor=1.0)
+    assert pen.tolist() == pytest.approx([0.0, -0.5, -1.0, -1.0])
+    assert algo.overlong_penalty(torch.tensor([16]), 16, buffer=0, factor=1.0).tolist() == [0.0]
+
+
+def test_groups_with_signal():
+    # groups [1, 1], [0, 1], [0.5, 0.5] -> only the middle one has variance
+    keep = algo.groups_with_signal(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), group_size=2)
+    assert keep.tolist() == [False, True, False]

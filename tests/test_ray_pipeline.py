@@ -33,6 +33,8 @@ REFINER_METRICS = [
     "refiner/edit_distance",
     "refiner/fallback_frac",
     "refiner/tokens_per_s",
+    "refiner/improved_frac",
+    "refiner/worsened_frac",
     "learner/ce_refined",
 ]
 
@@ -109,6 +111,30 @@ def test_loop_runs_each_constraint(ray_cluster, tiny_pi0, tmp_path, constraint):
     start = AutoModelForCausalLM.from_pretrained(tiny_pi0)
     moved = sum((a - b).abs().sum().item() for a, b in zip(final.parameters(), start.parameters(), strict=True))
     assert moved > 0, "three learner steps left the policy unchanged"
+
+
+@pytest.mark.parametrize("config_file", ["configs/dapo.yaml", "configs/reinforce_pp.yaml"])
+def test_loop_runs_dapo_and_reinforce_pp(ray_cluster, tiny_pi0, tmp_path, config_file):
+    from rlhf_refiner import config as config_lib
+    from rlhf_refiner import loop
+
+    name = config_file.split("/")[1].removesuffix(".yaml")
+    overrides = [
+        f"model.path={tiny_pi0}",
+        f"trainer.output_dir={tmp_path / name}",
+        "trainer.steps=2",
+        "data.prompts_per_step=4",
+        "generator.group_size=4",
+        "learner.micro_batch_size=16",
+        "metrics.progress_bar=false",
+        "metrics.wandb_mode=disabled",
+    ]
+    loop.run(config_lib.load(config_file, overrides))
+    rows = _rows(tmp_path / name)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["learner/samples"] == 16 for r in rows)  # dynamic sampling never changes the batch size
+    if name == "dapo":
+        assert all(0.0 <= r["algo/fill_rate"] <= 1.0 and r["algo/sampling_rounds"] <= 2 for r in rows)
 
 
 def test_nonempty_output_dir_is_not_overwritten(tiny_pi0, tmp_path):

@@ -1,0 +1,106 @@
+"""Driver-side helpers of loop.py that need no cluster: advantages assembly and the improved-fraction metric."""
+
+import pytest
+
+from rlhf_refiner.config import load
+from rlhf_refiner.loop import assemble_samples, improvement_metrics, improvement_sample, step_metrics
+from rlhf_refiner.records import Prompt, Refinement, Reward, Rollout
+
+
+def _refinement(i: int, unchanged: bool) -> Refinement:
+    return Refinement(f"1-{i}-0", "x", (1,), unchanged, 0 if unchanged else 1, False, 0)
+
+
+def test_improvement_sample_draws_a_reproducible_fraction_and_keeps_only_changed():
+    refinements = [_refinement(i, unchanged=i % 2 == 0) for i in range(10)]
+    changed, drawn = improvement_sample(refinements, 0.5, step=7)
+    assert drawn == 5
+    assert all(not refinements[i].unchanged for i in changed)
+    assert (changed, drawn) == improvement_sample(refinements, 0.5, step=7)
+    assert improvement_sample(refinements, 0.0, step=7) == ([], 0)
+
+
+def test_improvement_metrics_hand_derived():
+    # 4 samples drawn, 3 of them changed: rewards a -> a' of (0.2 -> 0.5), (1.0 -> 0.5), (0.3 -> 0.3)
+    # improved 1/4, worsened 1/4, delta (0.3 - 0.5 + 0) / 4 = -0.05 (the unchanged one contributes 0)
+    m = improvement_metrics([0.2, 1.0, 0.3], [0.5, 0.5, 0.3], drawn=4)
+    assert m["refiner/improved_frac"] == 0.25
+    assert m["refiner/worsened_frac"] == 0.25
+    assert m["refiner/reward_delta"] == pytest.approx(-0.05)
+    assert improvement_metrics([], [], drawn=0) == {}
+
+
+def test_assemble_samples_gives_group_advantages_and_step_metrics():
+    config = load(None, ["generator.group_size=2"])
+    prompt = Prompt(0, "1+1=", (1,), "2", 0)
+    rollouts = [Rollout(f"1-0-{k}", prompt, r, (5,), (-0.1,), True, 0) for k, r in enumerate(["2", "3"])]
+    rewards = [Reward("1-0-0", 1.0, 1.0, {"digits": 1.0}), Reward("1-0-1", 0.0, 0.0, {"digits": 0.0})]
+    samples = assemble_samples(rollouts, None, rewards, config)
+    # group of 2: mean 0.5, unbiased std = sqrt(0.5) -> advantages ±0.5/0.7071 = ±0.7071
+    assert [s.advantage for s in samples] == pytest.approx([0.70710678, -0.70710678], abs=1e-5)
+    metrics, rows = step_metrics(samples)
+    assert metrics["reward/mean"] == 0.5 and metrics["task/accuracy"] == 0.5 and metrics["reward/digits"] == 0.5
+    assert [r["response"] for r in rows] == ["2", "3"] and rows[0]["refined"] is None
+
+
+def _group(prompt_id: int, rewards: list[float]):
+    prompt = Prompt(prompt_id, "1+1=", (1,), "2", 0)
+    rollouts = [Rollout(f"1-{prompt_id}-{k}", prompt, "2", (5,) * (k + 1), (), True, 0) for k in range(len(rewards))]
+    return rollouts, [Reward(r.sample_id, x, None) for r, x in zip(rollouts, rewards)]
+
+
+class _Source:
+    def __init__(self):
+        self.batches = 0
+
+    def next_batch(self, version):
+        self.batches += 1
+        return []
+
+
+def test_refill_groups_replaces_flat_groups_then_fills(monkeypatch):
+    from rlhf_refiner import loop
+
+    config = load(None, ["generator.group_size=2", "data.prompts_per_step=3", "algo.max_sampling_rounds=2"])
+    rollouts, rewards = [], []
+    for pid, rs in enumerate([[1, 1], [0, 1], [0, 0]]):  # only group 1 has signal
+        r, w = _group(pid, rs)
+        rollouts, rewards = rollouts + r, rewards + w
+    extra = iter([[[0.5, 0.5]], [[0.2, 0.9]]])  # round 1: flat; round 2: one group with signal
+
+    def fake_collect(actors, prompts, step, cfg):
+        groups = [_group(10 + i, rs) for i, rs in enumerate(next(extra))]
+        return [x for g in groups for x in g[0]], None, [x for g in groups for x in g[1]], {}
+
+    monkeypatch.setattr(loop, "collect", fake_collect)
+    source = _Source()
+    out_rollouts, _, out_rewards, metrics = loop.refill_groups(None, source, rollouts, None, rewards, 1, 0, config)
+    # kept: group 1 (round 0) and the round-2 group; still one short after 2 rounds -> filled with the first flat one
+    assert [r.sample_id for r in out_rollouts] == ["1-1-0", "1-1-1", "1-10-0", "1-10-1", "1-0-0", "1-0-1"]
+    assert [r.reward for r in out_rewards] == [0, 1, 0.2, 0.9, 1, 1]
+    assert metrics == {"algo/fill_rate": 2 / 3, "algo/sampling_rounds": 2}
+    assert source.batches == 2
+
+
+def test_assemble_samples_reinforce_pp_and_overlong_penalty():
+    # group size 2, rewards [1, 1] and [1, 1]: all equal, but the overlong penalty (max 4 tokens, buffer 2)
+    # shapes them by length: lengths 1, 2, 3, 4 -> penalties 0, 0, -0.5, -1 -> shaped [1, 1, 0.5, 0]
+    config = load(
+        None,
+        [
+            "generator.group_size=2",
+            "generator.sampling.max_new_tokens=4",
+            "algo.overlong_buffer=2",
+            "algo.advantage=reinforce_pp",
+        ],
+    )
+    prompt = Prompt(0, "1+1=", (1,), "2", 0)
+    rollouts = [Rollout(f"1-0-{k}", prompt, "2", (5,) * (k + 1), (), True, 0) for k in range(4)]
+    rewards = [Reward(r.sample_id, 1.0, 1.0) for r in rollouts]
+    samples = assemble_samples(rollouts, None, rewards, config)
+    # batch-whitened: mean 0.625, centred [.375, .375, -.125, -.625], unbiased std = sqrt(0.6875/3) = 0.47871
+    std = (0.6875 / 3) ** 0.5
+    assert [s.advantage for s in samples] == pytest.approx(
+        [0.375 / std, 0.375 / std, -0.125 / std, -0.625 / std], abs=1e-5
+    )
+    assert [s.reward.reward for s in samples] == [1.0] * 4  # the logged reward is the task's, unshaped

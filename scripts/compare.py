@@ -1,0 +1,126 @@
+"""Compare runs: python scripts/compare.py RUN_DIR... --out fig.png
+
+Reads each run's metrics.jsonl and config.yaml, groups runs into arms (constraint + advantage estimator; runs
+that differ only in seed are one arm), and draws the paper's panels -- reward, KL to π0, CE of refined
+responses, improved fraction -- one colour per arm, mean ± min/max band over seeds. Prints a table of final
+values (mean over the last `--last` steps of each run, then mean ± std over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+PANELS = [
+    ("reward/mean", "reward (task reward, sampled)"),
+    ("learner/kl_to_ref", "KL(π_θ ‖ π0)"),
+    ("learner/ce_refined", "CE of refined responses"),
+    ("refiner/improved_frac", "fraction improved by the refiner"),
+]
+TABLE_KEYS = ["reward/mean", "task/accuracy", "reward/verbosity", "learner/kl_to_ref", "learner/ce_refined"]
+
+
+def load_run(run_dir: Path) -> tuple[str, list[dict]]:
+    metrics = run_dir / "metrics.jsonl"
+    config_file = run_dir / "config.yaml"
+    if not metrics.exists() or not config_file.exists():
+        raise FileNotFoundError(f"{run_dir}: needs metrics.jsonl and config.yaml (is it a run directory?)")
+    rows = []
+    for number, line in enumerate(metrics.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{metrics}:{number}: not JSON ({e})") from None
+    algo = yaml.safe_load(config_file.read_text())["algo"]
+    arm = algo["constraint"] if algo.get("advantage", "grpo") == "grpo" else f"{algo['constraint']}+{algo['advantage']}"
+    return arm, rows
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average, so that noisy per-step curves can be compared by eye."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def final_table(arms: dict[str, list[list[dict]]], last: int) -> str:
+    lines = ["| arm | seeds | " + " | ".join(TABLE_KEYS) + " |", "|---|---|" + "---|" * len(TABLE_KEYS)]
+    for arm, runs in sorted(arms.items()):
+        cells = []
+        for key in TABLE_KEYS:
+            finals = [statistics.fmean(v[-last:]) for v in (series(rows, key)[1] for rows in runs) if v]
+            if not finals:
+                cells.append("–")
+            elif len(finals) == 1:
+                cells.append(f"{finals[0]:.3f}")
+            else:
+                cells.append(f"{statistics.fmean(finals):.3f} ± {statistics.stdev(finals):.3f}")
+        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(arms: dict[str, list[list[dict]]], out: Path, window: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4), dpi=90)
+    for colour, (arm, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], sorted(arms.items())):
+        for ax, (key, title) in zip(axes, PANELS):
+            curves = [smooth(series(rows, key)[1], window) for rows in runs]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            steps = series(runs[0], key)[0][:length]
+            columns = list(zip(*(c[:length] for c in curves)))
+            ax.plot(steps, [statistics.fmean(col) for col in columns], color=colour, label=f"{arm} (n={len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=colour, alpha=0.2)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp" + out.suffix)
+    fig.savefig(tmp)
+    tmp.replace(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (trainer.output_dir of each run)")
+    parser.add_argument("--out", type=Path, required=True, help="figure to write (PNG)")
+    parser.add_argument("--smooth", type=int, default=5, help="moving-average window in steps")
+    parser.add_argument("--last", type=int, default=10, help="steps averaged for the final-value table")
+    args = parser.parse_args(argv)
+    arms: dict[str, list[list[dict]]] = {}
+    for run_dir in args.runs:
+        try:
+            arm, rows = load_run(run_dir)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        arms.setdefault(arm, []).append(rows)
+    plot(arms, args.out, args.smooth)
+    print(final_table(arms, args.last))
+    print(f"figure: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""scripts/compare.py on synthetic run directories in the real output format."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_dir(tmp_path: Path, name: str, constraint: str, rewards: list[float]) -> Path:
+    run = tmp_path / name
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"algo": {"constraint": constraint, "advantage": "grpo"}}))
+    rows = [{"step": i + 1, "reward/mean": r, "learner/kl_to_ref": 0.1 * i} for i, r in enumerate(rewards)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_compare_groups_seeds_into_arms_and_tabulates_final_values(tmp_path):
+    runs = [
+        _run_dir(tmp_path, "dyn-s0", "dynamic", [0.1, 0.5, 0.7]),
+        _run_dir(tmp_path, "dyn-s1", "dynamic", [0.1, 0.3, 0.5]),
+        _run_dir(tmp_path, "none-s0", "none", [0.2, 0.2, 0.2]),
+    ]
+    out = tmp_path / "fig.png"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/compare.py"), *map(str, runs), "--out", str(out), "--last", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    # dynamic: last-2 means 0.6 and 0.4 -> 0.500 ± 0.141; none: 0.200
+    assert "| dynamic | 2 | 0.500 ± 0.141 |" in result.stdout
+    assert "| none | 1 | 0.200 |" in result.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_names_a_bad_metrics_line(tmp_path):
+    run = _run_dir(tmp_path, "bad", "none", [0.1])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("{not json\n")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/compare.py"), str(run), "--out", str(tmp_path / "f.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "metrics.jsonl:2" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["compare.py", "train.py"])
+def test_scripts_show_help(script):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "usage" in result.stdout
+
+
+def test_inspect_samples_shows_the_refiners_edit(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [
+        {"step": 1, "sample_id": "1-0-0", "query": "12+34=", "response": "65+=", "refined": "64", "reward": 0.5},
+        {"step": 2, "sample_id": "2-0-0", "query": "12+34=", "response": "64", "refined": "64", "reward": 1.0},
+    ]
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, str(ROOT / "scripts/inspect_samples.py"), str(run), "--no-color"]
+    first = subprocess.run([*cmd, "--step", "1"], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "refined  6[-5+=-]{+4+}" in first
+    last = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "2-0-0" in last and "(unchanged)" in last

@@ -21,7 +21,7 @@ def request_seed(base: int, step: int, prompt_id: int, index: int) -> int:
 
 
 def check_reloadable(model_path: str, config: Config) -> None:
-    """Fail before the engine starts if weight sync could not update this model correctly."""
+    """Fail before any actor starts (the loop calls this) if weight sync could not update this model correctly."""
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(model_path).get_text_config()
@@ -36,7 +36,6 @@ def check_reloadable(model_path: str, config: Config) -> None:
 class Generator:
     def __init__(self, model_path: str, config: Config) -> None:
         self.config = config
-        check_reloadable(model_path, config)
         self.llm = engines.start_engine(
             model_path,
             config.generator.engine,

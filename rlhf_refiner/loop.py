@@ -21,6 +21,7 @@ import ray
 from rlhf_refiner import placement
 from rlhf_refiner.config import Config
 from rlhf_refiner.data import PromptSource
+from rlhf_refiner.generator import check_reloadable
 from rlhf_refiner.metrics import MetricsLogger
 from rlhf_refiner.records import Prompt, Refinement, Reward, Rollout, Sample
 
@@ -39,12 +40,17 @@ def wait(refs: list[Any], stage: str, timeout_s: float) -> list[Any]:
         raise StageTimeoutError(f"stage '{stage}' did not answer within {timeout_s:.0f}s") from None
 
 
-def prepare_output_dir(config: Config) -> Path:
+def check_output_dir(config: Config) -> Path:
+    """Refuse a non-empty output dir unless `trainer.overwrite`; nothing is written here."""
     out = Path(config.trainer.output_dir)
     if out.exists() and any(out.iterdir()) and not config.trainer.overwrite:
         raise FileExistsError(
             f"trainer.output_dir '{out}' exists and is not empty; choose another or set trainer.overwrite=true"
         )
+    return out
+
+
+def prepare_output_dir(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.jsonl", "samples.jsonl", "summary.json"):  # overwrite=true: start these afresh
         (out / name).unlink(missing_ok=True)
@@ -234,8 +240,10 @@ def init_ray(config: Config) -> bool:
 
 
 def run(config: Config) -> dict[str, Any]:
-    output_dir = prepare_output_dir(config)
+    output_dir = check_output_dir(config)
     model_path = resolve_model_path(config)
+    check_reloadable(model_path, config)  # bad input fails here, before any actor starts or file is written
+    prepare_output_dir(output_dir)
     from transformers import AutoTokenizer
 
     source = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(model_path))

@@ -104,3 +104,15 @@ def test_assemble_samples_reinforce_pp_and_overlong_penalty():
         [0.375 / std, 0.375 / std, -0.125 / std, -0.625 / std], abs=1e-5
     )
     assert [s.reward.reward for s in samples] == [1.0] * 4  # the logged reward is the task's, unshaped
+
+
+def test_tied_embeddings_are_refused_on_cpu_before_any_actor(tmp_path):
+    from transformers import LlamaConfig
+
+    from rlhf_refiner.generator import check_reloadable
+
+    LlamaConfig(hidden_size=64, num_attention_heads=2, tie_word_embeddings=True).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{tmp_path}.*ties its input and output embeddings"):
+        check_reloadable(str(tmp_path), load(None))
+    LlamaConfig(hidden_size=64, num_attention_heads=2, tie_word_embeddings=False).save_pretrained(tmp_path)
+    check_reloadable(str(tmp_path), load(None))  # untied: accepted

@@ -57,7 +57,7 @@ def start_engine(
         seed=seed,
         max_model_len=engine.max_model_len,
         enforce_eager=engine.enforce_eager,
-        disable_log_stats=speculative is None,  # stats carry the speculative acceptance counters
+        disable_log_stats="speculative_config" not in kwargs,  # stats carry the speculative acceptance counters
         **kwargs,
     )
 

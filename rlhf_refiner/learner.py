@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -240,14 +241,10 @@ class Learner:
             state = {k: v.detach().clone() for k, v in params.items()}
         self.engine.module.save_pretrained(tmp, state_dict=state)
         self.tokenizer.save_pretrained(tmp)
-        os.replace(tmp, path) if not os.path.exists(path) else (_replace_dir(tmp, path))
+        if os.path.exists(path):  # keep the previous copy until the new one is in place
+            os.rename(path, f"{path}.old")
+            os.rename(tmp, path)
+            shutil.rmtree(f"{path}.old")
+        else:
+            os.rename(tmp, path)
         return path
-
-
-def _replace_dir(tmp: str, path: str) -> None:
-    import shutil
-
-    old = f"{path}.old"
-    os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old)

@@ -63,7 +63,6 @@ class Refiner:
         from transformers import AutoTokenizer
 
         self.config = config
-        self.model_path = model_path
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.llm = None
         self.client = None

@@ -21,20 +21,28 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-6
+    rewards: torch.Tensor,
+    group_size: int,
+    normalize_std: bool = True,
+    eps: float = 1e-6,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GRPO advantages: each reward minus its group's mean, divided by the group's (unbiased) std.
 
     `rewards` is (B,) with the G responses of a prompt contiguous, B = num_groups * G. A group whose rewards
-    all agree gets advantage 0 (no signal), whatever `eps` is.
+    all agree gets advantage 0 (no signal), whatever `eps` is. `valid` (B,) bool marks real rewards; the others
+    (infrastructure errors) get advantage 0 and stay out of their group's mean and std.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)  # (num_groups, G)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    mask = torch.ones_like(grouped) if valid is None else valid.view(-1, group_size).to(grouped.dtype)
+    count = mask.sum(dim=1, keepdim=True)  # (num_groups, 1) valid samples per group
+    mean = (grouped * mask).sum(dim=1, keepdim=True) / count.clamp(min=1)
+    centred = (grouped - mean) * mask
     if normalize_std and group_size > 1:
-        std = grouped.std(dim=1, keepdim=True)
-        centred = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
+        std = ((centred**2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+        centred = torch.where((std > 0) & (count > 1), centred / (std + eps), torch.zeros_like(centred))
     return centred.reshape(-1)
 
 
@@ -97,20 +105,24 @@ def ppo_clip_loss(
     return loss, {"clip_frac": clip_frac.item(), "ratio_mean": masked_mean(ratio, mask).item()}
 
 
-def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, baseline: bool, eps: float = 1e-6) -> torch.Tensor:
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, group_size: int, baseline: bool, eps: float = 1e-6, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """REINFORCE++ advantages: rewards whitened over the whole batch (not per group).
 
     With `baseline` (REINFORCE++-baseline), each reward first has its group's mean subtracted, then the batch
-    std divides. Without it, the batch mean and std whiten the raw rewards. (B,) in, (B,) out.
+    std divides. Without it, the batch mean and std whiten the raw rewards. (B,) in, (B,) out. Rewards that
+    `valid` marks False (infrastructure errors) get 0 and enter no mean or std.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
+    mask = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
     if baseline:
-        grouped = rewards.view(-1, group_size)
-        centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+        centred = group_advantages(rewards, group_size, normalize_std=False, valid=mask)
     else:
-        centred = rewards - rewards.mean()
-    std = centred.std() if centred.numel() > 1 else torch.zeros(())
+        centred = torch.where(mask, rewards - rewards[mask].mean(), torch.zeros_like(rewards))
+    kept = centred[mask]
+    std = kept.std() if kept.numel() > 1 else torch.zeros(())
     return centred / (std + eps) if std > 0 else torch.zeros_like(centred)
 
 

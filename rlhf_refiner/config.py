@@ -74,8 +74,20 @@ class TaskConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: Literal["arithmetic"] = "arithmetic"
-    """`arithmetic`: the embedded task's prompts, generated in code."""
+    source: Literal["arithmetic", "prompt_collection", "apps", "humaneval", "mbpp"] = "arithmetic"
+    """`arithmetic`: the embedded task, generated in code; else a real dataset in that format (METHOD.md)."""
+    path: str | None = None
+    """Hub dataset name (e.g. `OpenRLHF/prompt-collection-v0.1`) or a local parquet/JSONL file or folder."""
+    split: str = "train"
+    """Split to load (local folders: files whose name starts with it, else all)."""
+    difficulties: list[str] = []
+    """APPS: keep only these difficulties (introductory, interview, competition); empty keeps all."""
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """Drop (and count) prompts longer than this after the chat template."""
+    shuffle: bool = True
+    """Visit rows in a seeded permutation per epoch (else file order)."""
+    skip_invalid: bool = False
+    """Skip malformed rows with a logged count instead of failing on the first one."""
     prompts_per_step: int = Field(16, ge=1)
     """Distinct prompts per training step; each gets `generator.group_size` responses."""
     seed: int = 0
@@ -157,11 +169,106 @@ class RefinerConfig(_Strict):
     """Retries per request against `base_url`."""
 
 
-class RewardConfig(_Strict):
+class CodeRewardConfig(_Strict):
+    """Unit-test reward: every candidate runs in its own bubblewrap sandbox (reward/sandbox.py)."""
+
+    mode: Literal["fraction", "all_or_nothing"] = "fraction"
+    """Reward = fraction of tests passed, or 1 only when all pass."""
+    python: str = "/usr/bin/python3"
+    """Interpreter inside the sandbox; must be readable by an unprivileged uid (not under /root)."""
+    allow_unisolated: bool = False
+    """Without working bubblewrap, run candidates with rlimits only instead of refusing (isolation `none`)."""
+    max_concurrency: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
+    """Sandboxes running at once per reward worker (default: the core count); each slot has its own uid."""
+    test_timeout_s: float = Field(4.0, gt=0)
+    """Wall-clock limit of one test (also the CPU-seconds rlimit, rounded up)."""
+    max_seconds: float = Field(60.0, gt=0)
+    """Wall-clock limit of one candidate's whole sandbox, owned by the parent."""
+    startup_s: float = Field(5.0, gt=0)
+    """Allowance for the sandbox and interpreter to start, added to the per-test budget."""
+    memory_mb: int = Field(1024, ge=64)
+    """Address-space rlimit of every process in the sandbox."""
+    max_processes: int = Field(64, ge=4)
+    """RLIMIT_NPROC of a slot's uid (applies when running as root, which can switch uid)."""
+    file_size_mb: int = Field(32, ge=1)
+    """Largest file a candidate may write (also caps captured stdout)."""
+    tmpfs_mb: int = Field(256, ge=8)
+    """Size of the private tmpfs work dir."""
+    max_open_files: int = Field(64, ge=16)
+    """RLIMIT_NOFILE inside the sandbox."""
+    output_limit_bytes: int = Field(1 << 20, ge=1024)
+    """Captured stdout/stderr per test beyond this is ignored."""
+    base_uid: int = Field(61000, ge=1000)
+    """Slot i runs as uid base_uid + i."""
+    infra_retries: int = Field(3, ge=0)
+    """Retries of a sandbox that failed to start; after them the sample is an infra error, never a 0 score."""
+
+
+class RewardModelConfig(_Strict):
+    """A sequence-classification reward model (1 label), hosted in its own actor(s)."""
+
+    path: str | None = None
+    """HF hub id or local dir of an `AutoModelForSequenceClassification` with a chat template."""
     num_workers: int = Field(1, ge=1)
-    """RewardWorker actors; samples are split evenly between them."""
+    """Reward-model actors; samples are split evenly between them."""
+    num_cpus: float = Field(1, gt=0)
+    """CPUs reserved per reward-model actor."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs reserved per reward-model actor."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per forward pass."""
+    max_length: int = Field(2048, ge=8)
+    """Longer (conversation + response) texts are truncated to this many tokens."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype."""
+    torch_threads: int = Field(1, ge=1)
+    """torch intra-op threads (CPU)."""
+
+
+class HttpRewardConfig(_Strict):
+    """A remote reward endpoint speaking OpenRLHF's protocol: POST {query, prompts, labels} -> {rewards}."""
+
+    url: str | None = None
+    """Endpoint URL, e.g. http://rm-host:5000/get_reward."""
+    score_key: str = "rewards"
+    """Key of the score list in the JSON answer."""
+    timeout_s: float = Field(60.0, gt=0)
+    """Per-request timeout."""
+    max_retries: int = Field(3, ge=0)
+    """Retries per batch; a batch still failing is counted as an infrastructure error, not scored."""
+    backoff_s: float = Field(1.0, ge=0)
+    """First retry delay (doubles per retry)."""
+    batch_size: int = Field(64, ge=1)
+    """Samples per request."""
+
+
+RewardSource = Literal["arithmetic", "code", "model", "http", "format"]
+
+
+class RewardConfig(_Strict):
+    weights: dict[RewardSource, float] = {"arithmetic": 1.0}
+    """Reward = weighted sum of these sources: `arithmetic` (embedded task), `code` (unit tests in the sandbox),
+    `model` (reward-model actors), `http` (remote endpoint), `format` (1 if finished and non-empty)."""
+    num_workers: int = Field(1, ge=1)
+    """RewardWorker actors (rule, code and http sources); samples are split evenly between them."""
     num_cpus: float = Field(0.1, gt=0)
     """CPUs reserved per reward worker."""
+    code: CodeRewardConfig = CodeRewardConfig()
+    """Unit-test reward settings (`code` source)."""
+    model: RewardModelConfig = RewardModelConfig()
+    """Reward-model settings (`model` source)."""
+    http: HttpRewardConfig = HttpRewardConfig()
+    """Remote endpoint settings (`http` source)."""
+
+    @model_validator(mode="after")
+    def _sources(self) -> RewardConfig:
+        if not self.weights:
+            raise ValueError("reward.weights must name at least one source")
+        if "model" in self.weights and not self.model.path:
+            raise ValueError("reward.weights has 'model' but reward.model.path is not set")
+        if "http" in self.weights and not self.http.url:
+            raise ValueError("reward.weights has 'http' but reward.http.url is not set")
+        return self
 
 
 class AlgoConfig(_Strict):
@@ -314,6 +421,14 @@ class Config(_Strict):
         for field in ("{query}", "{response}"):
             if field not in self.refiner.template:
                 raise ValueError(f"refiner.template must contain '{field}'")
+        needs = {"arithmetic": ("arithmetic",), "code": ("apps", "humaneval", "mbpp")}
+        for source, formats in needs.items():
+            if source in self.reward.weights and self.data.source not in formats:
+                raise ValueError(
+                    f"reward.weights has '{source}', which needs data.source in {formats}, not '{self.data.source}'"
+                )
+        if self.data.source != "arithmetic" and not self.data.path:
+            raise ValueError(f"data.source={self.data.source} needs data.path (hub dataset name or local files)")
         if self.algo.constraint == "dynamic" and self.algo.ce_coef == 0:
             raise ValueError("algo.constraint=dynamic with algo.ce_coef=0 is constraint=none; say so explicitly")
         return self

@@ -1,24 +1,150 @@
-"""Prompt source (driver side): the embedded arithmetic task -> chat-templated `Prompt` batches.
+"""Prompt source (driver side): the embedded arithmetic task, or a real dataset -> chat-templated `Prompt` batches.
 
-Prompt i is a pure function of (data.seed, i), so the position is the whole resumable state: a restored
-source yields exactly the prompts an uninterrupted run would have.
+Real datasets (`data.source`): Prompt-Collection-v0.1 (dialogue), APPS, HumanEval and MBPP (code, with their
+unit tests), loaded with `datasets` from a hub name or from local parquet/JSONL files in the same format.
+Rows are validated, filtered and tokenized once, up front; every dropped row is counted in `stats`, and a
+malformed row is an error naming the file and row unless `data.skip_invalid`. The order is a seeded
+permutation per epoch, so `position` is the whole resumable state: a restored source yields exactly the prompts
+an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
+from typing import Any
 
 from rlhf_refiner import task
 from rlhf_refiner.config import DataConfig, TaskConfig
-from rlhf_refiner.records import Prompt
+from rlhf_refiner.records import CodeTests, Prompt
+
+# Code formats and the column that identifies a problem (`task_id` of the completions file in code_eval).
+CODE_FORMATS = {"apps": "problem_id", "humaneval": "task_id", "mbpp": "task_id"}
+LOCAL_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+
+
+class InvalidRowError(ValueError):
+    """A dataset row that does not match its format; the message names the field."""
 
 
 def render_user_turn(tokenizer, user: str) -> list[int]:
     """Token ids of a one-turn chat ending with the assistant header, via the tokenizer's chat template."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-    )
+    return render_messages(tokenizer, [("user", user)])
+
+
+def render_messages(tokenizer, messages: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> list[int]:
+    """Token ids of a conversation ending with the assistant header, via the tokenizer's chat template."""
+    chat = [{"role": role, "content": content} for role, content in messages]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _string(row: dict[str, Any], key: str, allow_empty: bool = False) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise InvalidRowError(f"field '{key}' must be a non-empty string, got {type(value).__name__}")
+    return value
+
+
+def _json_field(row: dict[str, Any], key: str) -> Any:
+    value = row.get(key)
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError as e:
+            raise InvalidRowError(f"field '{key}' is not valid JSON ({e})") from None
+    return value
+
+
+def code_tests_of(fmt: str, row: dict[str, Any]) -> CodeTests:
+    """The unit tests of one APPS / HumanEval / MBPP row, in the harness's case format."""
+    if fmt == "apps":
+        io = _json_field(row, "input_output")
+        if not io:
+            raise InvalidRowError("field 'input_output' is empty (APPS rows without tests cannot be scored)")
+        inputs, outputs = io.get("inputs"), io.get("outputs")
+        if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs) or not inputs:
+            raise InvalidRowError("field 'input_output' needs equal-length, non-empty 'inputs' and 'outputs' lists")
+        fn_name = io.get("fn_name")
+        if fn_name:
+            cases = [{"input": i, "output": o} for i, o in zip(inputs, outputs)]
+            return CodeTests("call", json.dumps(cases), fn_name=str(fn_name))
+
+        def text(value: Any) -> str:  # some stdio rows store lines as lists
+            return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
+
+        cases = [{"input": text(i), "output": text(o)} for i, o in zip(inputs, outputs)]
+        return CodeTests("stdio", json.dumps(cases))
+    if fmt == "humaneval":
+        entry_point = _string(row, "entry_point")
+        check = _string(row, "test") + f"\ncheck({entry_point})\n"
+        return CodeTests(
+            "assert", json.dumps([{"code": check}]), fn_name=entry_point, program_prefix=_string(row, "prompt")
+        )
+    if fmt == "mbpp":
+        asserts = row.get("test_list")
+        if not isinstance(asserts, list) or not asserts or not all(isinstance(a, str) for a in asserts):
+            raise InvalidRowError("field 'test_list' must be a non-empty list of assert strings")
+        setup = row.get("test_setup_code") or ""
+        return CodeTests("assert", json.dumps([{"code": a} for a in asserts]), setup=str(setup))
+    raise ValueError(f"unknown code format '{fmt}'")
+
+
+def _query_of(source: str, row: dict[str, Any]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """(query text as the refiner sees it, chat messages for the policy) of one row."""
+    if source == "prompt_collection":
+        raw = row.get("context_messages")
+        if hasattr(raw, "tolist"):  # parquet via pandas gives numpy arrays
+            raw = raw.tolist()
+        if not isinstance(raw, list) or not raw:
+            raise InvalidRowError("field 'context_messages' must be a non-empty list of {role, content}")
+        messages = []
+        for turn in raw:
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or "content" not in turn:
+                raise InvalidRowError("field 'context_messages' has a turn without string 'role' and 'content'")
+            messages.append((turn["role"], str(turn["content"])))
+        if len(messages) == 1:
+            return messages[0][1], tuple(messages)
+        return "\n\n".join(f"{role}: {content}" for role, content in messages), tuple(messages)
+    if source == "apps":
+        question = _string(row, "question")
+        starter = row.get("starter_code") or ""
+        if starter.strip():
+            question += f"\n\nUse this starter code:\n```python\n{starter}\n```"
+        fn_name = (_json_field(row, "input_output") or {}).get("fn_name")
+        how = f"Define `{fn_name}` as in the starter code." if fn_name else "Read from stdin and write to stdout."
+        query = f"{question}\n\n{how} Answer with one Python program in a ```python code block."
+        return query, (("user", query),)
+    if source == "humaneval":
+        query = f"Complete this Python function:\n```python\n{_string(row, 'prompt')}```"
+        return query, (("user", query),)
+    if source == "mbpp":
+        example = row["test_list"][0] if isinstance(row.get("test_list"), list) and row["test_list"] else ""
+        query = f"{_string(row, 'text')}\nYour code should pass this test:\n{example}\nAnswer with Python code."
+        return query, (("user", query),)
+    raise ValueError(f"unknown data.source '{source}'")
+
+
+def load_rows(data: DataConfig) -> tuple[list[dict[str, Any]], str]:
+    """Raw rows of `data.path` (a local parquet/JSONL file or folder, else a hub dataset name) and a label
+    naming where they came from, for error messages."""
+    import datasets
+
+    path = Path(data.path).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+        files = [f for f in files if f.suffix in LOCAL_SUFFIXES]
+        if not files:
+            raise FileNotFoundError(f"data.path '{path}': no {'/'.join(LOCAL_SUFFIXES)} files")
+        split_files = [f for f in files if f.name.startswith(data.split)] or files
+        builder = LOCAL_SUFFIXES[split_files[0].suffix]
+        rows = datasets.load_dataset(builder, data_files=[str(f) for f in split_files], split="train")
+        label = ", ".join(str(f) for f in split_files)
+    else:
+        rows = datasets.load_dataset(data.path, split=data.split)
+        label = f"{data.path} (split {data.split})"
+    return list(rows), label
 
 
 class PromptSource:
@@ -26,17 +152,66 @@ class PromptSource:
         self.data = data
         self.task = task_config
         self.tokenizer = tokenizer
-        self.position = 0  # index of the next prompt
+        self.position = 0  # number of prompts handed out so far, across epochs
+        self.stats: dict[str, int] = {}
+        self.prompts: list[Prompt] = []  # dataset sources: the valid rows, in file order, version 0
+        self._epoch_order: tuple[int, list[int]] = (-1, [])
+        if data.source != "arithmetic":
+            self._load()
+
+    def _load(self) -> None:
+        data = self.data
+        rows, label = load_rows(data)
+        stats = {"rows": len(rows), "skipped_invalid": 0, "dropped_no_tests": 0, "dropped_difficulty": 0}
+        stats["dropped_too_long"] = 0
+        for row_no, row in enumerate(rows):
+            if data.difficulties and row.get("difficulty") not in data.difficulties:
+                stats["dropped_difficulty"] += 1
+                continue
+            try:
+                query, messages = _query_of(data.source, row)
+                tests = code_tests_of(data.source, row) if data.source in CODE_FORMATS else None
+            except InvalidRowError as e:
+                if data.source == "apps" and not row.get("input_output"):
+                    stats["dropped_no_tests"] += 1  # METHOD.md: APPS rows without tests are skipped and counted
+                    continue
+                if not data.skip_invalid:
+                    raise InvalidRowError(f"{label}: row {row_no}: {e} (set data.skip_invalid=true to skip)") from None
+                stats["skipped_invalid"] += 1
+                continue
+            token_ids = render_messages(self.tokenizer, messages)
+            if data.max_prompt_tokens is not None and len(token_ids) > data.max_prompt_tokens:
+                stats["dropped_too_long"] += 1
+                continue
+            self.prompts.append(Prompt(len(self.prompts), query, tuple(token_ids), None, 0, messages, tests))
+        stats["prompts"] = len(self.prompts)
+        self.stats = stats
+        if not self.prompts:
+            raise ValueError(f"data.path {label}: no usable prompts after filtering ({stats})")
+
+    def _order(self, epoch: int) -> list[int]:
+        """Row order of one epoch: a seeded permutation (cached; computed once per epoch)."""
+        if self._epoch_order[0] != epoch:
+            order = list(range(len(self.prompts)))
+            if self.data.shuffle:
+                random.Random(f"{self.data.seed}-epoch-{epoch}").shuffle(order)
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
 
     def prompt(self, index: int, policy_version: int) -> Prompt:
-        problem = task.make_problem(random.Random(f"{self.data.seed}-{index}"), self.task.digits)
-        return Prompt(
-            prompt_id=index,
-            query=problem.query,
-            prompt_token_ids=tuple(render_user_turn(self.tokenizer, problem.query)),
-            answer=problem.answer,
-            policy_version=policy_version,
-        )
+        """The `index`-th prompt of the run (index counts across epochs)."""
+        if self.data.source == "arithmetic":
+            problem = task.make_problem(random.Random(f"{self.data.seed}-{index}"), self.task.digits)
+            return Prompt(
+                prompt_id=index,
+                query=problem.query,
+                prompt_token_ids=tuple(render_user_turn(self.tokenizer, problem.query)),
+                answer=problem.answer,
+                policy_version=policy_version,
+            )
+        epoch, offset = divmod(index, len(self.prompts))
+        row = self.prompts[self._order(epoch)[offset]]
+        return Prompt(index, row.query, row.prompt_token_ids, None, policy_version, row.messages, row.tests)
 
     def next_batch(self, policy_version: int) -> list[Prompt]:
         batch = [self.prompt(self.position + i, policy_version) for i in range(self.data.prompts_per_step)]

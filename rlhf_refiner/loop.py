@@ -85,10 +85,12 @@ def assemble_samples(
         lengths = torch.tensor([len(r.response_token_ids) for r in rollouts])
         max_length = config.generator.sampling.max_new_tokens
         shaped = shaped + algo.overlong_penalty(lengths, max_length, cfg.overlong_buffer, cfg.overlong_penalty_factor)
+    valid = torch.tensor([not r.infra_error for r in rewards])  # infrastructure errors get no policy gradient
     if cfg.advantage == "grpo":
-        advantages = algo.group_advantages(shaped, group, cfg.normalize_adv_std, cfg.adv_eps)
+        advantages = algo.group_advantages(shaped, group, cfg.normalize_adv_std, cfg.adv_eps, valid)
     else:
-        advantages = algo.reinforce_pp_advantages(shaped, group, cfg.advantage == "reinforce_pp_baseline", cfg.adv_eps)
+        baseline = cfg.advantage == "reinforce_pp_baseline"
+        advantages = algo.reinforce_pp_advantages(shaped, group, baseline, cfg.adv_eps, valid)
     return [
         Sample(
             rollout, refinements[i] if refinements else None, rewards[i], advantages[i].item(), rollout.policy_version
@@ -117,11 +119,17 @@ def improvement_metrics(before: list[float], after: list[float], drawn: int) -> 
 
 
 def step_metrics(samples: list[Sample]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    rewards = [s.reward.reward for s in samples]
-    metrics = {"reward/mean": statistics.fmean(rewards), "reward/std": statistics.pstdev(rewards)}
-    for key in samples[0].reward.components:
-        metrics[f"reward/{key}"] = statistics.fmean(s.reward.components[key] for s in samples)
-    accuracies = [s.reward.accuracy for s in samples if s.reward.accuracy is not None]
+    """Reward and task metrics over the samples with real rewards (infrastructure errors are only counted)."""
+    scored = [s for s in samples if not s.reward.infra_error] or samples
+    rewards = [s.reward.reward for s in scored]
+    metrics = {
+        "reward/mean": statistics.fmean(rewards),
+        "reward/std": statistics.pstdev(rewards),
+        "reward/infra_error_frac": sum(s.reward.infra_error for s in samples) / len(samples),
+    }
+    for key in scored[0].reward.components:
+        metrics[f"reward/{key}"] = statistics.fmean(s.reward.components.get(key, 0.0) for s in scored)
+    accuracies = [s.reward.accuracy for s in scored if s.reward.accuracy is not None]
     if accuracies:
         metrics["task/accuracy"] = statistics.fmean(accuracies)
     rows = [

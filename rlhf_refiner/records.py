@@ -7,6 +7,18 @@ learner step whose weights produced the data, so staleness is always a visible n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class CodeTests:
+    """data -> RewardWorker: the unit tests of one code problem, in one of the three real formats."""
+
+    kind: Literal["stdio", "call", "assert"]  # APPS stdin/stdout, APPS call-based (fn_name), HumanEval/MBPP asserts
+    cases_json: str  # JSON list: stdio [{"input","output"}], call [{"input": args, "output"}], assert [{"code"}]
+    fn_name: str | None = None  # call-based: the function (or `Solution` method) under test
+    program_prefix: str = ""  # HumanEval: the prompt that the completion continues
+    setup: str = ""  # MBPP test_setup_code, run before each test
 
 
 @dataclass(frozen=True)
@@ -18,6 +30,8 @@ class Prompt:
     prompt_token_ids: tuple[int, ...]  # chat-templated query, ending with the assistant header
     answer: str | None  # ground truth for `task/accuracy`, when the task has one
     policy_version: int
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content) turns, for reward models' own chat templates
+    tests: CodeTests | None = None  # unit tests, for the code reward
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,8 @@ class Reward:
     accuracy: float | None  # exact task success (1/0) where the task has ground truth
     components: dict[str, float] = field(default_factory=dict)  # per-source parts, e.g. {"digits": .6}
     policy_version: int = 0
+    infra_error: bool = False  # a source failed for infrastructure reasons: `reward` is not a score, never train on it
+    isolation: str | None = None  # code reward: the sandbox's isolation level
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,27 @@ def test_group_advantages_without_std():
     assert adv.tolist() == pytest.approx([1.0, -1.0, 0.0])
 
 
+def test_group_advantages_leave_infra_errors_out_of_the_group_statistics():
+    # group [1, 0, (9 invalid)]: mean of the valid two 0.5, unbiased std sqrt(0.5) -> ±0.5/0.7071; invalid -> 0
+    # group [(invalid), 3, 3]: valid rewards agree -> 0 everywhere
+    rewards = torch.tensor([1.0, 0.0, 9.0, 5.0, 3.0, 3.0])
+    valid = torch.tensor([True, True, False, False, True, True])
+    adv = algo.group_advantages(rewards, group_size=3, eps=0.0, valid=valid)
+    assert adv.tolist() == pytest.approx([0.70710678, -0.70710678, 0.0, 0.0, 0.0, 0.0])
+    # all valid: the same as without a mask
+    assert torch.equal(
+        algo.group_advantages(rewards, 3, valid=torch.ones(6, dtype=torch.bool)), algo.group_advantages(rewards, 3)
+    )
+
+
+def test_reinforce_pp_leaves_infra_errors_out():
+    # valid [1, 3] (the 100 is an infra error): mean 2, centred [-1, 1], std sqrt(2) -> ±0.7071; invalid -> 0
+    adv = algo.reinforce_pp_advantages(
+        torch.tensor([1.0, 100.0, 3.0, 3.0]), 2, baseline=False, eps=0.0, valid=torch.tensor([True, False, True, False])
+    )
+    assert adv.tolist() == pytest.approx([-0.70710678, 0.0, 0.70710678, 0.0])
+
+
 def test_group_advantages_rejects_ragged_groups():
     with pytest.raises(ValueError, match="groups of 4"):
         algo.group_advantages(torch.zeros(6), group_size=4)

@@ -3,7 +3,7 @@ import random
 import pytest
 
 from rlhf_refiner import task
-from rlhf_refiner.config import TaskConfig
+from rlhf_refiner.config import RewardConfig, TaskConfig
 from rlhf_refiner.records import Prompt, Rollout
 from rlhf_refiner.reward import RewardWorker, shard_slice
 
@@ -68,7 +68,7 @@ def _rollout(i: int, response: str, answer: str) -> Rollout:
 
 
 def test_reward_worker_shards_and_scores():
-    worker = RewardWorker(TaskConfig())
+    worker = RewardWorker(RewardConfig(), TaskConfig())
     rollouts = [_rollout(0, "432", "432"), _rollout(1, "400", "432"), _rollout(2, "", "432")]
     rewards = worker.score(rollouts, shard=0, num_shards=2) + worker.score(rollouts, shard=1, num_shards=2)
     assert [r.sample_id for r in rewards] == ["1-0-0", "1-1-0", "1-2-0"]
@@ -78,4 +78,4 @@ def test_reward_worker_shards_and_scores():
 
 def test_reward_worker_requires_ground_truth():
     with pytest.raises(ValueError, match="1-0-0"):
-        RewardWorker(TaskConfig()).score([_rollout(0, "1", None)])
+        RewardWorker(RewardConfig(), TaskConfig()).score([_rollout(0, "1", None)])

@@ -1,0 +1,131 @@
+"""Rewards: RewardWorker scores responses from rule, code (sandboxed unit tests) and remote-HTTP sources;
+RewardModel (model.py) scores them with a reward model in its own actors; `merge` sums the two per sample.
+
+The reward is the weighted sum of the sources in `reward.weights`. A worker scores a shard of a step's rollouts
+(`shard` of `num_shards`), so several workers split one ObjectRef without the driver touching the data. An
+infrastructure failure (a sandbox that would not start, an endpoint that never answered) marks the `Reward`
+`infra_error`: it is counted, and the learner gives the sample no policy gradient; it is never scored as 0.
+Workers never log; they return `Reward` records that the loop aggregates.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from rlhf_refiner.config import RewardConfig, TaskConfig
+from rlhf_refiner.records import Refinement, Reward, Rollout
+from rlhf_refiner.reward import rules
+
+WORKER_SOURCES = ("arithmetic", "code", "http", "format")  # `model` runs in RewardModel actors
+
+
+def shard_slice(total: int, shard: int, num_shards: int) -> slice:
+    """Contiguous, near-equal shard `shard` of `total` items; the shards tile [0, total) exactly."""
+    return slice(total * shard // num_shards, total * (shard + 1) // num_shards)
+
+
+def merge(parts: list[list[Reward]]) -> list[Reward]:
+    """Per-sample sum of the rewards that different scorers returned for the same samples, in the same order."""
+    merged = []
+    for same_sample in zip(*parts):
+        ids = {r.sample_id for r in same_sample}
+        if len(ids) != 1:
+            raise ValueError(f"reward parts out of step: {sorted(ids)}")
+        accuracies = [r.accuracy for r in same_sample if r.accuracy is not None]
+        isolations = [r.isolation for r in same_sample if r.isolation is not None]
+        merged.append(
+            Reward(
+                sample_id=same_sample[0].sample_id,
+                reward=sum(r.reward for r in same_sample),
+                accuracy=accuracies[0] if accuracies else None,
+                components={k: v for r in same_sample for k, v in r.components.items()},
+                policy_version=same_sample[0].policy_version,
+                infra_error=any(r.infra_error for r in same_sample),
+                isolation=isolations[0] if isolations else None,
+            )
+        )
+    return merged
+
+
+class RewardWorker:
+    def __init__(self, config: RewardConfig, task_config: TaskConfig) -> None:
+        self.config = config
+        self.task = task_config
+        self.weights = {k: w for k, w in config.weights.items() if k in WORKER_SOURCES}
+        self.sandbox = None
+        self.http = None
+        if "code" in self.weights:
+            from rlhf_refiner.reward.sandbox import Sandbox
+
+            self.sandbox = Sandbox(config.code)  # fails closed here, at startup, without bubblewrap
+        if "http" in self.weights:
+            from rlhf_refiner.reward.model import HttpReward
+
+            self.http = HttpReward(config.http)
+
+    def _code(self, rollouts: list[Rollout], responses: list[str]) -> list:
+        from rlhf_refiner.reward.code_eval import evaluate
+
+        def one(item: tuple[Rollout, str]):
+            rollout, response = item
+            if rollout.prompt.tests is None:
+                raise ValueError(f"sample {rollout.sample_id}: the code reward needs unit tests (a code data.source)")
+            return evaluate(self.sandbox, rollout.prompt.tests, response)
+
+        with ThreadPoolExecutor(self.config.code.max_concurrency) as pool:
+            return list(pool.map(one, zip(rollouts, responses)))
+
+    def _http(self, rollouts: list[Rollout], responses: list[str]) -> list[float | None]:
+        values: list[float | None] = []
+        size = self.config.http.batch_size
+        for start in range(0, len(rollouts), size):
+            chunk = rollouts[start : start + size]
+            scores, _ = self.http.scores(
+                [r.prompt.query for r in chunk], responses[start : start + size], [r.prompt.answer or "" for r in chunk]
+            )
+            values += scores if scores is not None else [None] * len(chunk)
+        return values
+
+    def _rewards(self, rollouts: list[Rollout], responses: list[str], ids: list[str]) -> list[Reward]:
+        code = self._code(rollouts, responses) if "code" in self.weights else None
+        http = self._http(rollouts, responses) if "http" in self.weights else None
+        rewards = []
+        for i, (rollout, response) in enumerate(zip(rollouts, responses)):
+            total, accuracy, components, infra, isolation = 0.0, None, {}, False, None
+            for source, weight in self.weights.items():
+                if source == "arithmetic":
+                    value, accuracy, parts = rules.arithmetic(response, rollout.prompt.answer, self.task, ids[i])
+                    components.update(parts)
+                elif source == "format":
+                    value = rules.well_formed(response, rollout.finished)
+                    components["format"] = value
+                elif source == "code":
+                    from rlhf_refiner.reward.code_eval import reward_of
+                    from rlhf_refiner.reward.sandbox import STATUSES
+
+                    result = code[i]
+                    infra |= result.status == "infra_error"
+                    value = 0.0 if infra else reward_of(result, self.config.code.mode)
+                    accuracy, isolation = float(result.passed), result.isolation
+                    components["code"] = value
+                    components.update({f"code_status/{s}": float(result.status == s) for s in STATUSES})
+                else:  # http
+                    infra |= http[i] is None
+                    value = http[i] or 0.0
+                    components["http"] = value
+                total += weight * value
+            rewards.append(Reward(ids[i], total, accuracy, components, rollout.policy_version, infra, isolation))
+        return rewards
+
+    def score(self, rollouts: list[Rollout], shard: int = 0, num_shards: int = 1) -> list[Reward]:
+        """Rewards of this worker's shard of `rollouts`, in order."""
+        mine = rollouts[shard_slice(len(rollouts), shard, num_shards)]
+        return self._rewards(mine, [r.response for r in mine], [r.sample_id for r in mine])
+
+    def score_refined(
+        self, rollouts: list[Rollout], refinements: list[Refinement], shard: int = 0, num_shards: int = 1
+    ) -> list[Reward]:
+        """Rewards of the refined responses a' (for `refiner/improved_frac`), this worker's shard."""
+        part = shard_slice(len(rollouts), shard, num_shards)
+        mine, refined = rollouts[part], refinements[part]
+        return self._rewards(mine, [f.refined for f in refined], [f.sample_id for f in refined])

@@ -28,6 +28,10 @@ class InvalidRowError(ValueError):
     """A dataset row that does not match its format; the message names the field."""
 
 
+class NoTestsError(InvalidRowError):
+    """A well-formed code row without tests (some APPS rows): skipped and counted, never an error."""
+
+
 def render_user_turn(tokenizer, user: str) -> list[int]:
     """Token ids of a one-turn chat ending with the assistant header, via the tokenizer's chat template."""
     return render_messages(tokenizer, [("user", user)])
@@ -49,12 +53,12 @@ def _string(row: dict[str, Any], key: str, allow_empty: bool = False) -> str:
 
 def _json_field(row: dict[str, Any], key: str) -> Any:
     value = row.get(key)
-    if isinstance(value, str):
+    if isinstance(value, str) and value.strip():
         try:
             return json.loads(value)
         except ValueError as e:
             raise InvalidRowError(f"field '{key}' is not valid JSON ({e})") from None
-    return value
+    return value or None
 
 
 def code_tests_of(fmt: str, row: dict[str, Any]) -> CodeTests:
@@ -62,7 +66,7 @@ def code_tests_of(fmt: str, row: dict[str, Any]) -> CodeTests:
     if fmt == "apps":
         io = _json_field(row, "input_output")
         if not io:
-            raise InvalidRowError("field 'input_output' is empty (APPS rows without tests cannot be scored)")
+            raise NoTestsError("field 'input_output' is empty (APPS rows without tests cannot be scored)")
         inputs, outputs = io.get("inputs"), io.get("outputs")
         if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs) or not inputs:
             raise InvalidRowError("field 'input_output' needs equal-length, non-empty 'inputs' and 'outputs' lists")
@@ -171,10 +175,10 @@ class PromptSource:
             try:
                 query, messages = _query_of(data.source, row)
                 tests = code_tests_of(data.source, row) if data.source in CODE_FORMATS else None
+            except NoTestsError:
+                stats["dropped_no_tests"] += 1  # METHOD.md: APPS rows without tests are skipped and counted
+                continue
             except InvalidRowError as e:
-                if data.source == "apps" and not row.get("input_output"):
-                    stats["dropped_no_tests"] += 1  # METHOD.md: APPS rows without tests are skipped and counted
-                    continue
                 if not data.skip_invalid:
                     raise InvalidRowError(f"{label}: row {row_no}: {e} (set data.skip_invalid=true to skip)") from None
                 stats["skipped_invalid"] += 1

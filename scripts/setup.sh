@@ -18,6 +18,16 @@ for arg in "$@"; do
   esac
 done
 
+# bubblewrap isolates the code reward's candidates; without it that reward refuses to run (fail closed).
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq bubblewrap >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq bubblewrap; }
+  else
+    echo "setup.sh: bubblewrap (bwrap) is missing; install it (Debian/Ubuntu: apt-get install bubblewrap)" \
+      "or the code reward will refuse to run" >&2
+  fi
+fi
+
 if [ -z "${VIRTUAL_ENV:-}" ]; then
   [ -x .venv/bin/python ] || python3 -m venv .venv
   # shellcheck disable=SC1091

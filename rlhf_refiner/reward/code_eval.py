@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from rlhf_refiner.config import CodeRewardConfig
-    from rlhf_refiner.data import CODE_FORMATS, InvalidRowError, code_tests_of
+    from rlhf_refiner.data import CODE_FORMATS, InvalidRowError, NoTestsError, code_tests_of
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", type=Path, required=True, help="JSONL of problems in the dataset's format")
@@ -135,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
 
     problems: dict[str, CodeTests] = {}
     id_key = CODE_FORMATS[args.format]
+    without_tests = 0
     for line_no, row in enumerate(_read_jsonl(args.problems), 1):
         try:
             problems[str(row[id_key])] = code_tests_of(args.format, row)
+        except NoTestsError:
+            without_tests += 1  # APPS rows with an empty input_output: nothing to score against
         except (KeyError, InvalidRowError) as e:
             raise SystemExit(f"{args.problems}: row {line_no}: {e}") from None
     completions = _read_jsonl(args.completions)
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "mean_reward": sum(r["reward"] for r in results) / max(1, len(results)),
         "statuses": dict(statuses),
         "isolation": sandbox.isolation,
+        "problems_without_tests": without_tests,
     }
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(json.dumps({"results": results, "summary": summary}, indent=1))

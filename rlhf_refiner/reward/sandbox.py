@@ -146,9 +146,10 @@ class Sandbox:
             self.slots.put(slot)
 
     def _reap(self, slot: int) -> None:
-        """Without namespaces nothing tears the candidate's processes down with the harness: as root, kill
-        every process of the slot's uid (orphans that left the process group included)."""
-        if self.isolation != "none" or os.geteuid() != 0:
+        """As root, kill every process of the slot's uid before the slot is reused: orphans that left the process
+        group (no namespace tears them down in `none` mode), and a PID namespace still being torn down, which
+        would otherwise make the slot's next sandbox fail to fork under RLIMIT_NPROC."""
+        if os.geteuid() != 0:
             return
         uid = self.config.base_uid + slot
 
@@ -170,16 +171,22 @@ class Sandbox:
             read_fd, write_fd = os.pipe()
             command = [part.replace("{fd}", str(write_fd)) for part in self._command(workdir)]
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                pass_fds=(write_fd,),
-                start_new_session=True,
-                preexec_fn=self._limits(slot),
-                env=env,
-            )
+            try:
+                proc = subprocess.Popen(
+                    command,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    pass_fds=(write_fd,),
+                    start_new_session=True,
+                    preexec_fn=self._limits(slot),
+                    env=env,
+                )
+            except OSError as e:  # e.g. EAGAIN from fork: the infrastructure failed, not the candidate
+                os.close(read_fd)
+                os.close(write_fd)
+                reason = f"sandbox did not start: {e}"
+                return Execution(("infra_error",) * tests, time.monotonic() - started, self.isolation, attempt, reason)
             os.close(write_fd)
             deadline = time.monotonic() + min(cfg.max_seconds, cfg.startup_s + tests * (cfg.test_timeout_s + 0.5))
             records, stderr, expired = self._collect(proc, payload, read_fd, deadline)

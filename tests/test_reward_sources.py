@@ -1,0 +1,124 @@
+"""Reward sources in the worker and the reward-model actor class: code (sandbox), HTTP endpoint, reward model,
+their weighted sum, and infrastructure errors that are flagged instead of scored."""
+
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from conftest import build_tiny_reward_model
+
+from rlhf_refiner import pi0
+from rlhf_refiner.config import DataConfig, RewardConfig, RewardModelConfig, TaskConfig
+from rlhf_refiner.data import PromptSource
+from rlhf_refiner.records import Prompt, Rollout
+from rlhf_refiner.reward import RewardWorker, merge
+from rlhf_refiner.reward.model import RewardModel
+
+FIXTURES = Path(__file__).parent / "fixtures"
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+
+
+def _rollout(prompt: Prompt, response: str, k: int = 0, finished: bool = True) -> Rollout:
+    return Rollout(f"1-{prompt.prompt_id}-{k}", prompt, response, (5,), (-0.1,), finished, 0)
+
+
+@pytest.fixture(scope="module")
+def apps_prompts(tmp_path_factory):
+    tokenizer = pi0.build_tokenizer(tmp_path_factory.mktemp("tok"))
+    data = DataConfig(source="apps", path=str(FIXTURES / "apps.jsonl"), shuffle=False)
+    src = PromptSource(data, TaskConfig(), tokenizer)
+    return [src.prompt(i, 0) for i in range(2)]  # 4001 (stdio, 3 tests), 4002 (call-based, 3 tests)
+
+
+@needs_bwrap
+def test_code_source_scores_fraction_of_tests_with_format_rule(apps_prompts):
+    config = RewardConfig(weights={"code": 1.0, "format": 0.5}, code={"test_timeout_s": 1.0, "max_concurrency": 2})
+    worker = RewardWorker(config, TaskConfig())
+    stdio, call = apps_prompts
+    rollouts = [
+        _rollout(stdio, "```python\na, b = map(int, input().split())\nprint(a + b)\n```"),
+        _rollout(stdio, "print(3)", 1, finished=False),  # right on 1 of 3 inputs, and cut off
+        _rollout(call, "def maxOf(nums):\n    return nums[0]\n", 2),  # right on [[-4, -9]] and [[7]]
+    ]
+    rewards = worker.score(rollouts)
+    # code 1 + 0.5 * format 1; code 1/3 + 0.5 * 0; code 2/3 + 0.5
+    assert [r.reward for r in rewards] == pytest.approx([1.5, 1 / 3, 2 / 3 + 0.5])
+    assert [r.accuracy for r in rewards] == [1.0, 0.0, 0.0]
+    assert rewards[1].components["code_status/wrong_answer"] == 1.0 and rewards[0].components["code_status/ok"] == 1.0
+    assert all(r.isolation.startswith("bwrap") and not r.infra_error for r in rewards)
+
+
+@needs_bwrap
+def test_reward_worker_flags_infra_errors(apps_prompts, monkeypatch):
+    config = RewardConfig(weights={"code": 1.0}, code={"infra_retries": 1, "max_concurrency": 1})
+    worker = RewardWorker(config, TaskConfig())
+    monkeypatch.setattr(worker.sandbox, "bwrap", "/nonexistent/bwrap")
+    (reward,) = worker.score([_rollout(apps_prompts[0], "print(3)")])
+    assert reward.infra_error and reward.components["code_status/infra_error"] == 1.0
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fail = False
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append(body)
+        if type(self).fail:
+            self.send_response(500)
+            self.end_headers()
+            return
+        payload = json.dumps({"rewards": [len(q) / 10 for q in body["query"]]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def endpoint():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Handler.fail, _Handler.seen = False, []
+    yield f"http://127.0.0.1:{server.server_address[1]}/get_reward"
+    server.shutdown()
+
+
+def test_http_source_speaks_openrlhf_protocol_and_flags_failures(endpoint):
+    prompt = Prompt(0, "1+1=", (1,), "2", 0)
+    config = RewardConfig(weights={"http": 2.0}, http={"url": endpoint, "backoff_s": 0, "max_retries": 2})
+    worker = RewardWorker(config, TaskConfig())
+    rewards = worker.score([_rollout(prompt, "2"), _rollout(prompt, "22", 1)])
+    assert [r.reward for r in rewards] == pytest.approx([2 * 0.5, 2 * 0.6])  # len("1+1=2") / 10, weighted
+    assert _Handler.seen[0] == {"query": ["1+1=2", "1+1=22"], "prompts": ["1+1=", "1+1="], "labels": ["2", "2"]}
+    _Handler.fail = True
+    rewards = worker.score([_rollout(prompt, "2")])
+    assert rewards[0].infra_error and len(_Handler.seen) == 1 + 3  # one call, then three failed tries
+
+
+def test_reward_model_uses_its_own_chat_template_and_merges(tmp_path):
+    path = build_tiny_reward_model(tmp_path / "rm")
+    model = RewardModel(RewardModelConfig(path=path, batch_size=2), weight=0.5)
+    prompt = Prompt(0, "hi", (1,), None, 0, messages=(("user", "1+1="),))
+    rollouts = [_rollout(prompt, r, k) for k, r in enumerate(["2", "3", "2"])]
+    text = model.text_of(rollouts[0], "2")
+    assert text == model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}], tokenize=False
+    )
+    scored = model.score(rollouts)
+    raw = [r.components["model"] for r in scored]
+    assert raw[0] == pytest.approx(raw[2], abs=1e-5) and raw[0] != raw[1]  # same text, same score; batching-proof
+    assert [r.reward for r in scored] == pytest.approx([0.5 * v for v in raw])
+    rule = [r.__class__(r.sample_id, 1.0, 1.0, {"format": 1.0}) for r in scored]
+    merged = merge([rule, scored])
+    assert [m.reward for m in merged] == pytest.approx([1.0 + 0.5 * v for v in raw])
+    assert merged[0].components == {"format": 1.0, "model": raw[0]} and merged[0].accuracy == 1.0
+    with pytest.raises(ValueError, match="out of step"):
+        merge([rule, scored[::-1]])

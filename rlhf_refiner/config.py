@@ -29,6 +29,8 @@ class EmbeddedModelConfig(_Strict):
     """Number of decoder layers."""
     num_heads: int = Field(3, ge=1)
     """Attention heads (also key/value heads); head size = hidden_size / num_heads."""
+    max_positions: int = Field(512, ge=64)
+    """Longest sequence (prompt + response) the model and its engines accept; real-dataset prompts need room."""
     sft_steps: int = Field(800, ge=1)
     """Optimizer steps of π0's SFT (solving + refining)."""
     sft_batch_size: int = Field(64, ge=1)

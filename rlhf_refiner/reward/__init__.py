@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from rlhf_refiner.config import RewardConfig, TaskConfig
 from rlhf_refiner.records import Refinement, Reward, Rollout
 from rlhf_refiner.reward import rules
+from rlhf_refiner.reward.code_eval import CodeResult, evaluate, reward_of
+from rlhf_refiner.reward.sandbox import STATUSES, Sandbox
 
 WORKER_SOURCES = ("arithmetic", "code", "http", "format")  # `model` runs in RewardModel actors
 
@@ -55,18 +57,14 @@ class RewardWorker:
         self.sandbox = None
         self.http = None
         if "code" in self.weights:
-            from rlhf_refiner.reward.sandbox import Sandbox
-
             self.sandbox = Sandbox(config.code)  # fails closed here, at startup, without bubblewrap
         if "http" in self.weights:
             from rlhf_refiner.reward.model import HttpReward
 
             self.http = HttpReward(config.http)
 
-    def _code(self, rollouts: list[Rollout], responses: list[str]) -> list:
-        from rlhf_refiner.reward.code_eval import evaluate
-
-        def one(item: tuple[Rollout, str]):
+    def _code(self, rollouts: list[Rollout], responses: list[str]) -> list[CodeResult]:
+        def one(item: tuple[Rollout, str]) -> CodeResult:
             rollout, response = item
             if rollout.prompt.tests is None:
                 raise ValueError(f"sample {rollout.sample_id}: the code reward needs unit tests (a code data.source)")
@@ -100,12 +98,10 @@ class RewardWorker:
                     value = rules.well_formed(response, rollout.finished)
                     components["format"] = value
                 elif source == "code":
-                    from rlhf_refiner.reward.code_eval import reward_of
-                    from rlhf_refiner.reward.sandbox import STATUSES
-
                     result = code[i]
-                    infra |= result.status == "infra_error"
-                    value = 0.0 if infra else reward_of(result, self.config.code.mode)
+                    failed = result.status == "infra_error"
+                    infra |= failed
+                    value = 0.0 if failed else reward_of(result, self.config.code.mode)
                     accuracy, isolation = float(result.passed), result.isolation
                     components["code"] = value
                     components.update({f"code_status/{s}": float(result.status == s) for s in STATUSES})

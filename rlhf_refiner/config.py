@@ -368,6 +368,9 @@ class RayConfig(_Strict):
     """Deadline of every `ray.get` on a stage call; expiry names the stage."""
     startup_timeout_s: float = Field(600.0, gt=0)
     """Deadline for actors (engines, learner) to come up."""
+    max_restarts: int = Field(3, ge=0)
+    """Restarts of a dead reward worker, reward model or refiner (Ray retries its pending calls), and recreations
+    of a dead generator (which then gets the current weights before the step is retried)."""
 
 
 class TrainerConfig(_Strict):
@@ -383,6 +386,13 @@ class TrainerConfig(_Strict):
     """Allow writing into a non-empty `output_dir` (never silently)."""
     save_final: bool = True
     """Save the trained policy to `output_dir/final` in HF format."""
+    save_every: int = Field(0, ge=0)
+    """Checkpoint every this many steps (0: only at the end and on SIGTERM / Ctrl-C)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Newest checkpoints kept in `output_dir/checkpoints`; older ones are deleted after each save."""
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint in `output_dir` if there is one; `none`: start
+    afresh; or the path of a checkpoint dir."""
 
 
 class Config(_Strict):

@@ -234,6 +234,22 @@ class Learner:
             sums, nbytes = send_weights(self.sync_group, buckets, params)
         return {"checksums": sums, "bytes": nbytes, "seconds": time.perf_counter() - started, "buckets": len(buckets)}
 
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def save_checkpoint(self, directory: str) -> None:
+        """Weights, optimizer, RNG and policy version, as a DeepSpeed checkpoint in `directory` (the driver commits
+        the checkpoint atomically once every part is written)."""
+        client_state = {"policy_version": self.policy_version, "torch_rng": torch.get_rng_state()}
+        self.engine.save_checkpoint(directory, tag="state", client_state=client_state)
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore what `save_checkpoint` wrote; returns the restored policy version."""
+        path, client_state = self.engine.load_checkpoint(directory, tag="state")
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint (tag 'state') under {directory}")
+        torch.set_rng_state(client_state["torch_rng"])
+        self.policy_version = client_state["policy_version"]
+        return self.policy_version
+
     def save_pretrained(self, path: str) -> str:
         """The policy in HF format (weights + config + tokenizer), written to a temp dir then renamed."""
         tmp = f"{path}.tmp"

@@ -11,18 +11,22 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import signal
 import statistics
+import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from rlhf_refiner import placement
+from rlhf_refiner import checkpoint, placement
 from rlhf_refiner.config import Config
 from rlhf_refiner.data import PromptSource
 from rlhf_refiner.generator import check_reloadable
-from rlhf_refiner.metrics import MetricsLogger
+from rlhf_refiner.metrics import MetricsLogger, truncate_after
 from rlhf_refiner.records import Prompt, Refinement, Reward, Rollout, Sample
 from rlhf_refiner.reward import merge
 
@@ -51,11 +55,96 @@ def check_output_dir(config: Config) -> Path:
     return out
 
 
-def prepare_output_dir(out: Path) -> Path:
+def prepare_output_dir(out: Path, resume_step: int | None) -> Path:
+    """A fresh run starts its logs afresh (overwrite=true); a resumed one keeps them up to its checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "samples.jsonl", "summary.json"):  # overwrite=true: start these afresh
+    if resume_step is not None:
+        truncate_after(out, resume_step)
+        return out
+    for name in ("metrics.jsonl", "samples.jsonl", "summary.json"):
         (out / name).unlink(missing_ok=True)
+    if checkpoint.root(out).exists():  # never let a later `resume=auto` pick up the overwritten run's state
+        shutil.rmtree(checkpoint.root(out))
     return out
+
+
+class StopRequest:
+    """SIGTERM (what `ray job stop` sends) or a first Ctrl-C asks the loop to finish its step, checkpoint and exit
+    cleanly; a second Ctrl-C interrupts at once. Handlers are installed only in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def save_checkpoint(
+    actors: placement.Actors, source: PromptSource, step: int, version: int, wandb_id: str | None, config: Config
+) -> Path:
+    """Learner state (DeepSpeed), buffer, data position and seeds into one atomically committed checkpoint."""
+    output_dir = Path(config.trainer.output_dir)
+    tmp = checkpoint.staging_dir(output_dir, step)
+    deadline = config.ray.call_timeout_s
+    learner_dir = str((tmp / "learner").resolve())
+    _, buffer_state = wait(
+        [actors.learner.save_checkpoint.remote(learner_dir), actors.buffer.state_dict.remote()],
+        "checkpoint (learner-0, buffer)",
+        deadline,
+    )
+    state = {
+        "step": step,
+        "policy_version": version,
+        "data": source.state_dict(),
+        # Sampling is seeded per request from (seed, step, index), and the driver's draws from the step, so
+        # these seeds and the step are the RNG state of every actor that samples.
+        "seeds": {
+            "trainer": config.trainer.seed,
+            "generator": config.generator.sampling.seed,
+            "data": config.data.seed,
+        },
+        "wandb_id": wandb_id,
+    }
+    return checkpoint.commit(tmp, state, buffer_state, config.trainer.keep_checkpoints)
+
+
+def restore_checkpoint(
+    actors: placement.Actors,
+    source: PromptSource,
+    directory: Path,
+    state: dict[str, Any],
+    bucket_bytes: int,
+    config: Config,
+) -> int:
+    """Load the learner, buffer and data position, then give the generator the restored weights. Returns the
+    policy version."""
+    deadline = config.ray.call_timeout_s
+    version, _ = wait(
+        [
+            actors.learner.load_checkpoint.remote(str((directory / "learner").resolve())),
+            actors.buffer.load_state_dict.remote(checkpoint.load_buffer(directory)),
+        ],
+        f"restore {directory.name} (learner-0, buffer)",
+        deadline,
+    )
+    if version != state["policy_version"]:
+        raise checkpoint.CorruptCheckpointError(f"{directory}: learner version {version} != {state['policy_version']}")
+    source.load_state_dict(state["data"])
+    sync_weights(actors, version, bucket_bytes, config)
+    return version
 
 
 def resolve_model_path(config: Config) -> str:
@@ -223,6 +312,19 @@ def refill_groups(
     )
 
 
+def rollout_phase(
+    actors: placement.Actors, source: PromptSource, prompts: list[Prompt], step: int, version: int, config: Config
+) -> Collected:
+    """The step's rollouts: one round, then DAPO's refill rounds when dynamic sampling is on."""
+    rollouts, refinements, rewards, metrics = collect(actors, prompts, step, config)
+    if config.algo.dynamic_sampling:  # replace groups without reward variance, bounded rounds
+        rollouts, refinements, rewards, fill = refill_groups(
+            actors, source, rollouts, refinements, rewards, step, version, config
+        )
+        metrics.update(fill)
+    return rollouts, refinements, rewards, metrics
+
+
 def connect_weight_sync(actors: placement.Actors, config: Config) -> int:
     """Form the sync group: learner = rank 0, the generator's vLLM worker = rank 1. Returns the bucket size."""
     startup = config.ray.startup_timeout_s
@@ -230,6 +332,8 @@ def connect_weight_sync(actors: placement.Actors, config: Config) -> int:
     port, metas = wait(
         [actors.learner.sync_port.remote(), actors.learner.weight_metas.remote()], "learner-0 startup", startup
     )
+    # The group forms within sync.timeout_s only if both sides are up: wait out the engine's start-up first.
+    wait([actors.generator.__ray_call__.remote(lambda _self: True)], "generator-0 startup", startup)
     bucket_bytes = int(config.sync.bucket_mb * 2**20)
     timeout = config.sync.timeout_s
     wait(
@@ -241,6 +345,53 @@ def connect_weight_sync(actors: placement.Actors, config: Config) -> int:
         startup,
     )
     return bucket_bytes
+
+
+def sync_weights(actors: placement.Actors, version: int, bucket_bytes: int, config: Config) -> dict[str, Any]:
+    """Broadcast the learner's weights into the generator's vLLM worker, which becomes `version`."""
+    sent, received = wait(
+        [
+            actors.learner.broadcast_weights.remote(bucket_bytes),
+            actors.generator.receive_weights.remote(version, config.sync.verify, config.sync.timeout_s),
+        ],
+        "weight sync (learner-0 -> generator-0)",
+        config.sync.timeout_s + 30,
+    )
+    if config.sync.verify and sent["checksums"] != received["checksums"]:
+        raise RuntimeError(f"weight sync to generator-0 corrupted bytes at version {version}")
+    return {
+        "sync/bytes": sent["bytes"],
+        "sync/buckets": sent["buckets"],
+        "sync/load_seconds": received["load_seconds"],
+    }
+
+
+class Recovery:
+    """Runs a stage call again after generator-0 died: recreate it in its bundle, re-form the weight-sync group,
+    and give it the current weights first, at most `ray.max_restarts` times. Reward workers, reward models and
+    the refiner are restarted by Ray itself (their calls are retried); a dead learner ends the run."""
+
+    def __init__(self, actors: placement.Actors, model_path: str, config: Config) -> None:
+        self.actors, self.model_path, self.config = actors, model_path, config
+        self.generator_restarts = 0
+
+    def run(self, call: Any, version: int) -> Any:
+        while True:
+            try:
+                return call()
+            except ray.exceptions.RayActorError as e:
+                if e.actor_id == self.actors.learner._actor_id.hex():
+                    raise RuntimeError(
+                        "learner-0 died; the run cannot continue. Start it again with trainer.resume=auto to "
+                        f"continue from the newest checkpoint in {self.config.trainer.output_dir}/checkpoints"
+                    ) from e
+                generator_died = e.actor_id == self.actors.generator._actor_id.hex()
+                if not generator_died or self.generator_restarts >= self.config.ray.max_restarts:
+                    raise
+                self.generator_restarts += 1
+                placement.recreate_generator(self.actors, self.config, self.model_path)
+                bucket_bytes = connect_weight_sync(self.actors, self.config)
+                sync_weights(self.actors, version, bucket_bytes, self.config)
 
 
 def init_ray(config: Config) -> bool:
@@ -255,10 +406,13 @@ def init_ray(config: Config) -> bool:
 
 
 def run(config: Config) -> dict[str, Any]:
-    output_dir = check_output_dir(config)
+    output_dir = Path(config.trainer.output_dir)
+    resume = checkpoint.find_resume(output_dir, config.trainer.resume)  # the newest complete checkpoint, if any
+    if resume is None:
+        check_output_dir(config)
     model_path = resolve_model_path(config)
     check_reloadable(model_path, config)  # bad input fails here, before any actor starts or file is written
-    prepare_output_dir(output_dir)
+    prepare_output_dir(output_dir, resume[1]["step"] if resume else None)
     from transformers import AutoTokenizer
 
     source = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(model_path))
@@ -270,7 +424,10 @@ def run(config: Config) -> dict[str, Any]:
     started_ray = init_ray(config)
     deadline = config.ray.call_timeout_s
     actors = None
-    logger = MetricsLogger(config, output_dir, config.trainer.steps)
+    start_step = resume[1]["step"] if resume else 0
+    logger = MetricsLogger(
+        config, output_dir, config.trainer.steps, start_step, resume[1]["wandb_id"] if resume else None
+    )
     try:
         actors = placement.start_actors(config, model_path, config.ray.startup_timeout_s)
         bucket_bytes = connect_weight_sync(actors, config)
@@ -281,54 +438,54 @@ def run(config: Config) -> dict[str, Any]:
                 config.ray.startup_timeout_s,
             )
         version, samples_per_step = 0, config.data.prompts_per_step * config.generator.group_size
+        if resume:
+            version = restore_checkpoint(actors, source, resume[0], resume[1], bucket_bytes, config)
+            summary["resumed_from"] = str(resume[0])
+        recovery = Recovery(actors, model_path, config)
         run_started = time.perf_counter()
-        for step in range(1, config.trainer.steps + 1):
-            t0 = time.perf_counter()
-            rollouts, refinements, rewards, metrics = collect(actors, source.next_batch(version), step, config)
-            if config.algo.dynamic_sampling:  # DAPO: replace groups without reward variance, bounded rounds
-                rollouts, refinements, rewards, fill = refill_groups(
-                    actors, source, rollouts, refinements, rewards, step, version, config
+        with StopRequest() as stop:
+            for step in range(start_step + 1, config.trainer.steps + 1):
+                t0 = time.perf_counter()
+                prompts = source.next_batch(version)
+                rollouts, refinements, rewards, metrics = recovery.run(
+                    partial(rollout_phase, actors, source, prompts, step, version, config), version
                 )
-                metrics.update(fill)
-            t1 = time.perf_counter()
-            samples = assemble_samples(rollouts, refinements, rewards, config)
-            actors.buffer.add.remote(samples)
-            batch_ref = actors.buffer.take.remote(samples_per_step, version)
-            metrics.update(wait([actors.learner.step.remote(batch_ref)], "learn (learner-0)", deadline)[0])
-            version += 1
-            t2 = time.perf_counter()
-            sent, received = wait(
-                [
-                    actors.learner.broadcast_weights.remote(bucket_bytes),
-                    actors.generator.receive_weights.remote(version, config.sync.verify, config.sync.timeout_s),
-                ],
-                "weight sync (learner-0 -> generator-0)",
-                config.sync.timeout_s + 30,
-            )
-            if config.sync.verify and sent["checksums"] != received["checksums"]:
-                raise RuntimeError(f"weight sync to generator-0 corrupted bytes at version {version}")
-            t3 = time.perf_counter()
-            sample_metrics, rows = step_metrics(samples)
-            metrics.update(sample_metrics)
-            metrics.update(wait([actors.buffer.metrics.remote()], "buffer", deadline)[0])
-            metrics.update(
-                {
-                    "sync/seconds": t3 - t2,
-                    "sync/bytes": sent["bytes"],
-                    "sync/buckets": sent["buckets"],
-                    "sync/load_seconds": received["load_seconds"],
-                    "time/rollout": t1 - t0,
-                    "time/learn": t2 - t1,
-                    "time/sync": t3 - t2,
-                    "time/step": time.perf_counter() - t0,
-                }
-            )
-            logger.log(step, metrics)
-            logger.log_samples(step, rows[: config.metrics.samples_per_step])
-            summary.setdefault("first", {k: metrics[k] for k in SUMMARY_KEYS if k in metrics})
-            summary["last"] = {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+                t1 = time.perf_counter()
+                samples = assemble_samples(rollouts, refinements, rewards, config)
+                if len({s.sample_id for s in samples}) != len(samples):  # retries must never duplicate a sample
+                    raise RuntimeError(f"step {step}: duplicate sample ids in the batch")
+                actors.buffer.add.remote(samples)
+                batch_ref = actors.buffer.take.remote(samples_per_step, version)
+                metrics.update(wait([actors.learner.step.remote(batch_ref)], "learn (learner-0)", deadline)[0])
+                version += 1
+                t2 = time.perf_counter()
+                metrics.update(recovery.run(partial(sync_weights, actors, version, bucket_bytes, config), version))
+                metrics["recovery/generator_restarts"] = recovery.generator_restarts
+                t3 = time.perf_counter()
+                sample_metrics, rows = step_metrics(samples)
+                metrics.update(sample_metrics)
+                metrics.update(wait([actors.buffer.metrics.remote()], "buffer", deadline)[0])
+                metrics.update(
+                    {
+                        "sync/seconds": t3 - t2,
+                        "time/rollout": t1 - t0,
+                        "time/learn": t2 - t1,
+                        "time/sync": t3 - t2,
+                        "time/step": time.perf_counter() - t0,
+                    }
+                )
+                logger.log(step, metrics)
+                logger.log_samples(step, rows[: config.metrics.samples_per_step])
+                summary.setdefault("first", {k: metrics[k] for k in SUMMARY_KEYS if k in metrics})
+                summary["last"] = {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+                every = config.trainer.save_every
+                if stop.requested or step == config.trainer.steps or (every and step % every == 0):
+                    summary["checkpoint"] = str(save_checkpoint(actors, source, step, version, logger.wandb_id, config))
+                if stop.requested:  # checkpointed above: `trainer.resume=auto` continues from here
+                    summary["stopped"] = {"signal": stop.requested, "step": step}
+                    break
         summary.update(steps=config.trainer.steps, policy_version=version, seconds=time.perf_counter() - run_started)
-        if config.trainer.save_final:
+        if config.trainer.save_final and not stop.requested:
             final = str((output_dir / "final").resolve())
             summary["final"] = wait([actors.learner.save_pretrained.remote(final)], "save (learner-0)", deadline)[0]
     finally:

@@ -29,8 +29,30 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def truncate_after(output_dir: Path, step: int) -> None:
+    """Keep only the rows of steps <= `step` in metrics.jsonl and samples.jsonl (a resumed run re-logs the steps
+    after its checkpoint); each file is rewritten atomically, and a torn last line is dropped."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = output_dir / name
+        if not path.exists():
+            continue
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # the line being written when the run died
+            if row.get("step", 0) <= step:
+                kept.append(line + "\n")
+        tmp = path.with_name(name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
 class MetricsLogger:
-    def __init__(self, config: Config, output_dir: Path, total_steps: int, start_step: int = 0) -> None:
+    def __init__(
+        self, config: Config, output_dir: Path, total_steps: int, start_step: int = 0, wandb_id: str | None = None
+    ) -> None:
         self.output_dir = output_dir
         # Held open for the run and flushed per line, so a crash loses at most the line being written.
         self.metrics_file = open(output_dir / "metrics.jsonl", "a")  # noqa: SIM115
@@ -45,7 +67,10 @@ class MetricsLogger:
                 dir=str(output_dir),
                 mode=config.metrics.wandb_mode,
                 config=config.model_dump(mode="json"),
+                id=wandb_id,  # a resumed run continues its W&B run
+                resume="allow",
             )
+        self.wandb_id = self.wandb.id if self.wandb is not None else None
         self.progress = None
         if config.metrics.progress_bar:
             from tqdm import tqdm

@@ -7,6 +7,7 @@ run name), so operators (and tests) can find them, and two runs on one cluster d
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ class Actors:
     buffer: Any
     learner: Any
     placement_group: PlacementGroup
+    generator_options: dict[str, Any]  # to recreate generator-0 in its bundle after it dies
 
 
 def uses_refiner(config: Config) -> bool:
@@ -83,8 +85,11 @@ def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
         ) from None
     slot = iter(range(len(bundles)))
 
-    def options(name: str) -> dict[str, Any]:
+    def options(name: str, restartable: bool = False) -> dict[str, Any]:
+        """Stateless stages (reward, refiner: frozen π0) are restarted by Ray, which retries their pending calls;
+        the generator (it holds synced weights) is recreated by the loop; the learner is never restarted."""
         index = next(slot)
+        restarts = config.ray.max_restarts if restartable else 0
         return {
             "name": name,
             "namespace": config.ray.namespace or config.run_name,
@@ -92,29 +97,49 @@ def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
             "num_gpus": bundles[index].get("GPU", 0),
             "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
             "runtime_env": {"env_vars": ACTOR_ENV},
+            "max_restarts": restarts,
+            "max_task_retries": restarts,
         }
 
     learner = ray.remote(Learner).options(**options("learner-0")).remote(model_path, config)
-    generator = ray.remote(Generator).options(**options("generator-0")).remote(model_path, config)
+    generator_options = options("generator-0")
+    generator = ray.remote(Generator).options(**generator_options).remote(model_path, config)
     refiner = None
     if uses_refiner(config):
         refiner = (
             ray.remote(Refiner)
-            .options(**options("refiner-0"))
+            .options(**options("refiner-0", restartable=True))
             .remote(model_path, config.refiner, config.model.dtype, config.trainer.seed)
         )
     reward_cls = ray.remote(RewardWorker)
     rewards = [
-        reward_cls.options(**options(f"reward-{i}")).remote(config.reward, config.task)
+        reward_cls.options(**options(f"reward-{i}", restartable=True)).remote(config.reward, config.task)
         for i in range(reward_worker_count(config))
     ]
     model_cls, weight = ray.remote(RewardModel), config.reward.weights.get("model", 0.0)
     reward_models = [
-        model_cls.options(**options(f"reward-model-{i}")).remote(config.reward.model, weight, config.trainer.seed)
+        model_cls.options(**options(f"reward-model-{i}", restartable=True)).remote(
+            config.reward.model, weight, config.trainer.seed
+        )
         for i in range(reward_model_count(config))
     ]
     buffer = ray.remote(Buffer).options(**options("buffer")).remote(config.buffer.max_staleness, config.buffer.capacity)
-    return Actors(generator, refiner, rewards, reward_models, buffer, learner, pg)
+    return Actors(generator, refiner, rewards, reward_models, buffer, learner, pg, generator_options)
+
+
+def recreate_generator(actors: Actors, config: Config, model_path: str) -> None:
+    """A fresh generator-0 in the dead one's bundle, once Ray has released the name; the caller re-forms the
+    weight-sync group and gives it the current weights."""
+    ray.kill(actors.generator, no_restart=True)
+    deadline = time.monotonic() + config.ray.startup_timeout_s
+    while True:
+        try:
+            actors.generator = ray.remote(Generator).options(**actors.generator_options).remote(model_path, config)
+            return
+        except ValueError:  # "already taken": the dead actor's name is released asynchronously
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def node_ip(actor: Any, timeout_s: float) -> str:

@@ -1,0 +1,128 @@
+"""Checkpoints (driver side): layout, atomic commit, retention, and discovery of the latest complete one.
+
+A checkpoint is `<output_dir>/checkpoints/step-<8 digits>/`: `learner/` (the DeepSpeed checkpoint: weights and
+optimizer, written by the learner actor), `buffer.pkl` (the buffer's samples), and `state.json` (step,
+policy_version, data position, sampling seeds, W&B run id). Everything is written into `step-….tmp/` first;
+`MANIFEST.json` (every file's size, and the SHA-256 of the small ones) is written last, then the directory is
+renamed into place, so a crash leaves either a complete checkpoint or a `.tmp` that is ignored. A checkpoint
+whose files do not match its manifest is skipped with a warning that names it. On a multi-node cluster,
+`trainer.output_dir` must be on storage that the driver and the learner share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+HASH_LIMIT = 64 * 2**20  # files smaller than this are hashed; larger ones (weights, optimizer) are size-checked
+MANIFEST = "MANIFEST.json"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint directory that is incomplete or does not match its manifest."""
+
+
+def root(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
+
+
+def staging_dir(output_dir: Path, step: int) -> Path:
+    """Where the step's checkpoint is assembled before it is committed (removed first if a crash left one)."""
+    tmp = root(output_dir) / f"step-{step:08d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def commit(tmp: Path, state: dict[str, Any], buffer_state: dict[str, Any], keep: int) -> Path:
+    """Write the driver's parts next to the learner's, the manifest last, rename into place, then prune to the
+    newest `keep` checkpoints. Returns the committed directory."""
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    with (tmp / "buffer.pkl").open("wb") as f:
+        pickle.dump(buffer_state, f)
+    manifest = {}
+    for path in _files(tmp):
+        size = path.stat().st_size
+        manifest[str(path.relative_to(tmp))] = {"size": size, "sha256": _sha256(path) if size < HASH_LIMIT else None}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for path in [*_files(tmp), tmp / MANIFEST]:  # on disk before the rename makes the checkpoint visible
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+    if final.exists():  # a resumed run re-saving a step it already saved
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in complete_checkpoints(tmp.parent)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def verify(directory: Path) -> dict[str, Any]:
+    """The checkpoint's state, after checking every file against the manifest."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.exists():
+        raise CorruptCheckpointError(f"{directory}: no {MANIFEST} (the save did not finish)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as e:
+        raise CorruptCheckpointError(f"{directory}: {MANIFEST} is not valid JSON ({e})") from None
+    for name, expected in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            raise CorruptCheckpointError(f"{directory}: {name} is missing")
+        if path.stat().st_size != expected["size"]:
+            raise CorruptCheckpointError(f"{directory}: {name} is truncated ({path.stat().st_size} bytes)")
+        if expected["sha256"] is not None and _sha256(path) != expected["sha256"]:
+            raise CorruptCheckpointError(f"{directory}: {name} does not match its checksum")
+    if "state.json" not in manifest or "buffer.pkl" not in manifest:
+        raise CorruptCheckpointError(f"{directory}: state.json or buffer.pkl is not in the manifest")
+    return json.loads((directory / "state.json").read_text())
+
+
+def complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """Committed checkpoint dirs (by name; not verified), oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    return sorted(p for p in checkpoints.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+
+
+def find_resume(output_dir: Path, resume: str) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from: `none` -> None; `auto` -> the newest one that verifies (corrupt ones are
+    skipped with a warning naming them), or None; a path -> that checkpoint, which must verify."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        directory = Path(resume)
+        return directory, verify(directory)
+    for directory in reversed(complete_checkpoints(root(output_dir))):
+        try:
+            return directory, verify(directory)
+        except CorruptCheckpointError as e:
+            warnings.warn(f"skipping corrupt checkpoint: {e}", stacklevel=2)
+    return None
+
+
+def load_buffer(directory: Path) -> dict[str, Any]:
+    with (directory / "buffer.pkl").open("rb") as f:
+        return pickle.load(f)  # our own file, verified against the manifest

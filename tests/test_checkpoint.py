@@ -1,0 +1,64 @@
+"""Checkpoint layout without Ray: atomic commit, retention, corrupt/truncated detection, log truncation."""
+
+import json
+
+import pytest
+
+from rlhf_refiner import checkpoint
+from rlhf_refiner.metrics import truncate_after
+
+
+def _save(out, step, keep=2):
+    tmp = checkpoint.staging_dir(out, step)
+    (tmp / "learner" / "state").mkdir(parents=True)
+    (tmp / "learner" / "state" / "model.pt").write_bytes(bytes(range(256)) * (step + 1))  # stands in for DeepSpeed
+    state = {"step": step, "policy_version": step, "data": {"position": 4 * step}, "wandb_id": None}
+    return checkpoint.commit(tmp, state, {"samples": [step]}, keep)
+
+
+def test_commit_is_atomic_and_keeps_the_newest(tmp_path):
+    for step in (2, 4, 6):
+        _save(tmp_path, step)
+    names = [p.name for p in checkpoint.complete_checkpoints(checkpoint.root(tmp_path))]
+    assert names == ["step-00000004", "step-00000006"]  # keep=2
+    assert not list(checkpoint.root(tmp_path).glob("*.tmp"))
+    directory, state = checkpoint.find_resume(tmp_path, "auto")
+    assert directory.name == "step-00000006" and state["data"] == {"position": 24}
+    assert checkpoint.load_buffer(directory) == {"samples": [6]}
+    assert checkpoint.find_resume(tmp_path, "none") is None
+    assert checkpoint.find_resume(tmp_path, str(directory))[1]["step"] == 6
+
+
+def test_an_unfinished_save_is_ignored(tmp_path):
+    _save(tmp_path, 2)
+    tmp = checkpoint.staging_dir(tmp_path, 4)  # a crash mid-save: staged, never committed
+    (tmp / "state.json").write_text("{}")
+    assert checkpoint.find_resume(tmp_path, "auto")[1]["step"] == 2
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "learner/state/model.pt").write_bytes(b"short"), "truncated"),
+        (lambda d: (d / "buffer.pkl").write_bytes(b"x" * (d / "buffer.pkl").stat().st_size), "checksum"),
+        (lambda d: (d / "MANIFEST.json").unlink(), "did not finish"),
+        (lambda d: (d / "state.json").unlink(), "missing"),
+    ],
+)
+def test_corrupt_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path, damage, message):
+    _save(tmp_path, 2)
+    newest = _save(tmp_path, 4)
+    damage(newest)
+    with pytest.warns(UserWarning, match=rf"step-00000004.*{message}"):
+        directory, state = checkpoint.find_resume(tmp_path, "auto")
+    assert state["step"] == 2
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=message):
+        checkpoint.find_resume(tmp_path, str(newest))  # an explicit path must verify
+
+
+def test_truncate_after_keeps_steps_up_to_the_checkpoint(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)) + '{"ste')
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"step": 3, "q": 1}) + "\n")
+    truncate_after(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
+    assert (tmp_path / "samples.jsonl").read_text() == ""

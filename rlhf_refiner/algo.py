@@ -88,11 +88,13 @@ def ppo_clip_loss(
     clip_eps: float,
     clip_eps_high: float | None = None,
     loss_agg: LossAgg = "seq_mean_token_mean",
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clip policy term −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A), aggregated by `loss_agg`.
 
     logprobs/old_logprobs/mask are (B, T) over response tokens; advantages is (B,), broadcast over tokens.
     ε_high defaults to ε_low (`clip_eps`): symmetric GRPO/PPO. DAPO's clip-higher sets ε_high > ε_low.
+    `token_weights` (B, T), e.g. truncated importance weights of off-policy samples, scale each token's term.
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
@@ -100,9 +102,25 @@ def ppo_clip_loss(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * adv
     per_token = -torch.minimum(unclipped, clipped)  # (B, T)
+    if token_weights is not None:
+        per_token = per_token * token_weights
     loss = aggregate(per_token, mask, loss_agg)
     clip_frac = masked_mean((clipped < unclipped).float(), mask)  # tokens where the clip is active
     return loss, {"clip_frac": clip_frac.item(), "ratio_mean": masked_mean(ratio, mask).item()}
+
+
+def truncated_importance_weights(
+    old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, cap: float, mask: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """TIS: per-token weights min(π_old / π_behaviour, cap), detached, for samples drawn by an older (or
+    numerically different) policy than the one the PPO ratio starts from. All (B, T); 0 outside `mask`."""
+    weights = torch.exp(old_logprobs - behaviour_logprobs).detach()
+    truncated = weights.clamp(max=cap) * mask
+    metrics = {
+        "tis_weight_mean": masked_mean(truncated, mask).item(),
+        "tis_truncated_frac": masked_mean((weights > cap).float(), mask).item(),
+    }
+    return truncated, metrics
 
 
 def reinforce_pp_advantages(

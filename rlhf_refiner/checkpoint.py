@@ -1,7 +1,8 @@
 """Checkpoints (driver side): layout, atomic commit, retention, and discovery of the latest complete one.
 
 A checkpoint is `<output_dir>/checkpoints/step-<8 digits>/`: `learner/` (the DeepSpeed checkpoint: weights and
-optimizer, written by the learner actor), `buffer.pkl` (the buffer's samples), and `state.json` (step,
+optimizer, written by the learner actor), `buffer.pkl` (the buffer's samples, and in async mode the rollouts
+already made for the next step), and `state.json` (step,
 policy_version, data position, sampling seeds, W&B run id). Everything is written into `step-….tmp/` first;
 `MANIFEST.json` (every file's size, and the SHA-256 of the small ones) is written last, then the directory is
 renamed into place, so a crash leaves either a complete checkpoint or a `.tmp` that is ignored. A checkpoint
@@ -55,12 +56,12 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def commit(tmp: Path, state: dict[str, Any], buffer_state: dict[str, Any], keep: int) -> Path:
+def commit(tmp: Path, state: dict[str, Any], driver_state: dict[str, Any], keep: int) -> Path:
     """Write the driver's parts next to the learner's, the manifest last, rename into place, then prune to the
     newest `keep` checkpoints. Returns the committed directory."""
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     with (tmp / "buffer.pkl").open("wb") as f:
-        pickle.dump(buffer_state, f)
+        pickle.dump(driver_state, f)  # the buffer's samples, and (async) rollouts already made for the next step
     manifest = {}
     for path in _files(tmp):
         size = path.stat().st_size

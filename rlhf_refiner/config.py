@@ -65,8 +65,11 @@ class ModelConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    """The embedded arithmetic task: `a+b=` answered with the sum's digits reversed."""
+    """The embedded arithmetic task: `a+b=` answered with the sum's digits reversed, or in natural language."""
 
+    style: Literal["reversed", "natural"] = "reversed"
+    """`reversed`: `047+385=` -> `234` (the embedded π0); `natural`: "What is 47 + 385?", scored on the last
+    number of the response (for pretrained chat models)."""
     digits: int = Field(2, ge=1, le=8)
     """Width of both operands (zero-padded): the difficulty dial."""
     verbosity_bonus: float = Field(0.05, ge=0)
@@ -303,6 +306,9 @@ class AlgoConfig(_Strict):
     """Added to the group std when normalising advantages."""
     normalize_adv_std: bool = True
     """Divide group-centred rewards by the group std (GRPO); false keeps only the mean baseline."""
+    tis_cap: float | None = Field(None, gt=0)
+    """Off-policy correction (TIS): weight each response token's PPO term by min(π_old / π_behaviour, tis_cap),
+    π_behaviour being the generator's log-probs; None: off. Recommended with `trainer.async_steps` > 0."""
     log_kl_to_ref: bool = True
     """Compute `learner/kl_to_ref` under every constraint (one no-grad π0 forward pass per micro-batch)."""
 
@@ -386,6 +392,9 @@ class TrainerConfig(_Strict):
     """Allow writing into a non-empty `output_dir` (never silently)."""
     save_final: bool = True
     """Save the trained policy to `output_dir/final` in HF format."""
+    async_steps: int = Field(0, ge=0, le=1)
+    """Steps that rollouts (generate, refine, score) may run ahead of the learner: 0 = synchronous, 1 = the next
+    step's rollouts are made while this step learns (one-step off-policy; pair with `algo.tis_cap`)."""
     save_every: int = Field(0, ge=0)
     """Checkpoint every this many steps (0: only at the end and on SIGTERM / Ctrl-C)."""
     keep_checkpoints: int = Field(2, ge=1)
@@ -418,6 +427,11 @@ class Config(_Strict):
                 f"data.prompts_per_step * generator.group_size ({samples}) must be divisible by "
                 f"learner.updates_per_step ({self.learner.updates_per_step})"
             )
+        if self.buffer.max_staleness < self.trainer.async_steps:
+            raise ValueError(
+                f"buffer.max_staleness ({self.buffer.max_staleness}) must be >= trainer.async_steps "
+                f"({self.trainer.async_steps}): rollouts made ahead are that many versions old when trained on"
+            )
         if self.algo.overlong_buffer > self.generator.sampling.max_new_tokens:
             raise ValueError(
                 f"algo.overlong_buffer ({self.algo.overlong_buffer}) exceeds generator.sampling.max_new_tokens "
@@ -439,6 +453,8 @@ class Config(_Strict):
                 raise ValueError(
                     f"reward.weights has '{source}', which needs data.source in {formats}, not '{self.data.source}'"
                 )
+        if self.task.style == "natural" and self.model.path == "embedded":
+            raise ValueError("task.style=natural needs a pretrained chat model.path; the embedded π0 knows `reversed`")
         if self.data.source != "arithmetic" and not self.data.path:
             raise ValueError(f"data.source={self.data.source} needs data.path (hub dataset name or local files)")
         if self.algo.constraint == "dynamic" and self.algo.ce_coef == 0:

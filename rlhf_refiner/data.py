@@ -205,7 +205,7 @@ class PromptSource:
     def prompt(self, index: int, policy_version: int) -> Prompt:
         """The `index`-th prompt of the run (index counts across epochs)."""
         if self.data.source == "arithmetic":
-            problem = task.make_problem(random.Random(f"{self.data.seed}-{index}"), self.task.digits)
+            problem = task.make_problem(random.Random(f"{self.data.seed}-{index}"), self.task.digits, self.task.style)
             return Prompt(
                 prompt_id=index,
                 query=problem.query,

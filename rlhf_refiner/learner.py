@@ -63,6 +63,16 @@ def build_rows(samples: list[Sample], pad_id: int, with_refined: bool) -> _Rows:
     return _Rows(input_ids, attention, target, len(samples), refined_index)
 
 
+def behaviour_logprobs(samples: list[Sample], width: int) -> torch.Tensor:
+    """(B, width) engine log-probs of each response token, aligned with `build_rows`' target positions."""
+    out = torch.zeros(len(samples), width)
+    for row, s in enumerate(samples):
+        start = len(s.rollout.prompt.prompt_token_ids) - 1  # logits at t predict token t+1
+        values = torch.tensor(s.rollout.response_logprobs, dtype=out.dtype)
+        out[row, start : start + len(values)] = values
+    return out
+
+
 class Learner:
     def __init__(self, model_path: str, config: Config) -> None:
         import deepspeed
@@ -130,11 +140,16 @@ class Learner:
             old_lp = policy_lp.detach()
         else:  # refined rows can make this batch wider than the policy-only pre-pass; the extra columns are masked
             old_lp = torch.nn.functional.pad(old_logprobs, (0, policy_lp.shape[1] - old_logprobs.shape[1]))
+        weights, metrics = None, {}
+        if cfg.tis_cap is not None:  # the generator's policy (stale, or numerically different) drew the tokens
+            behaviour = behaviour_logprobs(samples, policy_lp.shape[1])
+            weights, tis = algo.truncated_importance_weights(old_lp, behaviour, cfg.tis_cap, policy_mask)
+            metrics = {f"learner/{k}": v for k, v in tis.items()}
         loss_rl, rl_metrics = algo.ppo_clip_loss(
-            policy_lp, old_lp, advantages, policy_mask, cfg.clip_eps, cfg.clip_eps_high, cfg.loss_agg
+            policy_lp, old_lp, advantages, policy_mask, cfg.clip_eps, cfg.clip_eps_high, cfg.loss_agg, weights
         )
         loss = loss_rl
-        metrics = {"learner/loss_rl": loss_rl.item(), "learner/clip_frac": rl_metrics["clip_frac"]}
+        metrics.update({"learner/loss_rl": loss_rl.item(), "learner/clip_frac": rl_metrics["clip_frac"]})
         with torch.no_grad():
             metrics["learner/entropy"] = algo.masked_mean(algo.entropy_from_logits(logits[:B]), policy_mask).item()
         if with_refined:
@@ -197,6 +212,7 @@ class Learner:
         metrics["learner/lr"] = self.engine.get_lr()[0]
         metrics["learner/policy_version"] = self.policy_version
         metrics["learner/samples"] = len(samples)
+        metrics["learner/staleness"] = batch.policy_version - min(s.policy_version for s in samples)
         metrics["time/learner_compute"] = time.perf_counter() - started
         return metrics
 

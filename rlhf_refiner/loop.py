@@ -1,9 +1,12 @@
 """The driver: build the actors, then per step generate -> refine -> score -> buffer -> learn -> sync -> log.
 
-Synchronous (on-policy) schedule, with policy versions: at step k the generator holds version k-1 (the
-learner's weights after k-1 updates). Refinement of the step's rollouts and their scoring run concurrently
-(both read the rollouts' ObjectRef); the learner then trains on the batch and becomes version k; the
-broadcast makes the generator version k before step k+1 generates. Nothing overlaps with learning.
+What overlaps with what, with policy versions. Synchronous (`trainer.async_steps=0`): at step k the generator
+holds version k-1; refinement and scoring of the step's rollouts run concurrently (both read the rollouts'
+ObjectRef); the learner then trains on them and becomes version k; the broadcast makes the generator version k
+before step k+1 generates. Nothing overlaps with learning. Async (`async_steps=1`): while the learner turns
+version k-1 into k on step k's batch, a driver thread makes step k+1's rollouts with the generator still at
+k-1; they finish before the broadcast makes it version k, and step k+1 trains on them at staleness 1 (TIS
+corrects, `algo.tis_cap`). A checkpoint follows the step's sync, so it never splits a rollout from its weights.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import signal
 import statistics
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -93,9 +97,16 @@ class StopRequest:
 
 
 def save_checkpoint(
-    actors: placement.Actors, source: PromptSource, step: int, version: int, wandb_id: str | None, config: Config
+    actors: placement.Actors,
+    source: PromptSource,
+    step: int,
+    version: int,
+    wandb_id: str | None,
+    ahead: Collected | None,
+    config: Config,
 ) -> Path:
-    """Learner state (DeepSpeed), buffer, data position and seeds into one atomically committed checkpoint."""
+    """Learner state (DeepSpeed), buffer, data position, seeds, and (async) the next step's finished rollouts
+    into one atomically committed checkpoint."""
     output_dir = Path(config.trainer.output_dir)
     tmp = checkpoint.staging_dir(output_dir, step)
     deadline = config.ray.call_timeout_s
@@ -118,7 +129,8 @@ def save_checkpoint(
         },
         "wandb_id": wandb_id,
     }
-    return checkpoint.commit(tmp, state, buffer_state, config.trainer.keep_checkpoints)
+    driver_state = {"buffer": buffer_state, "rollouts_ahead": ahead}
+    return checkpoint.commit(tmp, state, driver_state, config.trainer.keep_checkpoints)
 
 
 def restore_checkpoint(
@@ -128,14 +140,15 @@ def restore_checkpoint(
     state: dict[str, Any],
     bucket_bytes: int,
     config: Config,
-) -> int:
+) -> tuple[int, Collected | None]:
     """Load the learner, buffer and data position, then give the generator the restored weights. Returns the
-    policy version."""
+    policy version and (async) the rollouts made ahead for the next step."""
     deadline = config.ray.call_timeout_s
+    driver_state = checkpoint.load_buffer(directory)
     version, _ = wait(
         [
             actors.learner.load_checkpoint.remote(str((directory / "learner").resolve())),
-            actors.buffer.load_state_dict.remote(checkpoint.load_buffer(directory)),
+            actors.buffer.load_state_dict.remote(driver_state["buffer"]),
         ],
         f"restore {directory.name} (learner-0, buffer)",
         deadline,
@@ -144,7 +157,7 @@ def restore_checkpoint(
         raise checkpoint.CorruptCheckpointError(f"{directory}: learner version {version} != {state['policy_version']}")
     source.load_state_dict(state["data"])
     sync_weights(actors, version, bucket_bytes, config)
-    return version
+    return version, driver_state["rollouts_ahead"]
 
 
 def resolve_model_path(config: Config) -> str:
@@ -316,12 +329,14 @@ def rollout_phase(
     actors: placement.Actors, source: PromptSource, prompts: list[Prompt], step: int, version: int, config: Config
 ) -> Collected:
     """The step's rollouts: one round, then DAPO's refill rounds when dynamic sampling is on."""
+    started = time.perf_counter()
     rollouts, refinements, rewards, metrics = collect(actors, prompts, step, config)
     if config.algo.dynamic_sampling:  # replace groups without reward variance, bounded rounds
         rollouts, refinements, rewards, fill = refill_groups(
             actors, source, rollouts, refinements, rewards, step, version, config
         )
         metrics.update(fill)
+    metrics["time/rollout_phase"] = time.perf_counter() - started  # its own duration, even when it ran ahead
     return rollouts, refinements, rewards, metrics
 
 
@@ -425,6 +440,7 @@ def run(config: Config) -> dict[str, Any]:
     deadline = config.ray.call_timeout_s
     actors = None
     start_step = resume[1]["step"] if resume else 0
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="rollout")  # async: the next step's rollouts
     logger = MetricsLogger(
         config, output_dir, config.trainer.steps, start_step, resume[1]["wandb_id"] if resume else None
     )
@@ -438,27 +454,43 @@ def run(config: Config) -> dict[str, Any]:
                 config.ray.startup_timeout_s,
             )
         version, samples_per_step = 0, config.data.prompts_per_step * config.generator.group_size
+        restored_rollouts = None
         if resume:
-            version = restore_checkpoint(actors, source, resume[0], resume[1], bucket_bytes, config)
+            version, restored_rollouts = restore_checkpoint(actors, source, resume[0], resume[1], bucket_bytes, config)
             summary["resumed_from"] = str(resume[0])
         recovery = Recovery(actors, model_path, config)
         run_started = time.perf_counter()
+        pending = restored_rollouts  # async: the next step's rollouts, generated while this step learns
         with StopRequest() as stop:
             for step in range(start_step + 1, config.trainer.steps + 1):
                 t0 = time.perf_counter()
-                prompts = source.next_batch(version)
-                rollouts, refinements, rewards, metrics = recovery.run(
-                    partial(rollout_phase, actors, source, prompts, step, version, config), version
-                )
+                if pending is None:  # synchronous, or the first step
+                    prompts = source.next_batch(version)
+                    collected = recovery.run(
+                        partial(rollout_phase, actors, source, prompts, step, version, config), version
+                    )
+                else:
+                    collected = pending.result() if isinstance(pending, Future) else pending
+                rollouts, refinements, rewards, metrics = collected
+                pending = None
                 t1 = time.perf_counter()
                 samples = assemble_samples(rollouts, refinements, rewards, config)
                 if len({s.sample_id for s in samples}) != len(samples):  # retries must never duplicate a sample
                     raise RuntimeError(f"step {step}: duplicate sample ids in the batch")
                 actors.buffer.add.remote(samples)
                 batch_ref = actors.buffer.take.remote(samples_per_step, version)
-                metrics.update(wait([actors.learner.step.remote(batch_ref)], "learn (learner-0)", deadline)[0])
+                learn_ref = actors.learner.step.remote(batch_ref)
+                if config.trainer.async_steps and step < config.trainer.steps:
+                    # Overlap: step+1's rollouts (generator still at `version`) while the learner makes version+1.
+                    prompts = source.next_batch(version)
+                    rollout = partial(rollout_phase, actors, source, prompts, step + 1, version, config)
+                    pending = ahead.submit(recovery.run, rollout, version)
+                metrics.update(wait([learn_ref], "learn (learner-0)", deadline)[0])
                 version += 1
                 t2 = time.perf_counter()
+                if isinstance(pending, Future):
+                    pending.result()  # the generator must finish sampling before its weights change
+                t_synced = time.perf_counter()
                 metrics.update(recovery.run(partial(sync_weights, actors, version, bucket_bytes, config), version))
                 metrics["recovery/generator_restarts"] = recovery.generator_restarts
                 t3 = time.perf_counter()
@@ -467,10 +499,11 @@ def run(config: Config) -> dict[str, Any]:
                 metrics.update(wait([actors.buffer.metrics.remote()], "buffer", deadline)[0])
                 metrics.update(
                     {
-                        "sync/seconds": t3 - t2,
-                        "time/rollout": t1 - t0,
+                        "sync/seconds": t3 - t_synced,
+                        "time/rollout": t1 - t0,  # async: only the wait for rollouts made during the last step
                         "time/learn": t2 - t1,
-                        "time/sync": t3 - t2,
+                        "time/rollout_overhang": t_synced - t2,  # async: rollouts still running after learning
+                        "time/sync": t3 - t_synced,
                         "time/step": time.perf_counter() - t0,
                     }
                 )
@@ -480,7 +513,10 @@ def run(config: Config) -> dict[str, Any]:
                 summary["last"] = {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
                 every = config.trainer.save_every
                 if stop.requested or step == config.trainer.steps or (every and step % every == 0):
-                    summary["checkpoint"] = str(save_checkpoint(actors, source, step, version, logger.wandb_id, config))
+                    ahead_state = pending.result() if isinstance(pending, Future) else None
+                    summary["checkpoint"] = str(
+                        save_checkpoint(actors, source, step, version, logger.wandb_id, ahead_state, config)
+                    )
                 if stop.requested:  # checkpointed above: `trainer.resume=auto` continues from here
                     summary["stopped"] = {"signal": stop.requested, "step": step}
                     break
@@ -496,6 +532,7 @@ def run(config: Config) -> dict[str, Any]:
                 if actor is not None:
                     ray.kill(actor)
             ray.util.remove_placement_group(actors.placement_group)
+        ahead.shutdown(wait=False, cancel_futures=True)  # after the kills: a rollout still waiting fails fast
         if started_ray:
             ray.shutdown()
     return summary

@@ -31,10 +31,30 @@ class Score:
     verbosity_bonus: float
 
 
-def make_problem(rng: random.Random, digits: int) -> Problem:
-    """One query with two uniform operands below 10**digits, zero-padded to `digits`, drawn from `rng`."""
+def make_problem(rng: random.Random, digits: int, style: str = "reversed") -> Problem:
+    """One query with two uniform operands below 10**digits, drawn from `rng`. `reversed`: zero-padded `a+b=`
+    answered with the sum's digits reversed (the embedded π0's format); `natural`: "What is a + b?" answered
+    with the sum, for pretrained chat models."""
     a, b = rng.randrange(10**digits), rng.randrange(10**digits)
+    if style == "natural":
+        return Problem(query=f"What is {a} + {b}?", answer=str(a + b))
     return Problem(query=f"{a:0{digits}d}+{b:0{digits}d}=", answer=str(a + b)[::-1])
+
+
+FINAL_NUMBER_RE = re.compile(r"-?\d[\d,]*")
+
+
+def score_final_answer(response: str, answer: str) -> Score:
+    """Natural-language answers: the *last* number in the response is the answer ("To solve this, we add 37 and
+    48 ... = 85" -> 85; keyed to the first number, every response of a chat model would score 0). Partial
+    credit compares its digits with the answer's, as `score` does; no verbosity bonus."""
+    numbers = FINAL_NUMBER_RE.findall(response)
+    predicted = numbers[-1].replace(",", "") if numbers else ""
+    matches = sum(p == a for p, a in zip(predicted, answer))
+    digit_credit = matches / max(len(predicted), len(answer))
+    return Score(
+        reward=digit_credit, accuracy=float(predicted == answer), digit_credit=digit_credit, verbosity_bonus=0.0
+    )
 
 
 def score(response: str, answer: str, verbosity_bonus: float, verbosity_bonus_cap: float) -> Score:

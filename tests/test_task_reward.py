@@ -79,3 +79,16 @@ def test_reward_worker_shards_and_scores():
 def test_reward_worker_requires_ground_truth():
     with pytest.raises(ValueError, match="1-0-0"):
         RewardWorker(RewardConfig(), TaskConfig()).score([_rollout(0, "1", None)])
+
+
+def test_natural_style_queries_and_final_answer_parsing():
+    p = task.make_problem(random.Random(3), digits=2, style="natural")
+    a, b = p.query.removeprefix("What is ").removesuffix("?").split(" + ")
+    assert p.answer == str(int(a) + int(b))
+    # SmolLM2 starts "To solve this, we need to add 37 and 48": the first number is an operand, the last the answer
+    s = task.score_final_answer("To solve this, we need to add 37 and 48. 37 + 48 = 85.", "85")
+    assert (s.reward, s.accuracy) == (1.0, 1.0)
+    wrong = task.score_final_answer("37 + 48 = 75", "85")  # one digit of two right
+    assert (wrong.reward, wrong.accuracy) == (0.5, 0.0)
+    assert task.score_final_answer("The sum is 1,085.", "1085").accuracy == 1.0
+    assert task.score_final_answer("I cannot say.", "85").reward == 0.0

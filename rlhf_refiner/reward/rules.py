@@ -17,7 +17,10 @@ def arithmetic(
         raise ValueError(
             f"sample {sample_id}: the arithmetic reward needs a ground-truth answer (data.source=arithmetic)"
         )
-    s = task.score(response, answer, config.verbosity_bonus, config.verbosity_bonus_cap)
+    if config.style == "natural":
+        s = task.score_final_answer(response, answer)
+    else:
+        s = task.score(response, answer, config.verbosity_bonus, config.verbosity_bonus_cap)
     return s.reward, s.accuracy, {"digits": s.digit_credit, "verbosity": s.verbosity_bonus}
 
 

@@ -414,6 +414,14 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_identical(ray_cluster, tiny_p
 
     assert comparable("stopped") == comparable("straight")
 
+    # scripts/export_hf.py turns the last checkpoint (ZeRO-1: fp32 master weights) into the same weights as final/
+    sys.path.insert(0, "scripts")
+    from export_hf import export
+
+    exported = export(tmp_path / "straight" / "checkpoints" / "step-00000004", tmp_path / "exported")
+    c = load_file(str(exported / "model.safetensors"))
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+
 
 def test_killed_reward_refiner_and_generator_recover_without_losing_samples(ray_cluster, tiny_pi0, tmp_path):
     """Kill reward-0, refiner-0 and generator-0 by name while the run goes on: Ray restarts the first two and

@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 
 
+def pytest_itemcollected(item):
+    """Tier markers go on as each item is collected, before `-m` deselects: `pytest -m unit` must see them."""
+    if not any(item.get_closest_marker(name) for name in ("ray", "gpu")):
+        item.add_marker(pytest.mark.unit)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if not any(item.iter_markers(name) for name in ("ray", "gpu")):
-            item.add_marker(pytest.mark.unit)
         if item.get_closest_marker("gpu"):
             try:
                 import torch

@@ -92,3 +92,15 @@ def test_natural_style_queries_and_final_answer_parsing():
     assert (wrong.reward, wrong.accuracy) == (0.5, 0.0)
     assert task.score_final_answer("The sum is 1,085.", "1085").accuracy == 1.0
     assert task.score_final_answer("I cannot say.", "85").reward == 0.0
+
+
+def test_reward_worker_scores_refined_responses_by_shard():
+    from rlhf_refiner.records import Refinement
+
+    worker = RewardWorker(RewardConfig(), TaskConfig())
+    rollouts = [_rollout(0, "400", "432"), _rollout(1, "432", "432"), _rollout(2, "4", "432")]
+    refinements = [Refinement(r.sample_id, a, (1,), False, 1, False, 0) for r, a in zip(rollouts, ["432", "432", "43"])]
+    rewards = worker.score_refined(rollouts, refinements, 0, 2) + worker.score_refined(rollouts, refinements, 1, 2)
+    # a' scored against each rollout's answer: "432" -> 1, "432" -> 1, "43" -> 2 of 3 digits
+    assert [r.sample_id for r in rewards] == ["1-0-0", "1-1-0", "1-2-0"]
+    assert [r.reward for r in rewards] == pytest.approx([1.0, 1.0, 2 / 3])

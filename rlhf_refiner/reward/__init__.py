@@ -26,6 +26,19 @@ def shard_slice(total: int, shard: int, num_shards: int) -> slice:
     return slice(total * shard // num_shards, total * (shard + 1) // num_shards)
 
 
+def shard_inputs(
+    rollouts: list[Rollout], refinements: list[Refinement] | None, shard: int, num_shards: int
+) -> tuple[list[Rollout], list[str], list[str]]:
+    """One scorer's shard: its rollouts, the texts to score (the responses, or the refined a' when `refinements`
+    is given), and their sample ids."""
+    part = shard_slice(len(rollouts), shard, num_shards)
+    mine = rollouts[part]
+    if refinements is None:
+        return mine, [r.response for r in mine], [r.sample_id for r in mine]
+    refined = refinements[part]
+    return mine, [f.refined for f in refined], [f.sample_id for f in refined]
+
+
 def merge(parts: list[list[Reward]]) -> list[Reward]:
     """Per-sample sum of the rewards that different scorers returned for the same samples, in the same order."""
     merged = []
@@ -115,13 +128,10 @@ class RewardWorker:
 
     def score(self, rollouts: list[Rollout], shard: int = 0, num_shards: int = 1) -> list[Reward]:
         """Rewards of this worker's shard of `rollouts`, in order."""
-        mine = rollouts[shard_slice(len(rollouts), shard, num_shards)]
-        return self._rewards(mine, [r.response for r in mine], [r.sample_id for r in mine])
+        return self._rewards(*shard_inputs(rollouts, None, shard, num_shards))
 
     def score_refined(
         self, rollouts: list[Rollout], refinements: list[Refinement], shard: int = 0, num_shards: int = 1
     ) -> list[Reward]:
         """Rewards of the refined responses a' (for `refiner/improved_frac`), this worker's shard."""
-        part = shard_slice(len(rollouts), shard, num_shards)
-        mine, refined = rollouts[part], refinements[part]
-        return self._rewards(mine, [f.refined for f in refined], [f.sample_id for f in refined])
+        return self._rewards(*shard_inputs(rollouts, refinements, shard, num_shards))

@@ -76,20 +76,17 @@ class RewardModel:
 
     def score(self, rollouts: list[Rollout], shard: int = 0, num_shards: int = 1) -> list[Reward]:
         """Model rewards of this actor's shard of `rollouts`, in order."""
-        from rlhf_refiner.reward import shard_slice
+        from rlhf_refiner.reward import shard_inputs
 
-        mine = rollouts[shard_slice(len(rollouts), shard, num_shards)]
-        return self._rewards(mine, [r.response for r in mine], [r.sample_id for r in mine])
+        return self._rewards(*shard_inputs(rollouts, None, shard, num_shards))
 
     def score_refined(
         self, rollouts: list[Rollout], refinements: list[Refinement], shard: int = 0, num_shards: int = 1
     ) -> list[Reward]:
         """Model rewards of the refined responses a', this actor's shard."""
-        from rlhf_refiner.reward import shard_slice
+        from rlhf_refiner.reward import shard_inputs
 
-        part = shard_slice(len(rollouts), shard, num_shards)
-        mine, refined = rollouts[part], refinements[part]
-        return self._rewards(mine, [f.refined for f in refined], [f.sample_id for f in refined])
+        return self._rewards(*shard_inputs(rollouts, refinements, shard, num_shards))
 
 
 class HttpRewardError(RuntimeError):

@@ -132,15 +132,13 @@ class Sandbox:
         slot = self.slots.get()
         try:
             started = time.monotonic()
-            detail = ""
-            for attempt in range(1, self.config.infra_retries + 2):
+            attempts = self.config.infra_retries + 1
+            for attempt in range(1, attempts + 1):
                 execution = self._run_once(spec, slot, started, attempt)
-                if not execution.infra_error:
+                if not execution.infra_error or attempt == attempts:
                     return execution
-                detail = execution.detail
                 time.sleep(0.05 * attempt)  # backoff: the slot's previous sandbox may still be tearing down
-            tests = len(spec["tests"])
-            return Execution(("infra_error",) * tests, time.monotonic() - started, self.isolation, attempt, detail)
+            raise AssertionError("unreachable: the last attempt returns")
         finally:
             self._reap(slot)
             self.slots.put(slot)
@@ -162,6 +160,11 @@ class Sandbox:
     def _run_once(self, spec: dict[str, Any], slot: int, started: float, attempt: int) -> Execution:
         cfg = self.config
         tests = len(spec["tests"])
+
+        def infra_error(reason: str, stderr: str = "") -> Execution:  # every test unscored, never failed
+            elapsed = time.monotonic() - started
+            return Execution(("infra_error",) * tests, elapsed, self.isolation, attempt, reason, stderr)
+
         with tempfile.TemporaryDirectory(prefix="rlhf-sandbox-") as host_dir:
             workdir = f"{SANDBOX_DIR}/work" if self.isolation != "none" else host_dir
             if self.isolation == "none":
@@ -185,8 +188,7 @@ class Sandbox:
             except OSError as e:  # e.g. EAGAIN from fork: the infrastructure failed, not the candidate
                 os.close(read_fd)
                 os.close(write_fd)
-                reason = f"sandbox did not start: {e}"
-                return Execution(("infra_error",) * tests, time.monotonic() - started, self.isolation, attempt, reason)
+                return infra_error(f"sandbox did not start: {e}")
             os.close(write_fd)
             deadline = time.monotonic() + min(cfg.max_seconds, cfg.startup_s + tests * (cfg.test_timeout_s + 0.5))
             records, stderr, expired = self._collect(proc, payload, read_fd, deadline)
@@ -199,10 +201,9 @@ class Sandbox:
                 statuses.append(record["status"])
         seconds = time.monotonic() - started
         if not ready:  # the sandbox never started the harness: bwrap failed, or the slot was still busy
-            reason = "deadline before the harness started" if expired else stderr.strip()[-300:]
-            return Execution(("infra_error",) * tests, seconds, self.isolation, attempt, reason, stderr)
+            return infra_error("deadline before the harness started" if expired else stderr.strip()[-300:], stderr)
         if not done and not expired and "Traceback" in stderr:  # the harness itself crashed: our bug, not theirs
-            return Execution(("infra_error",) * tests, seconds, self.isolation, attempt, stderr.strip()[-300:], stderr)
+            return infra_error(stderr.strip()[-300:], stderr)
         detail = ""
         if len(statuses) < tests:
             missing = "timeout" if expired else "runtime_error"

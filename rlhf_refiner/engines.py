@@ -99,6 +99,33 @@ def complete(llm: Any, prompt_token_ids: list[list[int]], params: list[Any]) -> 
     return completions
 
 
+def greedy_agreement(llm: Any, prompt_token_ids: list[list[int]], candidates: list[list[int]]) -> list[tuple[int, int]]:
+    """Copy-verify in one prefill: for each prompt and candidate continuation, (k, next) where k is the length of
+    the longest prefix of the candidate that greedy decoding would emit (each token ranked first), and `next` is
+    the greedy token after the whole candidate (meaningful when k == len(candidate))."""
+    import vllm
+
+    params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    outputs = llm.generate(
+        [{"prompt_token_ids": p + c} for p, c in zip(prompt_token_ids, candidates)],
+        sampling_params=params,
+        use_tqdm=False,
+    )
+    agreements = []
+    for prompt, candidate, output in zip(prompt_token_ids, candidates, outputs):
+        ranks = [output.prompt_logprobs[len(prompt) + i][token].rank for i, token in enumerate(candidate)]
+        agreements.append((greedy_prefix_length(ranks), output.outputs[0].token_ids[0]))
+    return agreements
+
+
+def greedy_prefix_length(ranks: list[int]) -> int:
+    """Number of leading tokens ranked first by the model (the prefix greedy decoding reproduces)."""
+    for i, rank in enumerate(ranks):
+        if rank != 1:
+            return i
+    return len(ranks)
+
+
 def speculative_counters(llm: Any) -> tuple[int, int]:
     """(drafted, accepted) speculative tokens so far, from the engine's metrics; (0, 0) without speculation."""
     drafted = accepted = 0

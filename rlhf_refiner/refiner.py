@@ -1,8 +1,13 @@
 """Refiner: frozen π0 behind the task's template; refine(rollouts) -> Refinements (the minimally corrected a').
 
-π0 runs as an in-cluster vLLM engine with ngram speculative decoding (the prompt holds the response, so
-copies are drafted for free), or behind an OpenAI-compatible server (`refiner.base_url`). π0 never receives
-weights. Unusable outputs (empty, truncated, not extractable) fall back to a' = a and are counted.
+π0 runs as an in-cluster vLLM engine, or behind an OpenAI-compatible server (`refiner.base_url`). π0 never
+receives weights. Unusable outputs (empty, truncated, not extractable) fall back to a' = a and are counted.
+
+Most a' are copies of a, so the engine path verifies before it decodes (`refiner.copy_verify`, greedy refiners):
+one prefill of template + a scores every token of a; where π0 ranks each of them first and then ends its turn,
+greedy decoding would have written a verbatim, so a' = a without a decode step. Otherwise decoding resumes from
+the longest prefix π0 agrees with, which is again exactly what greedy decoding writes. Decoding keeps ngram
+speculation (the prompt holds the response, so the rest of a copy is drafted for free).
 """
 
 from __future__ import annotations
@@ -64,6 +69,14 @@ class Refiner:
 
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        sampling = config.sampling
+        self.copy_verify = (
+            config.copy_verify
+            and config.base_url is None
+            and sampling.temperature == 0
+            and not sampling.stop
+            and config.extract_pattern is None
+        )
         self.llm = None
         self.client = None
         if config.base_url is None:
@@ -96,6 +109,39 @@ class Refiner:
         choices = sorted(response.choices, key=lambda c: c.index)
         return [(c.text, c.finish_reason == "stop") for c in choices]
 
+    def _complete_verified(self, prompts: list[list[int]], rollouts: list[Rollout]) -> tuple[list, int]:
+        """Greedy outputs via copy-verify (see the module doc); returns them and how many were verified copies."""
+        eos = self.tokenizer.eos_token_id
+        limit = self.config.sampling.max_new_tokens
+        candidates = [[t for t in r.response_token_ids if t != eos] for r in rollouts]
+        checked = [i for i, c in enumerate(candidates) if 0 < len(c) < limit]
+        agreements = dict(
+            zip(
+                checked,
+                engines.greedy_agreement(self.llm, [prompts[i] for i in checked], [candidates[i] for i in checked]),
+            )
+        )
+        outputs: list = [None] * len(rollouts)
+        resume = []  # (index, agreed prefix) of outputs still to decode
+        for i, candidate in enumerate(candidates):
+            agreed, after = agreements.get(i, (0, None))
+            if agreed == len(candidate) and after == eos:
+                outputs[i] = (rollouts[i].response, True)
+            else:
+                resume.append((i, candidate[:agreed]))
+        sampling = self.config.sampling
+        params = [
+            engines.sampling_params(
+                sampling.model_copy(update={"max_new_tokens": limit - len(prefix)}), sampling.seed, False
+            )
+            for _, prefix in resume
+        ]
+        decoded = engines.complete(self.llm, [prompts[i] + prefix for i, prefix in resume], params) if resume else []
+        for (i, prefix), c in zip(resume, decoded):
+            text = self.tokenizer.decode(prefix + list(c.token_ids), skip_special_tokens=True) if prefix else c.text
+            outputs[i] = (text, c.finished)
+        return outputs, len(rollouts) - len(resume)
+
     def refine(self, rollouts: list[Rollout]) -> tuple[list[Refinement], dict[str, float]]:
         prompts = [
             render_user_turn(self.tokenizer, self.config.template.format(query=r.prompt.query, response=r.response))
@@ -103,7 +149,11 @@ class Refiner:
         ]
         drafted0, accepted0 = engines.speculative_counters(self.llm) if self.llm is not None else (0, 0)
         started = time.perf_counter()
-        outputs = self._complete(prompts)
+        verified = 0
+        if self.copy_verify:
+            outputs, verified = self._complete_verified(prompts, rollouts)
+        else:
+            outputs = self._complete(prompts)
         seconds = time.perf_counter() - started
         refinements = [
             make_refinement(r, extract_refined(text, finished, self.config.extract_pattern), self.tokenizer)
@@ -115,6 +165,7 @@ class Refiner:
             "refiner/edit_distance": sum(f.edit_distance for f in refinements) / n,
             "refiner/fallback_frac": sum(f.fallback for f in refinements) / n,
             "refiner/tokens_per_s": sum(len(f.refined_token_ids) for f in refinements) / max(seconds, 1e-9),
+            "refiner/verified_copy_frac": verified / n,
             "time/refine": seconds,
         }
         if self.llm is not None and self.config.speculative.method != "none":

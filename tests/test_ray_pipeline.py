@@ -226,6 +226,45 @@ def test_missing_model_path_is_named(tmp_path):
         loop.run(_config(tmp_path, "./does/not/exist"))
 
 
+def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
+    """Copy-verify (one prefill, decode only past the agreed prefix) gives the same a' as plain greedy decoding on
+    a mix of right, corrupted, empty and over-long responses, and skips decoding exactly for the copies.
+    (The briefly trained test π0 rarely copies; the benchmark's refine_copy measures copies on the quickstart π0.)"""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from rlhf_refiner.config import load
+    from rlhf_refiner.data import render_user_turn
+    from rlhf_refiner.records import Prompt, Rollout
+    from rlhf_refiner.refiner import Refiner
+    from rlhf_refiner.task import corrupt, make_problem
+
+    config = load("configs/quickstart.yaml", [f"model.path={tiny_pi0}"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pi0)
+    rng = random.Random(0)
+    rollouts = []
+    for i in range(24):
+        problem = make_problem(rng, config.task.digits)
+        response = [problem.answer, corrupt(problem.answer, rng), "", problem.answer * 6][i % 4]
+        ids = tuple(tokenizer(response, add_special_tokens=False).input_ids) + (tokenizer.eos_token_id,)
+        prompt = Prompt(i, problem.query, tuple(render_user_turn(tokenizer, problem.query)), problem.answer, 0)
+        rollouts.append(Rollout(f"0-{i}-0", prompt, response, ids, (0.0,) * len(ids), True, 0))
+    refiner = Refiner(tiny_pi0, config.refiner, config.model.dtype, config.trainer.seed)
+    try:
+        assert refiner.copy_verify
+        verified, verified_metrics = refiner.refine(rollouts)
+        refiner.copy_verify = False
+        plain, _ = refiner.refine(rollouts)
+    finally:
+        del refiner
+    assert [(f.refined, f.fallback) for f in verified] == [(f.refined, f.fallback) for f in plain]
+    # a copy is skipped only when π0's greedy tokens are a's own ids (a retokenised copy decodes, same text)
+    copies = sum(not f.fallback and f.refined_token_ids == r.response_token_ids for f, r in zip(plain, rollouts))
+    copies /= len(plain)
+    assert verified_metrics["refiner/verified_copy_frac"] == copies
+
+
 def test_weight_sync_transport_and_load(ray_cluster, tiny_pi0, tmp_path):
     """After a learner step and a sync, the engine's greedy tokens and log-probs equal an HF model's with the
     learner's weights, and every bucket's checksum as received equals the learner's."""

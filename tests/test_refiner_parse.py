@@ -2,6 +2,7 @@
 
 import pytest
 
+from rlhf_refiner.engines import greedy_prefix_length
 from rlhf_refiner.learner import build_rows
 from rlhf_refiner.pi0 import build_tokenizer
 from rlhf_refiner.records import Prompt, Reward, Rollout, Sample
@@ -28,6 +29,13 @@ def test_edit_distance():
     assert edit_distance((1, 2, 3), (1, 3)) == 1  # delete
     assert edit_distance((), (4, 5)) == 2
     assert edit_distance((1, 2, 3, 4), (2, 3, 4, 5)) == 2
+
+
+def test_greedy_prefix_length_stops_at_the_first_token_not_ranked_first():
+    assert greedy_prefix_length([1, 1, 1]) == 3  # greedy decoding writes the whole candidate
+    assert greedy_prefix_length([1, 2, 1]) == 1  # it departs at the second token
+    assert greedy_prefix_length([3]) == 0
+    assert greedy_prefix_length([]) == 0
 
 
 def test_extract_plain_and_with_pattern():

@@ -1,29 +1,20 @@
 """Benchmark `sandbox`: code-eval samples/s under bubblewrap / the same harness run as a plain subprocess
 (rlimits only, no namespaces), on the same problems and completions, measured side by side in one run.
 
-    python benchmarks/sandbox.py [--quick]
-
-Prints one JSON line (name, value, goal, what was measured) and appends a dated row with machine info to
-benchmarks/RESULTS.md. Goal: >= 0.5.
+Part of `python -m benchmarks`. Goal: >= 0.5.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.results import RESULTS, machine_info, record  # noqa: E402
-from rlhf_refiner.config import CodeRewardConfig  # noqa: E402
-from rlhf_refiner.data import code_tests_of  # noqa: E402
-from rlhf_refiner.reward.code_eval import evaluate  # noqa: E402
-from rlhf_refiner.reward.sandbox import Sandbox  # noqa: E402
+from benchmarks.runs import ROOT
+from rlhf_refiner.config import CodeRewardConfig
+from rlhf_refiner.data import code_tests_of
+from rlhf_refiner.reward.code_eval import evaluate
+from rlhf_refiner.reward.sandbox import Sandbox
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -52,13 +43,9 @@ def throughput(sandbox: Sandbox, items: list[tuple], concurrency: int) -> float:
     return len(items) / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the dated row is appended")
-    args = parser.parse_args()
+def figures(quick: bool) -> list[dict]:
     concurrency = 2
-    items = workload(2 if args.quick else 8)
+    items = workload(2 if quick else 8)
     config = CodeRewardConfig(max_concurrency=concurrency, test_timeout_s=4.0)
     sandboxed = Sandbox(config)
     plain = Sandbox(config.model_copy(update={"allow_unisolated": True}))
@@ -74,9 +61,4 @@ def main() -> None:
         "measured": f"samples/s {boxed:.1f} ({sandboxed.isolation}) vs {unboxed:.1f} (plain subprocess), "
         f"{len(items)} completions of the fixture problems, concurrency {concurrency}, 2 alternating rounds",
     }
-    print(json.dumps(result))
-    record([result], machine_info(), quick=args.quick, path=args.results)
-
-
-if __name__ == "__main__":
-    main()
+    return [result]

@@ -51,6 +51,9 @@ def start_engine(
         kwargs["worker_extension_cls"] = worker_extension_cls
     if engine.num_gpus > 0:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
+    # One worker: run it inside the engine-core process. The multiprocess executor's worker busy-polls its shared-
+    # memory queue for a second after every call, which steals a core from the learner while it trains.
+    kwargs["distributed_executor_backend"] = "uni"
     return vllm.LLM(
         model=model_path,
         dtype=dtype,
@@ -105,7 +108,9 @@ def greedy_agreement(llm: Any, prompt_token_ids: list[list[int]], candidates: li
     the greedy token after the whole candidate (meaningful when k == len(candidate))."""
     import vllm
 
-    params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    # prompt_logprobs=0: only each prompt token's own log-prob and rank; flat: a few lists per request, not a
+    # dict per token (vLLM's cheaper format)
+    params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, flat_logprobs=True, detokenize=False)
     outputs = llm.generate(
         [{"prompt_token_ids": p + c} for p, c in zip(prompt_token_ids, candidates)],
         sampling_params=params,
@@ -113,7 +118,8 @@ def greedy_agreement(llm: Any, prompt_token_ids: list[list[int]], candidates: li
     )
     agreements = []
     for prompt, candidate, output in zip(prompt_token_ids, candidates, outputs):
-        ranks = [output.prompt_logprobs[len(prompt) + i][token].rank for i, token in enumerate(candidate)]
+        flat = output.prompt_logprobs  # position j's only entry is prompt token j (position 0 has none)
+        ranks = [flat.ranks[flat.start_indices[len(prompt) + i]] for i in range(len(candidate))]
         agreements.append((greedy_prefix_length(ranks), output.outputs[0].token_ids[0]))
     return agreements
 

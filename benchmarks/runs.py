@@ -1,0 +1,45 @@
+"""Shared by the step-level benchmarks: a real training run through `loop.run`, returning its steady-state rows."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# `--quick`: a π0 trained for fewer steps (it still copies most right answers) and short runs.
+QUICK_PI0 = ["model.embedded.sft_steps=200"]
+
+
+def load_config(config_file: str, quick: bool, *overrides: str):
+    from rlhf_refiner import config as config_lib
+
+    extra = QUICK_PI0 if quick and "smollm2" not in config_file else []
+    return config_lib.load(ROOT / config_file, [*extra, *overrides])
+
+
+def train(out: Path, steps: int, config_file: str, quick: bool, *overrides: str) -> list[dict]:
+    """Run `steps` training steps; returns the metric rows after the warm-up (the first steps warm the engines)."""
+    from rlhf_refiner import loop
+
+    config = load_config(
+        config_file,
+        quick,
+        f"trainer.output_dir={out}",
+        f"trainer.steps={steps}",
+        "trainer.save_final=false",
+        "metrics.wandb_mode=disabled",
+        "metrics.progress_bar=false",
+        *overrides,
+    )
+    loop.run(config)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows[warmup(steps) :]
+
+
+def warmup(steps: int) -> int:
+    return 2 if steps > 4 else 1
+
+
+def mean(rows: list[dict], key: str) -> float:
+    return statistics.fmean(r[key] for r in rows)

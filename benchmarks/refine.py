@@ -8,6 +8,7 @@ this process, measured in alternating rounds; the refiner is measured with copy-
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -67,11 +68,13 @@ def measure(config_file: str, quick: bool, batches: int, *overrides: str) -> dic
             totals["decode_copy"] += _timed(refiner.refine, copies)[1]
         refiner.copy_verify = False
         totals["decode_all"] += _timed(refiner.refine, rollouts)[1]
+    del generator.llm, refiner.llm  # shut both engines down before the next measurement
+    gc.collect()
     return {"model": Path(model_path).name, "totals": totals, "counts": counts}
 
 
 def figures(quick: bool) -> list[dict]:
-    shapes = [("configs/quickstart.yaml", "tiny π0 (embedded)", 2 if quick else 6, ())]
+    shapes = [("configs/quickstart.yaml", "tiny π0 (embedded)", 1 if quick else 6, ())]
     smollm2 = Path("~/.cache/rlhf_refiner/smollm2-135m-instruct").expanduser()
     if not quick and smollm2.exists():
         shapes.append(("configs/smollm2.yaml", "SmolLM2-135M-Instruct", 3, ("data.prompts_per_step=16",)))

@@ -7,14 +7,14 @@ import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# `--quick`: a π0 trained for fewer steps (it still copies most right answers) and short runs.
-QUICK_PI0 = ["model.embedded.sft_steps=200"]
+# `--quick` (a smoke test, not a measurement): a π0 trained for fewer steps, smaller batches, short runs.
+QUICK = ["model.embedded.sft_steps=200", "data.prompts_per_step=8"]
 
 
 def load_config(config_file: str, quick: bool, *overrides: str):
     from rlhf_refiner import config as config_lib
 
-    extra = QUICK_PI0 if quick and "smollm2" not in config_file else []
+    extra = QUICK if quick and "smollm2" not in config_file else []
     return config_lib.load(ROOT / config_file, [*extra, *overrides])
 
 

@@ -102,7 +102,7 @@ def shape_figures(config_file: str, label: str, steps: int, quick: bool, overrid
 
 
 def figures(quick: bool) -> list[dict]:
-    results = shape_figures("configs/quickstart.yaml", "tiny π0 (embedded)", 4 if quick else 12, quick, ())
+    results = shape_figures("configs/quickstart.yaml", "tiny π0 (embedded)", 3 if quick else 12, quick, ())
     smollm2 = Path("~/.cache/rlhf_refiner/smollm2-135m-instruct").expanduser()
     if not quick and smollm2.exists():
         results += shape_figures("configs/smollm2.yaml", "SmolLM2-135M-Instruct", 4, quick, ())

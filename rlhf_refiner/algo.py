@@ -189,3 +189,9 @@ def refined_ce(refined_logprobs: torch.Tensor, refined_mask: torch.Tensor) -> tu
     """
     ce = -masked_mean(refined_logprobs, refined_mask)
     return ce, {"ce_refined": ce.item()}
+
+
+def model_flops(num_params: int, tokens: float) -> float:
+    """Training FLOPs of `tokens` through a dense decoder: 6 per parameter per token (2 forward, 4 backward),
+    the usual MFU numerator (attention and the no-grad reference pass are left out)."""
+    return 6.0 * num_params * tokens

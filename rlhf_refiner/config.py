@@ -122,11 +122,32 @@ class EngineConfig(_Strict):
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
     """Fraction of GPU memory the engine may take (GPU only)."""
     enforce_eager: bool = True
-    """Skip graph capture; required on CPU, faster start everywhere."""
+    """Skip graph capture; required on CPU, faster start everywhere (set false on GPU for CUDA graphs)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine shards the model over (vLLM TP); the engine's actor reserves them all in one bundle."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of shared prompt prefixes (the G samples of a prompt; the refiner's template)."""
+    enable_sleep_mode: bool = False
+    """GPU, colocated layout: the engine frees its weights and KV cache while the learner trains (vLLM sleep
+    level 1), and wakes before the weight sync; lets generator and learner share GPUs."""
     num_cpus: float = Field(1, gt=0)
     """CPUs reserved for the engine's actor."""
     num_gpus: float = Field(0, ge=0)
-    """GPUs reserved for the engine's actor."""
+    """GPUs reserved for the engine's actor: 0 on CPU; `tensor_parallel_size` on GPU (a fraction when colocated
+    with the learner)."""
+
+    @model_validator(mode="after")
+    def _gpu_arithmetic(self) -> EngineConfig:
+        if self.num_gpus == 0 and (self.tensor_parallel_size > 1 or self.enable_sleep_mode):
+            raise ValueError("engine.tensor_parallel_size > 1 and engine.enable_sleep_mode need engine.num_gpus > 0")
+        if self.num_gpus >= 1 and self.num_gpus != self.tensor_parallel_size:
+            raise ValueError(
+                f"engine.num_gpus ({self.num_gpus:g}) must equal engine.tensor_parallel_size "
+                f"({self.tensor_parallel_size}): one engine holds exactly its TP group's GPUs"
+            )
+        if 0 < self.num_gpus < 1 and self.tensor_parallel_size > 1:
+            raise ValueError("a fractional engine.num_gpus (colocated) needs engine.tensor_parallel_size = 1")
+        return self
 
 
 class GeneratorConfig(_Strict):
@@ -333,9 +354,15 @@ class LearnerConfig(_Strict):
     num_gpus: float = Field(0, ge=0)
     """GPUs reserved for the learner actor."""
     deepspeed: dict[str, Any] = {"zero_optimization": {"stage": 0}}
-    """DeepSpeed config keys passed through (ZeRO stage, bf16, ...); batch sizes and clipping are filled in."""
+    """DeepSpeed config keys passed through: `zero_optimization` (stage 0-3, `offload_optimizer` /
+    `offload_param` to CPU), `bf16`, ...; batch sizes and gradient clipping are filled in from this section."""
     torch_threads: int = Field(1, ge=1)
     """torch intra-op threads in the learner process (CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (HF gradient checkpointing): less memory, ~1/3 more compute."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Peak dense TFLOP/s of one learner device in `model.dtype` (e.g. 989 for an H100 in bf16); when set,
+    `learner/mfu` is logged (6 x parameters x trained tokens / step time / peak). `learner/tokens_per_s` always is."""
 
 
 class BufferConfig(_Strict):
@@ -352,8 +379,9 @@ class SyncConfig(_Strict):
     """Checksum every bucket as received in the vLLM worker against the learner's, every step."""
     timeout_s: float = Field(120.0, gt=0)
     """Deadline of each weight-sync collective."""
-    backend: Literal["gloo"] = "gloo"
-    """Process-group backend of the sync group; gloo (CPU). NCCL arrives with the GPU path."""
+    backend: Literal["gloo", "nccl"] = "gloo"
+    """Process-group backend of the sync group: `gloo` (CPU, or GPU tensors staged through host memory) or
+    `nccl` (GPU to GPU; needs GPUs on the learner and the generator engine)."""
 
 
 class MetricsConfig(_Strict):
@@ -365,6 +393,23 @@ class MetricsConfig(_Strict):
     """Samples written to samples.jsonl and the W&B table per step."""
     progress_bar: bool = True
     """Show a tqdm progress bar on the console."""
+
+
+PlacementRole = Literal["learner", "generator", "refiner", "reward", "reward_model", "buffer"]
+
+
+class PlacementConfig(_Strict):
+    """How the stages' resources become one placement group (placement.py does the arithmetic)."""
+
+    layout: Literal["disaggregated", "colocated"] = "disaggregated"
+    """`disaggregated`: every stage has its own CPUs/GPUs. `colocated`: the generator engine shares the learner's
+    GPU (`learner.num_gpus` + `generator.engine.num_gpus` <= 1, with `generator.engine.enable_sleep_mode` so the
+    engine frees its memory while the learner trains)."""
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement-group strategy over the bundles (one bundle per actor; colocated stages share one)."""
+    node_resources: dict[PlacementRole, str] = {}
+    """Pin stages to nodes: stage -> a custom resource that only the chosen nodes advertise (start them with
+    `ray start --resources='{"rollout": 1}'`); the stage's bundle asks for a sliver (0.001) of it."""
 
 
 class RayConfig(_Strict):
@@ -421,6 +466,7 @@ class Config(_Strict):
     buffer: BufferConfig = BufferConfig()
     sync: SyncConfig = SyncConfig()
     metrics: MetricsConfig = MetricsConfig()
+    placement: PlacementConfig = PlacementConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
@@ -440,6 +486,13 @@ class Config(_Strict):
             raise ValueError(
                 f"algo.overlong_buffer ({self.algo.overlong_buffer}) exceeds generator.sampling.max_new_tokens "
                 f"({self.generator.sampling.max_new_tokens})"
+            )
+        if self.sync.backend == "nccl" and not (self.learner.num_gpus > 0 and self.generator.engine.num_gpus > 0):
+            raise ValueError("sync.backend=nccl needs learner.num_gpus > 0 and generator.engine.num_gpus > 0")
+        if self.generator.engine.enable_sleep_mode and self.trainer.async_steps:
+            raise ValueError(
+                "generator.engine.enable_sleep_mode frees the engine while the learner trains, which "
+                "trainer.async_steps > 0 would overlap with generation; use one or the other"
             )
         per_update = samples // self.learner.updates_per_step
         micro = min(self.learner.micro_batch_size, per_update)

@@ -51,18 +51,31 @@ def start_engine(
         kwargs["worker_extension_cls"] = worker_extension_cls
     if engine.num_gpus > 0:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
-    # One worker: run it inside the engine-core process. The multiprocess executor's worker busy-polls its shared-
-    # memory queue for a second after every call, which steals a core from the learner while it trains.
-    kwargs["distributed_executor_backend"] = "uni"
+        kwargs["enable_sleep_mode"] = engine.enable_sleep_mode
+    # One worker: run it inside the engine-core process (the multiprocess executor's worker busy-polls its shared-
+    # memory queue for a second after every call, which steals a core from the learner while it trains). A TP
+    # group: one worker process per GPU of the actor's bundle (Ray gives the actor exactly those GPUs).
+    kwargs["distributed_executor_backend"] = "uni" if engine.tensor_parallel_size == 1 else "mp"
     return vllm.LLM(
         model=model_path,
         dtype=dtype,
         seed=seed,
         max_model_len=engine.max_model_len,
         enforce_eager=engine.enforce_eager,
+        tensor_parallel_size=engine.tensor_parallel_size,
+        enable_prefix_caching=engine.enable_prefix_caching,
         disable_log_stats="speculative_config" not in kwargs,  # stats carry the speculative acceptance counters
         **kwargs,
     )
+
+
+def sleep(llm: Any) -> None:
+    """Free the engine's GPU memory (weights offloaded, KV cache dropped) while the learner uses the GPU."""
+    llm.sleep(level=1)
+
+
+def wake_up(llm: Any) -> None:
+    llm.wake_up()
 
 
 def sampling_params(sampling: SamplingConfig, seed: int, logprobs: bool) -> Any:

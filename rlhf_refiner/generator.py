@@ -44,6 +44,7 @@ class Generator:
             worker_extension_cls=f"{WeightReceiver.__module__}.{WeightReceiver.__qualname__}",
         )
         self.policy_version = 0
+        self.asleep = False
 
     def generate(self, prompts: list[Prompt], step: int) -> tuple[list[Rollout], dict[str, float]]:
         """G rollouts per prompt, contiguous per prompt, in prompt order."""
@@ -57,6 +58,9 @@ class Generator:
         started = time.perf_counter()
         completions = engines.complete(self.llm, [list(p.prompt_token_ids) for p, _ in requests], params)
         seconds = time.perf_counter() - started
+        if self.config.generator.engine.enable_sleep_mode:  # colocated: give the GPU to the learner until the sync
+            engines.sleep(self.llm)
+            self.asleep = True
         rollouts = [
             Rollout(
                 sample_id=f"{step}-{prompt.prompt_id}-{k}",
@@ -82,31 +86,38 @@ class Generator:
         self,
         host: str,
         port: int,
-        rank: int,
+        first_rank: int,
         world_size: int,
         metas: list[ParamMeta],
         bucket_bytes: int,
         timeout_s: float,
     ) -> None:
+        """Every vLLM worker of this engine (one per TP rank) joins the group as rank `first_rank` + its TP rank."""
         self.llm.collective_rpc(
             WeightReceiver.rlhf_init_sync.__name__,
             timeout=timeout_s,
             args=(
                 host,
                 port,
-                rank,
+                first_rank,
                 world_size,
                 timeout_s,
                 [(m.name, m.dtype, list(m.shape)) for m in metas],
                 bucket_bytes,
+                self.config.sync.backend,
             ),
         )
 
     def receive_weights(self, policy_version: int, verify: bool, timeout_s: float) -> dict:
         """Join the learner's broadcast, load the weights, and stamp `policy_version`."""
-        (result,) = self.llm.collective_rpc(
+        if self.asleep:
+            engines.wake_up(self.llm)
+            self.asleep = False
+        results = self.llm.collective_rpc(
             WeightReceiver.rlhf_receive_weights.__name__, timeout=timeout_s, args=(verify,)
         )
+        # Every TP worker receives the full weights; a worker whose checksums differ is the one reported.
+        result = next((r for r in results if r["checksums"] != results[0]["checksums"]), results[0])
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.policy_version = policy_version
         return result

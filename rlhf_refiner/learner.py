@@ -22,7 +22,7 @@ import torch
 from rlhf_refiner import algo
 from rlhf_refiner.config import Config
 from rlhf_refiner.records import Batch, Sample
-from rlhf_refiner.weight_sync import ParamMeta, SyncGroup, free_port, named_tensor_metas, plan_buckets, send_weights
+from rlhf_refiner.weight_sync import ParamMeta, SyncGroup, free_port, plan_buckets, send_weights
 
 
 @dataclass
@@ -97,6 +97,10 @@ class Learner:
         dtype = getattr(torch, config.model.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        if config.learner.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        self.num_params = sum(p.numel() for p in model.parameters())
         self.samples_per_update = (
             config.data.prompts_per_step * config.generator.group_size // config.learner.updates_per_step
         )
@@ -175,6 +179,7 @@ class Learner:
             norm = self.engine.get_global_grad_norm()
             metrics["learner/grad_norm"] = float(norm) if norm is not None else stage0_norm
         metrics["learner/loss"] = loss.item()
+        metrics["learner/trained_tokens"] = float(rows.attention_mask.sum())  # summed (not averaged) by step()
         return metrics
 
     def _grad_norm(self) -> float:
@@ -206,6 +211,7 @@ class Learner:
                 sums[key] = sums.get(key, 0.0) + value
         count = len(micro_batches)
         self.policy_version += 1
+        tokens = sums.pop("learner/trained_tokens")
         metrics = {key: value / count for key, value in sums.items()}
         if grad_norms:
             metrics["learner/grad_norm"] = sum(grad_norms) / len(grad_norms)
@@ -213,14 +219,24 @@ class Learner:
         metrics["learner/policy_version"] = self.policy_version
         metrics["learner/samples"] = len(samples)
         metrics["learner/staleness"] = batch.policy_version - min(s.policy_version for s in samples)
-        metrics["time/learner_compute"] = time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        metrics["time/learner_compute"] = seconds
+        metrics["learner/tokens_per_s"] = tokens / seconds
+        if self.config.learner.peak_tflops is not None:
+            devices = max(1.0, self.config.learner.num_gpus)
+            metrics["learner/mfu"] = (
+                algo.model_flops(self.num_params, tokens) / seconds / (self.config.learner.peak_tflops * 1e12 * devices)
+            )
         return metrics
 
     # ---- weights out ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _full_params(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Full (un-partitioned) parameters by HF name; gathers them under ZeRO-3."""
+    def _full_params(self, names: list[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Full (un-partitioned) parameters by HF name, all or just `names`; under ZeRO-3 only those are
+        all-gathered, for the duration of the block."""
         named = dict(self.engine.module.named_parameters())
+        if names is not None:
+            named = {name: named[name] for name in names}
         if self.zero_stage == 3:
             import deepspeed
 
@@ -230,8 +246,12 @@ class Learner:
             yield {k: v.data for k, v in named.items()}
 
     def weight_metas(self) -> list[ParamMeta]:
-        with self._full_params() as params:
-            return named_tensor_metas(params.items())
+        """Full shapes without gathering (ZeRO-3 keeps them as `ds_shape`)."""
+        named = self.engine.module.named_parameters()
+        return [
+            ParamMeta(name, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
+            for name, p in named
+        ]
 
     def sync_port(self) -> int:
         """A free port on the learner's node for the weight-sync store."""
@@ -239,15 +259,15 @@ class Learner:
 
     def init_weight_sync(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
         """Join (as rank 0) the group the vLLM workers join concurrently."""
-        self.sync_group = SyncGroup(host, port, 0, world_size, timeout_s, who="learner")
+        backend = self.config.sync.backend
+        self.sync_group = SyncGroup(host, port, 0, world_size, timeout_s, who="learner", backend=backend)
 
     def broadcast_weights(self, bucket_bytes: int) -> dict:
-        """Send the current weights to every vLLM worker; returns checksums, bytes and seconds."""
+        """Send the current weights to every vLLM worker, bucket by bucket; returns checksums, bytes and seconds."""
         assert self.sync_group is not None, "init_weight_sync was not called"
         started = time.perf_counter()
-        with self._full_params() as params:
-            buckets = plan_buckets(named_tensor_metas(params.items()), bucket_bytes)
-            sums, nbytes = send_weights(self.sync_group, buckets, params)
+        buckets = plan_buckets(self.weight_metas(), bucket_bytes)
+        sums, nbytes = send_weights(self.sync_group, buckets, lambda b: self._full_params([m.name for m in b]))
         return {"checksums": sums, "bytes": nbytes, "seconds": time.perf_counter() - started, "buckets": len(buckets)}
 
     # ---- checkpoints ----------------------------------------------------------------------------------------

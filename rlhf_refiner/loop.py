@@ -341,7 +341,8 @@ def rollout_phase(
 
 
 def connect_weight_sync(actors: placement.Actors, config: Config) -> int:
-    """Form the sync group: learner = rank 0, the generator's vLLM worker = rank 1. Returns the bucket size."""
+    """Form the sync group: learner = rank 0, the generator's vLLM workers (one per TP rank) = ranks 1.. .
+    Returns the bucket size."""
     startup = config.ray.startup_timeout_s
     host = placement.node_ip(actors.learner, startup)
     port, metas = wait(
@@ -351,10 +352,11 @@ def connect_weight_sync(actors: placement.Actors, config: Config) -> int:
     wait([actors.generator.__ray_call__.remote(lambda _self: True)], "generator-0 startup", startup)
     bucket_bytes = int(config.sync.bucket_mb * 2**20)
     timeout = config.sync.timeout_s
+    world = 1 + config.generator.engine.tensor_parallel_size
     wait(
         [
-            actors.learner.init_weight_sync.remote(host, port, 2, timeout),
-            actors.generator.init_weight_sync.remote(host, port, 1, 2, metas, bucket_bytes, timeout),
+            actors.learner.init_weight_sync.remote(host, port, world, timeout),
+            actors.generator.init_weight_sync.remote(host, port, 1, world, metas, bucket_bytes, timeout),
         ],
         "weight sync setup (learner-0, generator-0)",
         startup,
@@ -427,6 +429,7 @@ def run(config: Config) -> dict[str, Any]:
         check_output_dir(config)
     model_path = resolve_model_path(config)
     check_reloadable(model_path, config)  # bad input fails here, before any actor starts or file is written
+    placement.plan(config)  # and so does impossible GPU arithmetic
     prepare_output_dir(output_dir, resume[1]["step"] if resume else None)
     from transformers import AutoTokenizer
 

@@ -53,48 +53,115 @@ def reward_model_count(config: Config) -> int:
     return config.reward.model.num_workers if "model" in config.reward.weights else 0
 
 
-def _bundles(config: Config) -> list[dict[str, float]]:
-    """One bundle per actor, in the order `start_actors` uses them."""
+NODE_SLIVER = 0.001  # of a node-pinning custom resource, per bundle
 
-    def bundle(cpus: float, gpus: float) -> dict[str, float]:
-        return {"CPU": cpus, "GPU": gpus} if gpus > 0 else {"CPU": cpus}
 
-    bundles = [
-        bundle(config.learner.num_cpus, config.learner.num_gpus),
-        bundle(config.generator.engine.num_cpus, config.generator.engine.num_gpus),
-    ]
+@dataclass(frozen=True)
+class Plan:
+    """The placement group's bundles, and for every actor its bundle and its own share of that bundle."""
+
+    bundles: list[dict[str, float]]
+    actors: dict[str, tuple[int, float, float]]  # actor name -> (bundle index, num_cpus, num_gpus)
+
+    @property
+    def gpus(self) -> float:
+        return sum(b.get("GPU", 0) for b in self.bundles)
+
+
+class PlacementError(ValueError):
+    """Resources that cannot be placed; the message names the config fields."""
+
+
+def _check_gpus(config: Config) -> None:
+    """The GPU arithmetic that pydantic's per-section validators cannot see."""
+    learner, engine = config.learner.num_gpus, config.generator.engine.num_gpus
+    if config.placement.layout == "colocated":
+        if not (learner > 0 and engine > 0 and learner + engine <= 1):
+            raise PlacementError(
+                f"placement.layout=colocated shares one GPU: learner.num_gpus ({learner:g}) and "
+                f"generator.engine.num_gpus ({engine:g}) must both be > 0 and sum to <= 1 (e.g. 0.5 and 0.5)"
+            )
+        if config.sync.backend == "nccl":
+            raise PlacementError(
+                "placement.layout=colocated puts learner and generator on one GPU, and NCCL cannot form a group "
+                "of two ranks on one device: use sync.backend=gloo (staged through host memory)"
+            )
+        if not config.generator.engine.enable_sleep_mode:
+            raise PlacementError(
+                "placement.layout=colocated needs generator.engine.enable_sleep_mode=true, or the engine's "
+                "weights and KV cache hold the GPU memory the learner trains in"
+            )
+        return
+    fractional = {
+        "learner.num_gpus": learner,
+        "generator.engine.num_gpus": engine,
+        "refiner.engine.num_gpus": config.refiner.engine.num_gpus,
+    }
+    for field, value in fractional.items():
+        if value != int(value):
+            raise PlacementError(
+                f"{field} = {value:g}: a fraction of a GPU shares it with another stage, which is "
+                "placement.layout=colocated (learner + generator); disaggregated stages take whole GPUs"
+            )
+
+
+def plan(config: Config) -> Plan:
+    """One bundle per actor (colocated: the generator's share of the learner's); validates the GPU arithmetic."""
+    _check_gpus(config)
+    pins = config.placement.node_resources
+    bundles: list[dict[str, float]] = []
+    actors: dict[str, tuple[int, float, float]] = {}
+
+    def add(name: str, role: str, cpus: float, gpus: float) -> None:
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+        if role in pins:
+            bundle[pins[role]] = NODE_SLIVER
+        actors[name] = (len(bundles), cpus, gpus)
+        bundles.append(bundle)
+
+    learner, engine = config.learner, config.generator.engine
+    if config.placement.layout == "colocated":  # one bundle holds both; each actor asks for its own share
+        index = len(bundles)
+        add("learner-0", "learner", learner.num_cpus + engine.num_cpus, 1)
+        actors["learner-0"] = (index, learner.num_cpus, learner.num_gpus)
+        actors["generator-0"] = (index, engine.num_cpus, engine.num_gpus)
+    else:
+        add("learner-0", "learner", learner.num_cpus, learner.num_gpus)
+        add("generator-0", "generator", engine.num_cpus, engine.num_gpus)
     if uses_refiner(config):
-        bundles.append(bundle(config.refiner.engine.num_cpus, config.refiner.engine.num_gpus))
-    bundles += [bundle(config.reward.num_cpus, 0)] * reward_worker_count(config)
+        add("refiner-0", "refiner", config.refiner.engine.num_cpus, config.refiner.engine.num_gpus)
+    for i in range(reward_worker_count(config)):
+        add(f"reward-{i}", "reward", config.reward.num_cpus, 0)
     rm = config.reward.model
-    bundles += [bundle(rm.num_cpus, rm.num_gpus)] * reward_model_count(config)
-    bundles.append(bundle(BUFFER_CPUS, 0))
-    return bundles
+    for i in range(reward_model_count(config)):
+        add(f"reward-model-{i}", "reward_model", rm.num_cpus, rm.num_gpus)
+    add("buffer", "buffer", BUFFER_CPUS, 0)
+    return Plan(bundles, actors)
 
 
 def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
     """Reserve resources for every stage and start its actor; returns once the placement group is ready."""
-    bundles = _bundles(config)
-    pg = placement_group(bundles, strategy="PACK", name=f"{config.run_name}-stages")
+    layout = plan(config)
+    pg = placement_group(layout.bundles, strategy=config.placement.strategy, name=f"{config.run_name}-stages")
     try:
         ray.get(pg.ready(), timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         raise TimeoutError(
-            f"placement: resources {bundles} were not available within {timeout_s:.0f}s "
-            f"(cluster has {ray.cluster_resources()}); lower the *.num_cpus / *.num_gpus settings"
+            f"placement: bundles {layout.bundles} ({config.placement.strategy}) were not available within "
+            f"{timeout_s:.0f}s (cluster has {ray.cluster_resources()}); lower the *.num_cpus / *.num_gpus "
+            "settings, or start nodes with the resources named in placement.node_resources"
         ) from None
-    slot = iter(range(len(bundles)))
 
     def options(name: str, restartable: bool = False) -> dict[str, Any]:
         """Stateless stages (reward, refiner: frozen π0) are restarted by Ray, which retries their pending calls;
         the generator (it holds synced weights) is recreated by the loop; the learner is never restarted."""
-        index = next(slot)
+        index, cpus, gpus = layout.actors[name]
         restarts = config.ray.max_restarts if restartable else 0
         return {
             "name": name,
             "namespace": config.ray.namespace or config.run_name,
-            "num_cpus": bundles[index]["CPU"],
-            "num_gpus": bundles[index].get("GPU", 0),
+            "num_cpus": cpus,
+            "num_gpus": gpus,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
             "runtime_env": {"env_vars": ACTOR_ENV},
             "max_restarts": restarts,

@@ -2,8 +2,9 @@
 
 Rank 0 is the learner; ranks 1.. are the vLLM workers, which join through `WeightReceiver`, a vLLM
 `worker_extension_cls` mixed into the worker class. Both sides plan the same buckets from the same parameter
-metadata, so only raw bytes travel. Every collective has a deadline and its error says who waited for whom.
-This is the only module that knows about process groups (gloo on CPU).
+metadata, so only raw bytes travel; the receivers load them with vLLM's `reload_weights`. Every collective has a
+deadline and its error says who waited for whom. This is the only module that knows about process groups: gloo
+on CPU, NCCL between GPUs (`sync.backend`); the bucketing, checksums and version handling are the same for both.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import datetime
 import hashlib
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +61,7 @@ def plan_buckets(metas: list[ParamMeta], bucket_bytes: int) -> list[list[ParamMe
 
 def checksum(buffer: torch.Tensor) -> str:
     """SHA-256 of a flat tensor's bytes: the transport check compares the sender's and receivers' values."""
-    return hashlib.sha256(buffer.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(buffer.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
 def free_port() -> int:
@@ -68,17 +70,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class SyncGroup:
-    """A gloo group of the learner (rank 0) and the vLLM workers, over its own TCPStore (not the default group)."""
+def _process_group(backend: str, store, rank: int, world_size: int, timeout: datetime.timedelta):
+    if backend == "gloo":
+        return ProcessGroupGloo(store, rank, world_size, timeout)
+    from torch._C._distributed_c10d import ProcessGroupNCCL  # CUDA builds of torch only
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float, who: str) -> None:
+    options = ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    return ProcessGroupNCCL(store, rank, world_size, options)
+
+
+class SyncGroup:
+    """A process group of the learner (rank 0) and the vLLM workers, over its own TCPStore (not the default
+    group, which DeepSpeed and vLLM own). NCCL buffers live on this process's current CUDA device."""
+
+    def __init__(
+        self, host: str, port: int, rank: int, world_size: int, timeout_s: float, who: str, backend: str = "gloo"
+    ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.who = who
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         try:
             store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=self.timeout)
-            self.group = ProcessGroupGloo(store, rank, world_size, self.timeout)
+            self.group = _process_group(backend, store, rank, world_size, self.timeout)
         except RuntimeError as e:
             raise SyncTimeoutError(
                 f"weight sync: {who} (rank {rank}/{world_size}) could not form the group at {host}:{port} "
@@ -98,12 +114,18 @@ class SyncGroup:
 
 
 def send_weights(
-    group: SyncGroup, buckets: list[list[ParamMeta]], tensors: dict[str, torch.Tensor]
+    group: SyncGroup,
+    buckets: list[list[ParamMeta]],
+    gather: Callable[[list[ParamMeta]], AbstractContextManager[dict[str, torch.Tensor]]],
 ) -> tuple[list[str], int]:
-    """Broadcast every bucket from rank 0; returns the buckets' checksums and the bytes sent."""
+    """Broadcast every bucket from rank 0; `gather(bucket)` yields that bucket's full tensors by name (under
+    ZeRO-3 it all-gathers just those parameters, so at most one bucket is ever un-partitioned). Returns the
+    buckets' checksums and the bytes sent."""
     sums, sent = [], 0
     for i, bucket in enumerate(buckets):
-        flat = torch.cat([tensors[m.name].detach().reshape(-1).to(getattr(torch, m.dtype)) for m in bucket])
+        with gather(bucket) as tensors:
+            parts = [tensors[m.name].detach().reshape(-1).to(group.device, getattr(torch, m.dtype)) for m in bucket]
+            flat = torch.cat(parts)
         group.broadcast(flat, f"bucket {i + 1}/{len(buckets)}")
         sums.append(checksum(flat))
         sent += flat.numel() * flat.element_size()
@@ -117,7 +139,7 @@ def receive_weights(
     weights: list[tuple[str, torch.Tensor]] = []
     sums = []
     for i, bucket in enumerate(buckets):
-        flat = torch.empty(sum(m.numel for m in bucket), dtype=getattr(torch, bucket[0].dtype))
+        flat = torch.empty(sum(m.numel for m in bucket), dtype=getattr(torch, bucket[0].dtype), device=group.device)
         group.broadcast(flat, f"bucket {i + 1}/{len(buckets)}")
         if verify:
             sums.append(checksum(flat))
@@ -138,13 +160,17 @@ class WeightReceiver:
         self,
         host: str,
         port: int,
-        rank: int,
+        first_rank: int,
         world_size: int,
         timeout_s: float,
         metas: list[tuple[str, str, list[int]]],  # plain values: collective_rpc turns dataclasses into dicts
         bucket_bytes: int,
+        backend: str = "gloo",
     ) -> None:
-        self.rlhf_sync_group = SyncGroup(host, port, rank, world_size, timeout_s, who=f"vLLM worker rank {rank}")
+        rank = first_rank + getattr(self, "rank", 0)  # vLLM's worker rank: its place in the engine's TP group
+        self.rlhf_sync_group = SyncGroup(
+            host, port, rank, world_size, timeout_s, who=f"vLLM worker rank {rank}", backend=backend
+        )
         self.rlhf_buckets = plan_buckets(
             [ParamMeta(name, dtype, tuple(shape)) for name, dtype, shape in metas], bucket_bytes
         )
@@ -159,7 +185,3 @@ class WeightReceiver:
             "receive_seconds": received - started,
             "load_seconds": time.perf_counter() - received,
         }
-
-
-def named_tensor_metas(named: Iterable[tuple[str, torch.Tensor]]) -> list[ParamMeta]:
-    return [ParamMeta(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in named]

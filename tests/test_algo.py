@@ -196,3 +196,8 @@ def test_ppo_clip_loss_scales_each_token_by_its_weight():
     zeros, mask = torch.zeros(1, 2), torch.ones(1, 2)
     loss, _ = algo.ppo_clip_loss(zeros, zeros, torch.tensor([1.0]), mask, 0.2, token_weights=torch.tensor([[0.5, 2.0]]))
     assert loss.item() == pytest.approx(-1.25)
+
+
+def test_model_flops_is_six_per_parameter_per_token():
+    # 1M parameters, 1000 tokens: 2 (forward) + 4 (backward) multiply-adds per parameter per token
+    assert algo.model_flops(1_000_000, 1000) == 6e9

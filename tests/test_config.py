@@ -15,8 +15,10 @@ def test_every_config_loads_and_opens_with_its_command(path):
     assert isinstance(config, config_lib.Config)
     first_line = path.read_text().splitlines()[0]
     own = path.relative_to(ROOT).as_posix()
-    # the command that runs it: plain for CPU configs, `ray job submit` for the paper's GPU experiments
-    launcher = "# ray job submit " if own.startswith("configs/paper/") else "# python "
+    # the command that runs it: plain for CPU configs, `ray job submit` for the GPU experiments
+    gpu = own.startswith(("configs/paper/", "configs/bench/"))
+    launcher = "# ray job submit " if gpu else "# python "
+    assert (config.learner.num_gpus > 0) == gpu and (config.sync.backend == "nccl") == gpu
     assert first_line.startswith(launcher), first_line
     assert first_line.endswith(f"python scripts/train.py --config {own}"), first_line
 

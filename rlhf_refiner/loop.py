@@ -456,6 +456,7 @@ def run(config: Config) -> dict[str, Any]:
                 "refiner-0 startup",
                 config.ray.startup_timeout_s,
             )
+        summary["nodes"] = placement.actor_nodes(actors, config.ray.startup_timeout_s)  # where each stage runs
         version, samples_per_step = 0, config.data.prompts_per_step * config.generator.group_size
         restored_rollouts = None
         if resume:

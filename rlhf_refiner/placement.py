@@ -209,6 +209,16 @@ def recreate_generator(actors: Actors, config: Config, model_path: str) -> None:
             time.sleep(0.2)
 
 
+def actor_nodes(actors: Actors, timeout_s: float) -> dict[str, str]:
+    """Ray node id of every stage's actor, by actor name."""
+    named = {"learner-0": actors.learner, "generator-0": actors.generator, "buffer": actors.buffer}
+    named.update({"refiner-0": actors.refiner} if actors.refiner is not None else {})
+    named.update({f"reward-{i}": a for i, a in enumerate(actors.rewards)})
+    named.update({f"reward-model-{i}": a for i, a in enumerate(actors.reward_models)})
+    calls = [a.__ray_call__.remote(lambda _self: ray.get_runtime_context().get_node_id()) for a in named.values()]
+    return dict(zip(named, ray.get(calls, timeout=timeout_s)))
+
+
 def node_ip(actor: Any, timeout_s: float) -> str:
     """IP address of the node an actor runs on (the learner hosts the weight-sync store there)."""
     return ray.get(actor.__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()), timeout=timeout_s)

@@ -3,7 +3,7 @@
 π0 runs as an in-cluster vLLM engine, or behind an OpenAI-compatible server (`refiner.base_url`). π0 never
 receives weights. Unusable outputs (empty, truncated, not extractable) fall back to a' = a and are counted.
 
-Most a' are copies of a, so the engine path verifies before it decodes (`refiner.copy_verify`, greedy refiners):
+Most a' are copies of a, so the engine path can verify before it decodes (`refiner.copy_verify`, greedy refiners):
 one prefill of template + a scores every token of a; where π0 ranks each of them first and then ends its turn,
 greedy decoding would have written a verbatim, so a' = a without a decode step. Otherwise decoding resumes from
 the longest prefix π0 agrees with, which is again exactly what greedy decoding writes. Decoding keeps ngram
@@ -70,6 +70,7 @@ class Refiner:
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         sampling = config.sampling
+        self.dedupe = config.dedupe and sampling.temperature == 0
         self.copy_verify = (
             config.copy_verify
             and config.base_url is None
@@ -109,8 +110,8 @@ class Refiner:
         choices = sorted(response.choices, key=lambda c: c.index)
         return [(c.text, c.finish_reason == "stop") for c in choices]
 
-    def _complete_verified(self, prompts: list[list[int]], rollouts: list[Rollout]) -> tuple[list, int]:
-        """Greedy outputs via copy-verify (see the module doc); returns them and how many were verified copies."""
+    def _complete_verified(self, prompts: list[list[int]], rollouts: list[Rollout]) -> tuple[list, list[bool]]:
+        """Greedy outputs via copy-verify (see the module doc); returns them and which were verified copies."""
         eos = self.tokenizer.eos_token_id
         limit = self.config.sampling.max_new_tokens
         candidates = [[t for t in r.response_token_ids if t != eos] for r in rollouts]
@@ -140,21 +141,40 @@ class Refiner:
         for (i, prefix), c in zip(resume, decoded):
             text = self.tokenizer.decode(prefix + list(c.token_ids), skip_special_tokens=True) if prefix else c.text
             outputs[i] = (text, c.finished)
-        return outputs, len(rollouts) - len(resume)
+        decoded_indices = {i for i, _ in resume}
+        return outputs, [i not in decoded_indices for i in range(len(rollouts))]
+
+    def _distinct(self, rollouts: list[Rollout]) -> tuple[list[Rollout], list[int]]:
+        """The rollouts to send, and each rollout's index among them. A greedy π0 writes the same a' for the same
+        (query, a), and the G samples of a prompt often agree, so each distinct pair is refined once (an exact
+        saving; a sampling refiner refines every sample)."""
+        if not self.dedupe:
+            return rollouts, list(range(len(rollouts)))
+        index: dict[tuple[str, str], int] = {}
+        firsts, keys = [], []
+        for r in rollouts:
+            key = (r.prompt.query, r.response)
+            if key not in index:
+                index[key] = len(firsts)
+                firsts.append(r)
+            keys.append(index[key])
+        return firsts, keys
 
     def refine(self, rollouts: list[Rollout]) -> tuple[list[Refinement], dict[str, float]]:
+        firsts, keys = self._distinct(rollouts)
         prompts = [
             render_user_turn(self.tokenizer, self.config.template.format(query=r.prompt.query, response=r.response))
-            for r in rollouts
+            for r in firsts
         ]
         drafted0, accepted0 = engines.speculative_counters(self.llm) if self.llm is not None else (0, 0)
         started = time.perf_counter()
-        verified = 0
+        verified = [False] * len(firsts)
         if self.copy_verify:
-            outputs, verified = self._complete_verified(prompts, rollouts)
+            unique_outputs, verified = self._complete_verified(prompts, firsts)
         else:
-            outputs = self._complete(prompts)
+            unique_outputs = self._complete(prompts)
         seconds = time.perf_counter() - started
+        outputs = [unique_outputs[key] for key in keys]
         refinements = [
             make_refinement(r, extract_refined(text, finished, self.config.extract_pattern), self.tokenizer)
             for r, (text, finished) in zip(rollouts, outputs)
@@ -165,7 +185,8 @@ class Refiner:
             "refiner/edit_distance": sum(f.edit_distance for f in refinements) / n,
             "refiner/fallback_frac": sum(f.fallback for f in refinements) / n,
             "refiner/tokens_per_s": sum(len(f.refined_token_ids) for f in refinements) / max(seconds, 1e-9),
-            "refiner/verified_copy_frac": verified / n,
+            "refiner/verified_copy_frac": sum(verified[key] for key in keys) / n,
+            "refiner/distinct_frac": len(firsts) / n,  # requests sent / samples
             "time/refine": seconds,
         }
         if self.llm is not None and self.config.speculative.method != "none":

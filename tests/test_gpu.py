@@ -80,10 +80,8 @@ def test_vllm_generator_and_refiner_on_gpu(pi0_dir):
     from rlhf_refiner.refiner import Refiner
 
     gpu_engine = ["engine.num_gpus=1", "engine.gpu_memory_utilization=0.3", "engine.enforce_eager=false"]
-    config = load(
-        "configs/quickstart.yaml",
-        [f"model.path={pi0_dir}", *(f"generator.{o}" for o in gpu_engine), *(f"refiner.{o}" for o in gpu_engine)],
-    )
+    engines = [*(f"generator.{o}" for o in gpu_engine), *(f"refiner.{o}" for o in gpu_engine)]
+    config = load("configs/quickstart.yaml", [f"model.path={pi0_dir}", "refiner.copy_verify=true", *engines])
     source = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(pi0_dir))
     generator = Generator(pi0_dir, config)
     rollouts, metrics = generator.generate(source.next_batch(0), 1)

@@ -40,13 +40,23 @@ REFINER_METRICS = [
 ]
 
 
+NODE_ROLES = {"learner": "train", "generator": "rollout", "refiner": "refine", "reward": "score"}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
+    """A simulated multi-node cluster (`ray.cluster_utils.Cluster`: one raylet per node): a head, and one node
+    per stage that advertises the custom resource `placement.node_resources` pins that stage with."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    ray.init(num_cpus=4, namespace="rlhf_refiner_tests", include_dashboard=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for resource in NODE_ROLES.values():
+        cluster.add_node(num_cpus=1, resources={resource: 1})
+    ray.init(address=cluster.address, namespace="rlhf_refiner_tests")
     yield ray
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -88,8 +98,13 @@ def test_loop_runs_each_constraint(ray_cluster, tiny_pi0, tmp_path, constraint):
 
     from rlhf_refiner import loop
 
-    config = _config(tmp_path, tiny_pi0, f"algo.constraint={constraint}", run=f"run-{constraint}")
+    # dynamic: every stage pinned to its own node, so the weight sync and all calls cross nodes
+    pins = [f"placement.node_resources={json.dumps(NODE_ROLES)}"] if constraint == "dynamic" else []
+    config = _config(tmp_path, tiny_pi0, f"algo.constraint={constraint}", *pins, run=f"run-{constraint}")
     summary = loop.run(config)
+    if pins:
+        nodes = summary["nodes"]
+        assert len({nodes[name] for name in ("learner-0", "generator-0", "refiner-0", "reward-0")}) == 4
     run_dir = tmp_path / f"run-{constraint}"
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -231,6 +246,7 @@ def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
     """Copy-verify (one prefill, decode only past the agreed prefix) gives the same a' as plain greedy decoding on
     a mix of right, corrupted, empty and over-long responses, and skips decoding exactly for the copies.
     (The briefly trained test π0 rarely copies; the benchmark's refine_copy measures copies on the quickstart π0.)"""
+    import dataclasses
     import random
 
     from transformers import AutoTokenizer
@@ -241,7 +257,7 @@ def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
     from rlhf_refiner.refiner import Refiner
     from rlhf_refiner.task import corrupt, make_problem
 
-    config = load("configs/quickstart.yaml", [f"model.path={tiny_pi0}"])
+    config = load("configs/quickstart.yaml", [f"model.path={tiny_pi0}", "refiner.copy_verify=true"])
     tokenizer = AutoTokenizer.from_pretrained(tiny_pi0)
     rng = random.Random(0)
     rollouts = []
@@ -251,6 +267,8 @@ def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
         ids = tuple(tokenizer(response, add_special_tokens=False).input_ids) + (tokenizer.eos_token_id,)
         prompt = Prompt(i, problem.query, tuple(render_user_turn(tokenizer, problem.query)), problem.answer, 0)
         rollouts.append(Rollout(f"0-{i}-0", prompt, response, ids, (0.0,) * len(ids), True, 0))
+    # the same (query, a) again under other sample ids, as when G samples agree: refined once, copied to both
+    rollouts += [dataclasses.replace(r, sample_id=f"0-{r.prompt.prompt_id}-1") for r in rollouts[:6]]
     refiner = Refiner(tiny_pi0, config.refiner, config.model.dtype, config.trainer.seed)
     try:
         assert refiner.copy_verify
@@ -260,6 +278,9 @@ def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
     finally:
         del refiner
     assert [(f.refined, f.fallback) for f in verified] == [(f.refined, f.fallback) for f in plain]
+    assert [f.refined for f in plain[24:]] == [f.refined for f in plain[:6]]
+    assert [f.sample_id for f in plain[24:]] == [r.sample_id for r in rollouts[24:]]
+    assert verified_metrics["refiner/distinct_frac"] == 24 / 30
     # a copy is skipped only when π0's greedy tokens are a's own ids (a retokenised copy decodes, same text)
     copies = sum(not f.fallback and f.refined_token_ids == r.response_token_ids for f, r in zip(plain, rollouts))
     copies /= len(plain)
@@ -539,6 +560,7 @@ def test_ray_job_submit_against_a_local_head_with_token_auth(tiny_pi0, tmp_path)
     outputs. A client without the token is refused."""
     import os
     import shutil
+    import tempfile
 
     from rlhf_refiner.weight_sync import free_port
 
@@ -546,8 +568,9 @@ def test_ray_job_submit_against_a_local_head_with_token_auth(tiny_pi0, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="rlhf-refiner-test-token", RAY_USAGE_STATS_ENABLED="0")
     port, dashboard = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     head = [ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
-            "--num-cpus=4", f"--temp-dir={tmp_path / 'ray'}", "--include-dashboard=true"]  # fmt: skip
+            "--num-cpus=4", f"--temp-dir={temp}", "--include-dashboard=true"]  # fmt: skip
     # --block: this head (not the session's cluster, which `ray stop` would also kill) ends with the process
     process = subprocess.Popen(head, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = tmp_path / "job-run"
@@ -569,6 +592,7 @@ def test_ray_job_submit_against_a_local_head_with_token_auth(tiny_pi0, tmp_path)
     finally:
         process.terminate()
         process.wait(timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert json.loads((out / "summary.json").read_text())["policy_version"] == 2

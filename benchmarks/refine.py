@@ -16,7 +16,10 @@ from pathlib import Path
 from benchmarks.runs import load_config
 
 
-def _timed(fn, *args):
+def _timed(fn, *args, engines=()):
+    """Seconds of fn(*args), from cold prefix caches: a step's prompts are new to both engines."""
+    for llm in engines:
+        llm.reset_prefix_cache()
     started = time.perf_counter()
     result = fn(*args)
     return result, time.perf_counter() - started
@@ -49,6 +52,7 @@ def measure(config_file: str, quick: bool, batches: int, *overrides: str) -> dic
     generator.generate(source.next_batch(0), 1)  # warm both engines
     refiner.refine(generator.generate(source.next_batch(0), 1)[0])
     variants = {"default": (True, False), "copy_verify": (True, True), "no_dedupe": (False, False)}
+    cold = (generator.llm, refiner.llm)
     totals = {f"{v}_{part}": 0.0 for v in variants for part in ("all", "copy")} | {"gen_all": 0.0, "gen_copy": 0.0}
     counts = {"all": 0, "copy": 0, "verified": 0, "same": 0, "distinct": 0}
     for _ in range(batches):
@@ -56,24 +60,24 @@ def measure(config_file: str, quick: bool, batches: int, *overrides: str) -> dic
         refined = None
         for variant, (dedupe, copy_verify) in variants.items():
             refiner.dedupe, refiner.copy_verify = dedupe, copy_verify
-            (result, metrics), seconds = _timed(refiner.refine, rollouts)
+            (result, metrics), seconds = _timed(refiner.refine, rollouts, engines=cold)
             totals[f"{variant}_all"] += seconds
             if variant == "default":
                 refined = result
                 counts["distinct"] += round(metrics["refiner/distinct_frac"] * len(rollouts))
             if variant == "copy_verify":
                 counts["verified"] += round(metrics["refiner/verified_copy_frac"] * len(rollouts))
-        regenerated, seconds = _timed(regenerate, rollouts)
+        regenerated, seconds = _timed(regenerate, rollouts, engines=cold)
         counts["same"] += sum(c.token_ids == r.response_token_ids for c, r in zip(regenerated, rollouts))
         totals["gen_all"] += seconds
         copies = [r for r, f in zip(rollouts, refined) if f.unchanged and not f.fallback]
         counts["all"] += len(rollouts)
         counts["copy"] += len(copies)
         if copies:
-            totals["gen_copy"] += _timed(regenerate, copies)[1]
+            totals["gen_copy"] += _timed(regenerate, copies, engines=cold)[1]
             for variant, (dedupe, copy_verify) in variants.items():
                 refiner.dedupe, refiner.copy_verify = dedupe, copy_verify
-                totals[f"{variant}_copy"] += _timed(refiner.refine, copies)[1]
+                totals[f"{variant}_copy"] += _timed(refiner.refine, copies, engines=cold)[1]
     del generator.llm, refiner.llm  # shut both engines down before the next measurement
     gc.collect()
     return {"model": Path(model_path).name, "totals": totals, "counts": counts}
@@ -88,7 +92,7 @@ def figures(quick: bool) -> list[dict]:
     shapes = [("configs/quickstart.yaml", "tiny π0 (embedded)", 1 if quick else 6, ())]
     smollm2 = Path("~/.cache/rlhf_refiner/smollm2-135m-instruct").expanduser()
     if not quick and smollm2.exists():
-        shapes.append(("configs/smollm2.yaml", "SmolLM2-135M-Instruct", 2, ("data.prompts_per_step=16",)))
+        shapes.append(("configs/smollm2.yaml", "SmolLM2-135M-Instruct", 1, ("data.prompts_per_step=16",)))
     results = []
     for config_file, label, batches, overrides in shapes:
         m = measure(config_file, quick, batches, *overrides)

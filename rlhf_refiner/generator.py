@@ -48,6 +48,7 @@ class Generator:
 
     def generate(self, prompts: list[Prompt], step: int) -> tuple[list[Rollout], dict[str, float]]:
         """G rollouts per prompt, contiguous per prompt, in prompt order."""
+        self._wake()  # colocated: a further rollout round of the same step (dynamic sampling)
         group_size = self.config.generator.group_size
         sampling = self.config.generator.sampling
         requests = [(prompt, k) for prompt in prompts for k in range(group_size)]
@@ -82,6 +83,12 @@ class Generator:
             "time/generate": seconds,
         }
 
+    def _wake(self) -> None:
+        """Level-1 sleep keeps the weights in host memory, so a woken engine holds the weights it slept with."""
+        if self.asleep:
+            engines.wake_up(self.llm)
+            self.asleep = False
+
     def init_weight_sync(
         self,
         host: str,
@@ -110,9 +117,7 @@ class Generator:
 
     def receive_weights(self, policy_version: int, verify: bool, timeout_s: float) -> dict:
         """Join the learner's broadcast, load the weights, and stamp `policy_version`."""
-        if self.asleep:
-            engines.wake_up(self.llm)
-            self.asleep = False
+        self._wake()
         results = self.llm.collective_rpc(
             WeightReceiver.rlhf_receive_weights.__name__, timeout=timeout_s, args=(verify,)
         )

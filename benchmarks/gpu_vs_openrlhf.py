@@ -52,7 +52,7 @@ def prompts_file(config, path: Path, steps: int) -> None:
 
 def timed(command: list[str]) -> float:
     started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
+    subprocess.run(command, cwd=ROOT, check=True, timeout=6 * 3600)
     return time.perf_counter() - started
 
 

@@ -23,7 +23,7 @@ STAGES = ("ray::Learner", "ray::Generator", "ray::Refiner", "scripts/train.py")
 
 
 def pids_by_stage() -> dict[str, int]:
-    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, timeout=30).stdout.splitlines()
     found = {}
     for line in listing[1:]:
         pid, _, args = line.strip().partition(" ")
@@ -72,7 +72,10 @@ def main() -> None:
         )  # fmt: skip
         try:
             metrics = out / "metrics.jsonl"
+            deadline = time.monotonic() + 900
             while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
+                if time.monotonic() > deadline:
+                    sys.exit("the training run did not finish two steps within 900 s")
                 if run.poll() is not None:
                     sys.exit("the training run ended before two steps")
                 time.sleep(1)
@@ -89,7 +92,7 @@ def main() -> None:
                     ),
                 )
             for stage, (raw, recorder) in recorders.items():
-                recorder.wait()
+                recorder.wait(timeout=args.seconds + 120)
                 print(f"{stage}:\n{summarise(raw, args.top) if raw.exists() else '  (no samples)'}")
         finally:
             run.terminate()

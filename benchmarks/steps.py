@@ -34,7 +34,11 @@ def copy_seconds(model_path: str, repeats: int = 5) -> float:
 def trl_samples_per_s(config_file: str, steps: int, quick: bool, overrides: tuple[str, ...]) -> dict:
     command = [sys.executable, "-m", "benchmarks.trl_grpo", "--config", config_file, "--steps", str(steps)]
     done = subprocess.run(
-        [*command, *(["--quick"] if quick else []), *overrides], cwd=ROOT, capture_output=True, text=True
+        [*command, *(["--quick"] if quick else []), *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     if done.returncode != 0:
         raise RuntimeError(f"TRL baseline failed:\n{done.stderr[-3000:]}")

@@ -557,10 +557,6 @@ def test_smollm2_config_runs_two_steps(ray_cluster, tmp_path):
     assert all(s["query"].startswith("What is ") for s in samples)
 
 
-@pytest.mark.skip(
-    reason="passes alone (107 s), but with the session's simulated Cluster running the head's job agent never "
-    "registers ('No available agent to submit job'); to be fixed in issue 7"
-)
 def test_ray_job_submit_against_a_local_head_with_token_auth(tiny_pi0, tmp_path):
     """What users do on a cluster: `ray start --head` (token auth on, as Ray 2.60 does), then `ray job submit
     --working-dir .` of the quickstart with RAY_AUTH_MODE=token on the client; the job succeeds and writes its
@@ -574,10 +570,13 @@ def test_ray_job_submit_against_a_local_head_with_token_auth(tiny_pi0, tmp_path)
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="rlhf-refiner-test-token", RAY_USAGE_STATS_ENABLED="0")
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    # A second head on this machine: the session cluster's dashboard agent already holds the default agent port
+    # (52365), and a job agent that cannot bind never registers ("No available agent to submit job").
     head = [ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
-            "--num-cpus=4", f"--temp-dir={temp}", "--include-dashboard=true"]  # fmt: skip
+            f"--dashboard-agent-listen-port={agent}", "--num-cpus=4", f"--temp-dir={temp}",
+            "--include-dashboard=true"]  # fmt: skip
     # --block: this head (not the session's cluster, which `ray stop` would also kill) ends with the process
     process = subprocess.Popen(head, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = tmp_path / "job-run"

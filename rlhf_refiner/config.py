@@ -123,6 +123,9 @@ class EngineConfig(_Strict):
     """Fraction of GPU memory the engine may take (GPU only)."""
     enforce_eager: bool = True
     """Skip graph capture; required on CPU, faster start everywhere (set false on GPU for CUDA graphs)."""
+    num_engines: int = Field(1, ge=1)
+    """Data-parallel engines, one actor each (`generator-<i>`, `refiner-<i>`); a step's prompts (generator) or
+    rollouts (refiner) are split evenly between them. Every generator engine receives every weight sync."""
     tensor_parallel_size: int = Field(1, ge=1)
     """GPUs one engine shards the model over (vLLM TP); the engine's actor reserves them all in one bundle."""
     enable_prefix_caching: bool = True
@@ -131,9 +134,9 @@ class EngineConfig(_Strict):
     """GPU, colocated layout: the engine frees its weights and KV cache while the learner trains (vLLM sleep
     level 1), and wakes before the weight sync; lets generator and learner share GPUs."""
     num_cpus: float = Field(1, gt=0)
-    """CPUs reserved for the engine's actor."""
+    """CPUs reserved for each engine's actor."""
     num_gpus: float = Field(0, ge=0)
-    """GPUs reserved for the engine's actor: 0 on CPU; `tensor_parallel_size` on GPU (a fraction when colocated
+    """GPUs reserved for each engine's actor: 0 on CPU; `tensor_parallel_size` on GPU (a fraction when colocated
     with the learner)."""
 
     @model_validator(mode="after")
@@ -352,10 +355,14 @@ class LearnerConfig(_Strict):
     """Sequences per forward/backward; the step's samples are split into micro-batches."""
     updates_per_step: int = Field(1, ge=1)
     """Optimizer updates per training step (mini-batches); >1 makes the PPO ratio differ from 1."""
+    num_ranks: int = Field(1, ge=1)
+    """DeepSpeed data-parallel ranks, one actor each (`learner-<i>`): every update's samples are split evenly
+    between them, gradients are averaged, and ZeRO partitions optimizer state (stage >= 1), gradients (>= 2) and
+    parameters (3) over them. Rank 0 sends the weight sync."""
     num_cpus: float = Field(1, gt=0)
-    """CPUs reserved for the learner actor."""
+    """CPUs reserved for each learner rank."""
     num_gpus: float = Field(0, ge=0)
-    """GPUs reserved for the learner actor."""
+    """GPUs reserved for each learner rank: 0 on CPU, 1 on GPU (a fraction when colocated with an engine)."""
     deepspeed: dict[str, Any] = {"zero_optimization": {"stage": 0}}
     """DeepSpeed config keys passed through: `zero_optimization` (stage 0-3, `offload_optimizer` /
     `offload_param` to CPU), `bf16`, ...; batch sizes and gradient clipping are filled in from this section."""
@@ -492,17 +499,34 @@ class Config(_Strict):
             )
         if self.sync.backend == "nccl" and not (self.learner.num_gpus > 0 and self.generator.engine.num_gpus > 0):
             raise ValueError("sync.backend=nccl needs learner.num_gpus > 0 and generator.engine.num_gpus > 0")
+        if self.refiner.engine.enable_sleep_mode:
+            raise ValueError(
+                "refiner.engine.enable_sleep_mode: only the generator sleeps (it hands its GPU to the learner between "
+                "rollouts); the frozen refiner keeps its GPUs, so give it its own (refiner.engine.num_gpus)"
+            )
         if self.generator.engine.enable_sleep_mode and self.trainer.async_steps:
             raise ValueError(
                 "generator.engine.enable_sleep_mode frees the engine while the learner trains, which "
                 "trainer.async_steps > 0 would overlap with generation; use one or the other"
             )
         per_update = samples // self.learner.updates_per_step
-        micro = min(self.learner.micro_batch_size, per_update)
-        if per_update % micro:
+        if per_update % self.learner.num_ranks:
             raise ValueError(
                 f"samples per update ({per_update} = data.prompts_per_step * generator.group_size / "
-                f"learner.updates_per_step) must be divisible by learner.micro_batch_size ({micro})"
+                f"learner.updates_per_step) must be divisible by learner.num_ranks ({self.learner.num_ranks})"
+            )
+        per_rank = per_update // self.learner.num_ranks
+        micro = min(self.learner.micro_batch_size, per_rank)
+        if per_rank % micro:
+            raise ValueError(
+                f"samples per update and rank ({per_rank} = data.prompts_per_step * generator.group_size / "
+                f"learner.updates_per_step / learner.num_ranks) must be divisible by learner.micro_batch_size "
+                f"({micro})"
+            )
+        if self.generator.engine.num_engines > self.data.prompts_per_step:
+            raise ValueError(
+                f"generator.engine.num_engines ({self.generator.engine.num_engines}) exceeds data.prompts_per_step "
+                f"({self.data.prompts_per_step}): every engine needs at least one prompt per step"
             )
         for field in ("{query}", "{response}"):
             if field not in self.refiner.template:

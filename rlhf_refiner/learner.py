@@ -1,5 +1,8 @@
 """Learner: the policy under DeepSpeed. step(batch) -> metrics; source of weight syncs; saves HF checkpoints.
 
+`learner.num_ranks` data-parallel ranks, one `Learner` actor each. Every rank gets the whole batch and trains on
+its shard of each update; DeepSpeed averages gradients over ranks, and ZeRO partitions the state. Methods that
+touch the model (step, sync, checkpoints, save_pretrained) are collectives: the driver calls them on every rank.
 One step = `learner.updates_per_step` optimizer updates over the batch, each accumulated over micro-batches.
 Loss = GRPO's PPO-clip term + the constraint: λ·CE on refined responses (`dynamic`), β·KL to π0
 (`static_kl`), or nothing. Refined rows identical to the sampled response reuse the policy forward pass, so
@@ -11,6 +14,7 @@ The only module that touches DeepSpeed.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import shutil
 import time
@@ -21,8 +25,11 @@ import torch
 
 from rlhf_refiner import algo
 from rlhf_refiner.config import Config
-from rlhf_refiner.records import Batch, Sample
+from rlhf_refiner.records import Batch, Sample, shard_slice
 from rlhf_refiner.weight_sync import ParamMeta, SyncGroup, free_port, plan_buckets, send_weights
+
+SUMMED_METRICS = ("learner/tokens_per_s", "learner/samples")  # over ranks; the rest (MFU too) are means
+MAX_METRICS = ("time/learner_compute",)  # the slowest rank is the step's critical path
 
 
 @dataclass
@@ -34,6 +41,15 @@ class _Rows:
     target_mask: torch.Tensor  # (N, T-1): 1 where the next token is a response / refined token
     policy_rows: int  # the first B rows are the policy's sequences
     refined_index: list[int]  # row of each refined sequence (a policy row when a' == a); empty without refiner
+
+    def to(self, device: torch.device) -> _Rows:
+        return _Rows(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.target_mask.to(device),
+            self.policy_rows,
+            self.refined_index,
+        )
 
 
 def build_rows(samples: list[Sample], pad_id: int, with_refined: bool) -> _Rows:
@@ -63,6 +79,31 @@ def build_rows(samples: list[Sample], pad_id: int, with_refined: bool) -> _Rows:
     return _Rows(input_ids, attention, target, len(samples), refined_index)
 
 
+def rank_share(samples: list[Sample], updates: int, rank: int, world_size: int) -> list[Sample]:
+    """This rank's samples: its contiguous shard of each of the `updates` consecutive mini-batches, in order."""
+    per_update = len(samples) // updates
+    return [
+        s
+        for u in range(updates)
+        for s in samples[u * per_update : (u + 1) * per_update][shard_slice(per_update, rank, world_size)]
+    ]
+
+
+def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One step's metrics from every rank's: throughputs and counts add up, times take the slowest rank, and the
+    rest (each rank's mean over the same number of micro-batches) average."""
+    combined = {}
+    for key in per_rank[0]:
+        values = [metrics[key] for metrics in per_rank]
+        if key in SUMMED_METRICS:
+            combined[key] = sum(values)
+        elif key in MAX_METRICS:
+            combined[key] = max(values)
+        else:
+            combined[key] = sum(values) / len(values)
+    return combined
+
+
 def behaviour_logprobs(samples: list[Sample], width: int) -> torch.Tensor:
     """(B, width) engine log-probs of each response token, aligned with `build_rows`' target positions."""
     out = torch.zeros(len(samples), width)
@@ -74,25 +115,42 @@ def behaviour_logprobs(samples: list[Sample], width: int) -> torch.Tensor:
 
 
 class Learner:
-    def __init__(self, model_path: str, config: Config) -> None:
+    """One data-parallel rank. Construction is cheap; `setup` joins the ranks' process group (rank 0 hosts its
+    store at `master_addr:master_port`) and builds the DeepSpeed engine, so the driver can ask rank 0 for a port
+    before any rank blocks in the rendezvous."""
+
+    def __init__(self, model_path: str, config: Config, rank: int = 0, world_size: int = 1) -> None:
+        self.model_path, self.config, self.rank, self.world_size = model_path, config, rank, world_size
+        self.policy_version = 0
+        self.sync_group: SyncGroup | None = None
+
+    def free_port(self) -> int:
+        """A free port on this rank's node: rank 0's for the ranks' rendezvous and for the weight-sync store."""
+        return free_port()
+
+    def setup(self, master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.config = config
+        config, model_path = self.config, self.model_path
         torch.manual_seed(config.trainer.seed)
         torch.set_num_threads(config.learner.torch_threads)
-        # One learner process: this actor is its own launcher, so it sets what torchrun would set.
+        # This actor is its own launcher, so it sets what torchrun would set. Ray gives a GPU actor exactly its
+        # device (CUDA_VISIBLE_DEVICES), which is therefore local device 0.
         os.environ.update(
             {
-                "RANK": "0",
+                "RANK": str(self.rank),
                 "LOCAL_RANK": "0",
-                "WORLD_SIZE": "1",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(free_port()),
+                "WORLD_SIZE": str(self.world_size),
+                "MASTER_ADDR": master_addr,
+                "MASTER_PORT": str(master_port or free_port()),
             }
         )
         deepspeed.init_distributed(
-            dist_backend="gloo" if config.learner.num_gpus == 0 else "nccl", auto_mpi_discovery=False, verbose=False
+            dist_backend="gloo" if config.learner.num_gpus == 0 else "nccl",
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=datetime.timedelta(seconds=config.ray.call_timeout_s),  # the deadline of every collective
         )
         dtype = getattr(torch, config.model.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -101,13 +159,12 @@ class Learner:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.num_params = sum(p.numel() for p in model.parameters())
-        self.samples_per_update = (
-            config.data.prompts_per_step * config.generator.group_size // config.learner.updates_per_step
-        )
-        micro = min(config.learner.micro_batch_size, self.samples_per_update)
+        per_rank = config.data.prompts_per_step * config.generator.group_size // config.learner.updates_per_step
+        per_rank //= self.world_size
+        micro = min(config.learner.micro_batch_size, per_rank)
         ds_config = {
             "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": self.samples_per_update // micro,
+            "gradient_accumulation_steps": per_rank // micro,
             "gradient_clipping": config.learner.grad_clip,
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
@@ -122,8 +179,7 @@ class Learner:
         self.ref_model = None
         if config.algo.constraint == "static_kl" or config.algo.log_kl_to_ref:
             self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False)
-        self.policy_version = 0
-        self.sync_group: SyncGroup | None = None
+            self.ref_model.to(self.engine.device)
 
     # ---- training -------------------------------------------------------------------------------------------
     def _forward_logprobs(self, model, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,18 +191,19 @@ class Learner:
         the PPO ratio's denominator are the current ones (the step's first update)."""
         cfg = self.config.algo
         with_refined = cfg.constraint == "dynamic" or samples[0].refinement is not None
-        rows = build_rows(samples, self.tokenizer.pad_token_id, with_refined)
+        device = self.engine.device
+        rows = build_rows(samples, self.tokenizer.pad_token_id, with_refined).to(device)
         logprobs, logits = self._forward_logprobs(self.engine, rows)  # (N, T-1)
         B = rows.policy_rows
         policy_lp, policy_mask = logprobs[:B], rows.target_mask[:B]
-        advantages = torch.tensor([s.advantage for s in samples])
+        advantages = torch.tensor([s.advantage for s in samples], device=device)
         if old_logprobs is None:
             old_lp = policy_lp.detach()
         else:  # refined rows can make this batch wider than the policy-only pre-pass; the extra columns are masked
             old_lp = torch.nn.functional.pad(old_logprobs, (0, policy_lp.shape[1] - old_logprobs.shape[1]))
         weights, metrics = None, {}
         if cfg.tis_cap is not None:  # the generator's policy (stale, or numerically different) drew the tokens
-            behaviour = behaviour_logprobs(samples, policy_lp.shape[1])
+            behaviour = behaviour_logprobs(samples, policy_lp.shape[1]).to(device)
             weights, tis = algo.truncated_importance_weights(old_lp, behaviour, cfg.tis_cap, policy_mask)
             metrics = {f"learner/{k}": v for k, v in tis.items()}
         loss_rl, rl_metrics = algo.ppo_clip_loss(
@@ -157,7 +214,7 @@ class Learner:
         with torch.no_grad():
             metrics["learner/entropy"] = algo.masked_mean(algo.entropy_from_logits(logits[:B]), policy_mask).item()
         if with_refined:
-            index = torch.tensor(rows.refined_index)
+            index = torch.tensor(rows.refined_index, device=device)
             ce, _ = algo.refined_ce(logprobs[index], rows.target_mask[index])
             metrics["learner/ce_refined"] = ce.item()
             if cfg.constraint == "dynamic":
@@ -188,18 +245,23 @@ class Learner:
 
     @torch.no_grad()
     def _old_logprobs(self, samples: list[Sample]) -> torch.Tensor:
-        rows = build_rows(samples, self.tokenizer.pad_token_id, with_refined=False)
+        rows = build_rows(samples, self.tokenizer.pad_token_id, with_refined=False).to(self.engine.device)
         return self._forward_logprobs(self.engine, rows)[0]
 
     def step(self, batch: Batch) -> dict[str, float]:
-        """Train on one batch; returns the mean of each metric over micro-batches, and the new policy version."""
+        """Train on this rank's share of one batch (a collective: every rank is called with the same batch).
+        Returns the step's metrics over all ranks (each rank's mean over its micro-batches, then combined), and
+        the new policy version."""
+        import torch.distributed as dist
+
         started = time.perf_counter()
         self.engine.train()
-        samples = list(batch.samples)
+        updates = self.config.learner.updates_per_step
+        samples = rank_share(list(batch.samples), updates, self.rank, self.world_size)
         micro_batches = [samples[i : i + self.micro_batch_size] for i in range(0, len(samples), self.micro_batch_size)]
         # With several updates per step, later ones must see the ratio against the weights before the first.
         old = [None] * len(micro_batches)
-        if self.config.learner.updates_per_step > 1:
+        if updates > 1:
             old = [self._old_logprobs(micro) for micro in micro_batches]
         sums: dict[str, float] = {}
         grad_norms = []  # one per optimizer update, not per micro-batch
@@ -218,7 +280,7 @@ class Learner:
         metrics["learner/lr"] = self.engine.get_lr()[0]
         metrics["learner/policy_version"] = self.policy_version
         metrics["learner/samples"] = len(samples)
-        metrics["learner/staleness"] = batch.policy_version - min(s.policy_version for s in samples)
+        metrics["learner/staleness"] = batch.policy_version - min(s.policy_version for s in batch.samples)
         seconds = time.perf_counter() - started
         metrics["time/learner_compute"] = seconds
         metrics["learner/tokens_per_s"] = tokens / seconds
@@ -227,7 +289,9 @@ class Learner:
             metrics["learner/mfu"] = (
                 algo.model_flops(self.num_params, tokens) / seconds / (self.config.learner.peak_tflops * 1e12 * devices)
             )
-        return metrics
+        per_rank: list[dict[str, float]] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(per_rank, metrics)  # a few dozen floats; every rank returns the same combination
+        return combine_rank_metrics(per_rank)
 
     # ---- weights out ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -253,44 +317,59 @@ class Learner:
             for name, p in named
         ]
 
-    def sync_port(self) -> int:
-        """A free port on the learner's node for the weight-sync store."""
-        return free_port()
-
     def init_weight_sync(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
-        """Join (as rank 0) the group the vLLM workers join concurrently."""
+        """Rank 0 joins (as sync rank 0) the group the vLLM workers join concurrently; other ranks only take part
+        in the ZeRO-3 gathers of each broadcast."""
         backend = self.config.sync.backend
         self.sync_group = SyncGroup(host, port, 0, world_size, timeout_s, who="learner", backend=backend)
 
     def broadcast_weights(self, bucket_bytes: int) -> dict:
-        """Send the current weights to every vLLM worker, bucket by bucket; returns checksums, bytes and seconds."""
-        assert self.sync_group is not None, "init_weight_sync was not called"
+        """Send the current weights to every vLLM worker, bucket by bucket (rank 0); returns checksums, bytes and
+        seconds. Every rank is called: under ZeRO-3 each bucket's gather is a collective of all ranks."""
         started = time.perf_counter()
         buckets = plan_buckets(self.weight_metas(), bucket_bytes)
+        if self.rank != 0:
+            for _ in self._gathered_buckets(buckets):  # feed rank 0's gathers
+                pass
+            return {}
+        assert self.sync_group is not None, "init_weight_sync was not called on learner rank 0"
         sums, nbytes = send_weights(self.sync_group, buckets, lambda b: self._full_params([m.name for m in b]))
         return {"checksums": sums, "bytes": nbytes, "seconds": time.perf_counter() - started, "buckets": len(buckets)}
+
+    def _gathered_buckets(self, buckets: list[list[ParamMeta]]) -> Iterator[dict[str, torch.Tensor]]:
+        """Each bucket's full tensors in turn (gathered under ZeRO-3), in the order rank 0 sends them."""
+        for bucket in buckets:
+            with self._full_params([m.name for m in bucket]) as tensors:
+                yield tensors
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def save_checkpoint(self, directory: str) -> None:
         """Weights, optimizer, RNG and policy version, as a DeepSpeed checkpoint in `directory` (the driver commits
-        the checkpoint atomically once every part is written)."""
-        client_state = {"policy_version": self.policy_version, "torch_rng": torch.get_rng_state()}
-        self.engine.save_checkpoint(directory, tag="state", client_state=client_state)
+        the checkpoint atomically once every part is written). Every rank writes its ZeRO partition and its RNG."""
+        self.engine.save_checkpoint(directory, tag="state", client_state={"policy_version": self.policy_version})
+        torch.save(torch.get_rng_state(), os.path.join(directory, f"torch_rng_rank{self.rank}.pt"))
 
     def load_checkpoint(self, directory: str) -> int:
         """Restore what `save_checkpoint` wrote; returns the restored policy version."""
         path, client_state = self.engine.load_checkpoint(directory, tag="state")
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint (tag 'state') under {directory}")
-        torch.set_rng_state(client_state["torch_rng"])
+        torch.set_rng_state(torch.load(os.path.join(directory, f"torch_rng_rank{self.rank}.pt")))
         self.policy_version = client_state["policy_version"]
         return self.policy_version
 
-    def save_pretrained(self, path: str) -> str:
-        """The policy in HF format (weights + config + tokenizer), written to a temp dir then renamed."""
+    def save_pretrained(self, path: str, bucket_bytes: int = 256 * 2**20) -> str | None:
+        """The policy in HF format (weights + config + tokenizer), written by rank 0 to a temp dir then renamed;
+        returns the path there (None on other ranks). Under ZeRO-3 the parameters are gathered one bucket at a
+        time and copied to host memory, so no device ever holds the whole model twice."""
+        buckets = plan_buckets(self.weight_metas(), bucket_bytes)
+        state = {}
+        for tensors in self._gathered_buckets(buckets):
+            if self.rank == 0:
+                state.update({k: v.detach().to("cpu", copy=True) for k, v in tensors.items()})
+        if self.rank != 0:
+            return None
         tmp = f"{path}.tmp"
-        with self._full_params() as params:
-            state = {k: v.detach().clone() for k, v in params.items()}
         self.engine.module.save_pretrained(tmp, state_dict=state)
         self.tokenizer.save_pretrained(tmp)
         if os.path.exists(path):  # keep the previous copy until the new one is in place

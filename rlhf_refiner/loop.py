@@ -30,8 +30,8 @@ from rlhf_refiner import checkpoint, placement
 from rlhf_refiner.config import Config
 from rlhf_refiner.data import PromptSource
 from rlhf_refiner.generator import check_reloadable
-from rlhf_refiner.metrics import MetricsLogger, truncate_after
-from rlhf_refiner.records import Prompt, Refinement, Reward, Rollout, Sample
+from rlhf_refiner.metrics import MetricsLogger, merge_calls, truncate_after
+from rlhf_refiner.records import Prompt, Refinement, Reward, Rollout, Sample, shard_slice
 from rlhf_refiner.reward import merge
 
 SUMMARY_KEYS = ("reward/mean", "task/accuracy", "learner/kl_to_ref", "learner/ce_refined")
@@ -111,14 +111,16 @@ def save_checkpoint(
     tmp = checkpoint.staging_dir(output_dir, step)
     deadline = config.ray.call_timeout_s
     learner_dir = str((tmp / "learner").resolve())
-    _, buffer_state = wait(
-        [actors.learner.save_checkpoint.remote(learner_dir), actors.buffer.state_dict.remote()],
-        "checkpoint (learner-0, buffer)",
+    saves = [learner.save_checkpoint.remote(learner_dir) for learner in actors.learners]  # each its ZeRO partition
+    *_, buffer_state = wait(
+        [*saves, actors.buffer.state_dict.remote()],
+        "checkpoint (learner-*, buffer)",
         deadline,
     )
     state = {
         "step": step,
         "policy_version": version,
+        "learner_ranks": len(actors.learners),  # ZeRO partitions: a resume needs the same learner.num_ranks
         "data": source.state_dict(),
         # Sampling is seeded per request from (seed, step, index), and the driver's draws from the step, so
         # these seeds and the step are the RNG state of every actor that samples.
@@ -144,17 +146,27 @@ def restore_checkpoint(
     """Load the learner, buffer and data position, then give the generator the restored weights. Returns the
     policy version and (async) the rollouts made ahead for the next step."""
     deadline = config.ray.call_timeout_s
+    ranks = state.get("learner_ranks", 1)
+    if ranks != len(actors.learners):
+        raise ValueError(
+            f"{directory} was written by {ranks} learner ranks and its ZeRO partitions need as many: resume with "
+            f"learner.num_ranks={ranks} (not {len(actors.learners)}), or trainer.resume=none"
+        )
     driver_state = checkpoint.load_buffer(directory)
-    version, _ = wait(
+    learner_dir = str((directory / "learner").resolve())
+    *versions, _ = wait(
         [
-            actors.learner.load_checkpoint.remote(str((directory / "learner").resolve())),
+            *(learner.load_checkpoint.remote(learner_dir) for learner in actors.learners),
             actors.buffer.load_state_dict.remote(driver_state["buffer"]),
         ],
-        f"restore {directory.name} (learner-0, buffer)",
+        f"restore {directory.name} (learner-*, buffer)",
         deadline,
     )
-    if version != state["policy_version"]:
-        raise checkpoint.CorruptCheckpointError(f"{directory}: learner version {version} != {state['policy_version']}")
+    version = versions[0]
+    if set(versions) != {state["policy_version"]}:
+        raise checkpoint.CorruptCheckpointError(
+            f"{directory}: learner versions {versions} != {state['policy_version']}"
+        )
     source.load_state_dict(state["data"])
     sync_weights(actors, version, bucket_bytes, config)
     return version, driver_state["rollouts_ahead"]
@@ -257,19 +269,44 @@ def flat(parts: list[list[Any]]) -> list[Any]:
 Collected = tuple[list[Rollout], list[Refinement] | None, list[Reward], dict[str, float]]
 
 
+def gather_stage(calls: list[list[Any]], names: list[str], stage: str, time_key: str, deadline: float):
+    """Wait for a fanned-out stage's calls, each returning (records, metrics) as two ObjectRefs and made on the
+    actor `names[i]`: the records of all calls in call order, and their metrics merged (`metrics.merge_calls`)."""
+    parts = wait(flat(calls), stage, deadline)
+    records, metrics = parts[0::2], parts[1::2]
+    return flat(records), merge_calls([(n, len(r), m) for n, r, m in zip(names, records, metrics)], time_key)
+
+
 def collect(actors: placement.Actors, prompts: list[Prompt], step: int, config: Config) -> Collected:
-    """One rollout round: generate G responses per prompt, then refine and score them concurrently (both read
-    the rollouts' ObjectRef), then score the changed a' of a sample for `refiner/improved_frac`."""
+    """One rollout round: every generator engine makes G responses for its shard of the prompts; each engine's
+    rollouts are refined and scored as soon as they exist (refiners and scorers each take a shard of every
+    engine's rollouts ObjectRef, so results come back in rollout order); then the changed a' of a sample are
+    scored for `refiner/improved_frac`."""
     deadline = config.ray.call_timeout_s
-    rollouts_ref, gen_metrics_ref = actors.generator.generate.options(num_returns=2).remote(prompts, step)
-    scorers = [group for group in (actors.rewards, actors.reward_models) if group]  # each shards the rollouts
-    reward_refs = [[s.score.remote(rollouts_ref, i, len(group)) for i, s in enumerate(group)] for group in scorers]
-    refine_refs = actors.refiner.refine.options(num_returns=2).remote(rollouts_ref) if actors.refiner else None
-    rollouts, metrics = wait([rollouts_ref, gen_metrics_ref], "generate (generator-0)", deadline)
+    engines = len(actors.generators)
+    generated = [
+        generator.generate.options(num_returns=2).remote(prompts[shard_slice(len(prompts), i, engines)], step)
+        for i, generator in enumerate(actors.generators)
+    ]
+    rollout_refs = [rollouts_ref for rollouts_ref, _ in generated]
+    scorers = [group for group in (actors.rewards, actors.reward_models) if group]
+    reward_refs = [
+        [scorer.score.remote(ref, i, len(group)) for ref in rollout_refs for i, scorer in enumerate(group)]
+        for group in scorers
+    ]
+    refiners = actors.refiners
+    refine_refs = [
+        refiner.refine.options(num_returns=2).remote(ref, i, len(refiners))
+        for ref in rollout_refs
+        for i, refiner in enumerate(refiners)
+    ]
+    names = [f"generator-{i}" for i in range(engines)]
+    rollouts, metrics = gather_stage(generated, names, "generate (generator-*)", "time/generate", deadline)
     rewards = merge([flat(wait(refs, "score (reward-*, reward-model-*)", deadline)) for refs in reward_refs])
     refinements = None
-    if refine_refs is not None:
-        refinements, refine_metrics = wait(list(refine_refs), "refine (refiner-0)", deadline)
+    if refine_refs:
+        names = [f"refiner-{i}" for _ in rollout_refs for i in range(len(refiners))]
+        refinements, refine_metrics = gather_stage(refine_refs, names, "refine (refiner-*)", "time/refine", deadline)
         metrics.update(refine_metrics)
         changed, drawn = improvement_sample(refinements, config.refiner.improved_eval_fraction, step)
         changed_rollouts, changed_refinements = [rollouts[i] for i in changed], [refinements[i] for i in changed]
@@ -341,52 +378,59 @@ def rollout_phase(
 
 
 def connect_weight_sync(actors: placement.Actors, config: Config) -> int:
-    """Form the sync group: learner = rank 0, the generator's vLLM workers (one per TP rank) = ranks 1.. .
-    Returns the bucket size."""
+    """Form the sync group: learner rank 0 = sync rank 0; generator engine i's vLLM workers (one per TP rank) =
+    sync ranks 1 + i·TP + tp_rank. Returns the bucket size."""
     startup = config.ray.startup_timeout_s
-    host = placement.node_ip(actors.learner, startup)
-    port, metas = wait(
-        [actors.learner.sync_port.remote(), actors.learner.weight_metas.remote()], "learner-0 startup", startup
-    )
-    # The group forms within sync.timeout_s only if both sides are up: wait out the engine's start-up first.
-    wait([actors.generator.__ray_call__.remote(lambda _self: True)], "generator-0 startup", startup)
+    learner = actors.learners[0]
+    host = placement.node_ip(learner, startup)
+    port, metas = wait([learner.free_port.remote(), learner.weight_metas.remote()], "learner-0 startup", startup)
+    # The group forms within sync.timeout_s only if both sides are up: wait out the engines' start-up first.
+    wait([g.__ray_call__.remote(lambda _self: True) for g in actors.generators], "generator-* startup", startup)
     bucket_bytes = int(config.sync.bucket_mb * 2**20)
     timeout = config.sync.timeout_s
-    world = 1 + config.generator.engine.tensor_parallel_size
+    tp = config.generator.engine.tensor_parallel_size
+    world = 1 + len(actors.generators) * tp
     wait(
         [
-            actors.learner.init_weight_sync.remote(host, port, world, timeout),
-            actors.generator.init_weight_sync.remote(host, port, 1, world, metas, bucket_bytes, timeout),
+            learner.init_weight_sync.remote(host, port, world, timeout),
+            *(
+                g.init_weight_sync.remote(host, port, 1 + i * tp, world, metas, bucket_bytes, timeout)
+                for i, g in enumerate(actors.generators)
+            ),
         ],
-        "weight sync setup (learner-0, generator-0)",
+        "weight sync setup (learner-0, generator-*)",
         startup,
     )
     return bucket_bytes
 
 
 def sync_weights(actors: placement.Actors, version: int, bucket_bytes: int, config: Config) -> dict[str, Any]:
-    """Broadcast the learner's weights into the generator's vLLM worker, which becomes `version`."""
-    sent, received = wait(
+    """Broadcast learner rank 0's weights (every rank joins: ZeRO-3 gathers) into every generator engine's vLLM
+    workers, which become `version`."""
+    results = wait(
         [
-            actors.learner.broadcast_weights.remote(bucket_bytes),
-            actors.generator.receive_weights.remote(version, config.sync.verify, config.sync.timeout_s),
+            *(learner.broadcast_weights.remote(bucket_bytes) for learner in actors.learners),
+            *(g.receive_weights.remote(version, config.sync.verify, config.sync.timeout_s) for g in actors.generators),
         ],
-        "weight sync (learner-0 -> generator-0)",
+        "weight sync (learner-* -> generator-*)",
         config.sync.timeout_s + 30,
     )
-    if config.sync.verify and sent["checksums"] != received["checksums"]:
-        raise RuntimeError(f"weight sync to generator-0 corrupted bytes at version {version}")
+    sent, received = results[0], results[len(actors.learners) :]  # ranks > 0 only gathered for rank 0
+    for i, engine in enumerate(received):
+        if config.sync.verify and engine["checksums"] != sent["checksums"]:
+            raise RuntimeError(f"weight sync to generator-{i} corrupted bytes at version {version}")
     return {
         "sync/bytes": sent["bytes"],
         "sync/buckets": sent["buckets"],
-        "sync/load_seconds": received["load_seconds"],
+        "sync/load_seconds": max(engine["load_seconds"] for engine in received),
     }
 
 
 class Recovery:
-    """Runs a stage call again after generator-0 died: recreate it in its bundle, re-form the weight-sync group,
-    and give it the current weights first, at most `ray.max_restarts` times. Reward workers, reward models and
-    the refiner are restarted by Ray itself (their calls are retried); a dead learner ends the run."""
+    """Runs a stage call again after a generator engine died: recreate it in its bundle, re-form the weight-sync
+    group, and give the engines the current weights first, at most `ray.max_restarts` times. Reward workers,
+    reward models and refiners are restarted by Ray itself (their calls are retried); a dead learner rank ends
+    the run."""
 
     def __init__(self, actors: placement.Actors, model_path: str, config: Config) -> None:
         self.actors, self.model_path, self.config = actors, model_path, config
@@ -397,16 +441,18 @@ class Recovery:
             try:
                 return call()
             except ray.exceptions.RayActorError as e:
-                if e.actor_id == self.actors.learner._actor_id.hex():
+                learners = [learner._actor_id.hex() for learner in self.actors.learners]
+                if e.actor_id in learners:
                     raise RuntimeError(
-                        "learner-0 died; the run cannot continue. Start it again with trainer.resume=auto to "
-                        f"continue from the newest checkpoint in {self.config.trainer.output_dir}/checkpoints"
+                        f"learner-{learners.index(e.actor_id)} died; the run cannot continue. Start it again with "
+                        "trainer.resume=auto to continue from the newest checkpoint in "
+                        f"{self.config.trainer.output_dir}/checkpoints"
                     ) from e
-                generator_died = e.actor_id == self.actors.generator._actor_id.hex()
-                if not generator_died or self.generator_restarts >= self.config.ray.max_restarts:
+                generators = [generator._actor_id.hex() for generator in self.actors.generators]
+                if e.actor_id not in generators or self.generator_restarts >= self.config.ray.max_restarts:
                     raise
                 self.generator_restarts += 1
-                placement.recreate_generator(self.actors, self.config, self.model_path)
+                placement.recreate_generator(self.actors, generators.index(e.actor_id), self.config, self.model_path)
                 bucket_bytes = connect_weight_sync(self.actors, self.config)
                 sync_weights(self.actors, version, bucket_bytes, self.config)
 
@@ -453,12 +499,11 @@ def run(config: Config) -> dict[str, Any]:
     try:
         actors = placement.start_actors(config, model_path, config.ray.startup_timeout_s)
         bucket_bytes = connect_weight_sync(actors, config)
-        if actors.refiner is not None:
-            wait(
-                [actors.refiner.__ray_call__.remote(lambda _self: True)],
-                "refiner-0 startup",
-                config.ray.startup_timeout_s,
-            )
+        wait(
+            [refiner.__ray_call__.remote(lambda _self: True) for refiner in actors.refiners],
+            "refiner-* startup",
+            config.ray.startup_timeout_s,
+        )
         summary["nodes"] = placement.actor_nodes(actors, config.ray.startup_timeout_s)  # where each stage runs
         version, samples_per_step = 0, config.data.prompts_per_step * config.generator.group_size
         restored_rollouts = None
@@ -486,13 +531,14 @@ def run(config: Config) -> dict[str, Any]:
                     raise RuntimeError(f"step {step}: duplicate sample ids in the batch")
                 actors.buffer.add.remote(samples)
                 batch_ref = actors.buffer.take.remote(samples_per_step, version)
-                learn_ref = actors.learner.step.remote(batch_ref)
+                learn_refs = [learner.step.remote(batch_ref) for learner in actors.learners]  # each trains its shard
                 if config.trainer.async_steps and step < config.trainer.steps:
                     # Overlap: step+1's rollouts (generator still at `version`) while the learner makes version+1.
                     prompts = source.next_batch(version)
                     rollout = partial(rollout_phase, actors, source, prompts, step + 1, version, config)
                     pending = ahead.submit(recovery.run, rollout, version)
-                metrics.update(wait([learn_ref], "learn (learner-0)", deadline)[0])
+                # every rank returns the metrics of all ranks combined
+                metrics.update(wait(learn_refs, "learn (learner-*)", deadline)[0])
                 version += 1
                 t2 = time.perf_counter()
                 if isinstance(pending, Future):
@@ -530,14 +576,13 @@ def run(config: Config) -> dict[str, Any]:
         summary.update(steps=config.trainer.steps, policy_version=version, seconds=time.perf_counter() - run_started)
         if config.trainer.save_final and not stop.requested:
             final = str((output_dir / "final").resolve())
-            summary["final"] = wait([actors.learner.save_pretrained.remote(final)], "save (learner-0)", deadline)[0]
+            saves = [learner.save_pretrained.remote(final) for learner in actors.learners]  # rank 0 writes
+            summary["final"] = wait(saves, "save (learner-*)", deadline)[0]
     finally:
         logger.close(summary)
         if actors is not None:
-            stages = [actors.generator, actors.refiner, actors.buffer, actors.learner]
-            for actor in [*stages, *actors.rewards, *actors.reward_models]:
-                if actor is not None:
-                    ray.kill(actor)
+            for actor in actors.named().values():
+                ray.kill(actor)
             ray.util.remove_placement_group(actors.placement_group)
         ahead.shutdown(wait=False, cancel_futures=True)  # after the kills: a rollout still waiting fails fast
         if started_ray:

@@ -29,6 +29,28 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def merge_calls(calls: list[tuple[str, int, dict[str, float]]], time_key: str) -> dict[str, float]:
+    """One stage's metrics from its fanned-out calls, each (actor name, samples, metrics). Calls on one actor run
+    one after another and different actors in parallel, so `time_key` becomes the busiest actor's total; every
+    `*tokens_per_s` becomes all tokens over that time (a call's tokens: its rate x its `time_key`); the rest are
+    sample-weighted means over the calls that report them. Calls with no samples carry no metrics."""
+    calls = [call for call in calls if call[1] > 0]
+    busy: dict[str, float] = {}
+    for actor, _, metrics in calls:
+        busy[actor] = busy.get(actor, 0.0) + metrics[time_key]
+    seconds = max(busy.values())
+    merged = {time_key: seconds}
+    for key in dict.fromkeys(key for _, _, metrics in calls for key in metrics):  # their union, in order
+        if key == time_key:
+            continue
+        if key.endswith("tokens_per_s"):
+            merged[key] = sum(m[key] * m[time_key] for _, _, m in calls) / max(seconds, 1e-9)
+        else:
+            reported = [(n, m[key]) for _, n, m in calls if key in m]
+            merged[key] = sum(n * value for n, value in reported) / sum(n for n, _ in reported)
+    return merged
+
+
 def truncate_after(output_dir: Path, step: int) -> None:
     """Keep only the rows of steps <= `step` in metrics.jsonl and samples.jsonl (a resumed run re-logs the steps
     after its checkpoint); each file is rewritten atomically, and a torn last line is dropped."""

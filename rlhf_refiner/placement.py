@@ -1,8 +1,10 @@
 """Resources -> one placement group and the Ray actor options of every stage; the only GPU arithmetic.
 
-Each stage class is wrapped with `ray.remote` once, here. Actors are named (`generator-0`, `refiner-0`,
-`reward-<i>`, `reward-model-<i>`, `learner-0`, `buffer`) in the run's namespace (`ray.namespace`, default: the
-run name), so operators (and tests) can find them, and two runs on one cluster do not collide.
+Each stage class is wrapped with `ray.remote` once, here. Actors are named (`learner-<rank>`, `generator-<i>`,
+`refiner-<i>`, `reward-<i>`, `reward-model-<i>`, `buffer`) in the run's namespace (`ray.namespace`, default: the
+run name), so operators (and tests) can find them, and two runs on one cluster do not collide. Every stage may
+fan out: learner ranks (`learner.num_ranks`), generator and refiner engines (`*.engine.num_engines`), reward
+workers and reward models (`reward.num_workers`, `reward.model.num_workers`).
 """
 
 from __future__ import annotations
@@ -31,14 +33,24 @@ ACTOR_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false", "
 
 @dataclass
 class Actors:
-    generator: Any
-    refiner: Any | None  # None when the refiner is not used (or is an external server reached by the loop)
+    learners: list[Any]  # one per data-parallel rank; learners[0] is rank 0, the weight-sync sender
+    generators: list[Any]  # one per policy engine; every one receives every weight sync
+    refiners: list[Any]  # one per π0 engine (or client of `refiner.base_url`); empty when the refiner is not used
     rewards: list[Any]  # RewardWorker actors (rule, code, http sources); empty when only `model` is weighted
     reward_models: list[Any]  # RewardModel actors; empty unless `model` is weighted
     buffer: Any
-    learner: Any
     placement_group: PlacementGroup
-    generator_options: dict[str, Any]  # to recreate generator-0 in its bundle after it dies
+    generator_options: list[dict[str, Any]]  # to recreate generator-<i> in its bundle after it dies
+
+    def named(self) -> dict[str, Any]:
+        """Every actor by its name."""
+        named = {f"learner-{i}": a for i, a in enumerate(self.learners)}
+        named.update({f"generator-{i}": a for i, a in enumerate(self.generators)})
+        named.update({f"refiner-{i}": a for i, a in enumerate(self.refiners)})
+        named.update({f"reward-{i}": a for i, a in enumerate(self.rewards)})
+        named.update({f"reward-model-{i}": a for i, a in enumerate(self.reward_models)})
+        named["buffer"] = self.buffer
+        return named
 
 
 def uses_refiner(config: Config) -> bool:
@@ -75,7 +87,18 @@ class PlacementError(ValueError):
 def _check_gpus(config: Config) -> None:
     """The GPU arithmetic that pydantic's per-section validators cannot see."""
     learner, engine = config.learner.num_gpus, config.generator.engine.num_gpus
+    if learner > 1:
+        raise PlacementError(
+            f"learner.num_gpus = {learner:g}: a learner rank drives one GPU; for more GPUs set learner.num_ranks "
+            "(DeepSpeed data parallelism, one rank per GPU) with learner.num_gpus=1"
+        )
     if config.placement.layout == "colocated":
+        ranks, engines = config.learner.num_ranks, config.generator.engine.num_engines
+        if ranks != engines:
+            raise PlacementError(
+                f"placement.layout=colocated pairs learner rank i with generator engine i on one GPU: "
+                f"learner.num_ranks ({ranks}) must equal generator.engine.num_engines ({engines})"
+            )
         if not (learner > 0 and engine > 0 and learner + engine <= 1):
             raise PlacementError(
                 f"placement.layout=colocated shares one GPU: learner.num_gpus ({learner:g}) and "
@@ -106,7 +129,7 @@ def _check_gpus(config: Config) -> None:
 
 
 def plan(config: Config) -> Plan:
-    """One bundle per actor (colocated: the generator's share of the learner's); validates the GPU arithmetic."""
+    """One bundle per actor (colocated: engine i's share of learner rank i's); validates the GPU arithmetic."""
     _check_gpus(config)
     pins = config.placement.node_resources
     bundles: list[dict[str, float]] = []
@@ -120,16 +143,20 @@ def plan(config: Config) -> Plan:
         bundles.append(bundle)
 
     learner, engine = config.learner, config.generator.engine
-    if config.placement.layout == "colocated":  # one bundle holds both; each actor asks for its own share
-        index = len(bundles)
-        add("learner-0", "learner", learner.num_cpus + engine.num_cpus, 1)
-        actors["learner-0"] = (index, learner.num_cpus, learner.num_gpus)
-        actors["generator-0"] = (index, engine.num_cpus, engine.num_gpus)
+    if config.placement.layout == "colocated":  # one bundle holds a pair; each actor asks for its own share
+        for i in range(learner.num_ranks):
+            index = len(bundles)
+            add(f"learner-{i}", "learner", learner.num_cpus + engine.num_cpus, 1)
+            actors[f"learner-{i}"] = (index, learner.num_cpus, learner.num_gpus)
+            actors[f"generator-{i}"] = (index, engine.num_cpus, engine.num_gpus)
     else:
-        add("learner-0", "learner", learner.num_cpus, learner.num_gpus)
-        add("generator-0", "generator", engine.num_cpus, engine.num_gpus)
-    if uses_refiner(config):
-        add("refiner-0", "refiner", config.refiner.engine.num_cpus, config.refiner.engine.num_gpus)
+        for i in range(learner.num_ranks):
+            add(f"learner-{i}", "learner", learner.num_cpus, learner.num_gpus)
+        for i in range(engine.num_engines):
+            add(f"generator-{i}", "generator", engine.num_cpus, engine.num_gpus)
+    refiner = config.refiner.engine
+    for i in range(refiner.num_engines if uses_refiner(config) else 0):
+        add(f"refiner-{i}", "refiner", refiner.num_cpus, refiner.num_gpus)
     for i in range(reward_worker_count(config)):
         add(f"reward-{i}", "reward", config.reward.num_cpus, 0)
     rm = config.reward.model
@@ -140,7 +167,8 @@ def plan(config: Config) -> Plan:
 
 
 def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
-    """Reserve resources for every stage and start its actor; returns once the placement group is ready."""
+    """Reserve resources for every stage and start its actor; returns once the learner ranks have formed their
+    process group and built their DeepSpeed engines (the engines may still be starting)."""
     layout = plan(config)
     pg = placement_group(layout.bundles, strategy=config.placement.strategy, name=f"{config.run_name}-stages")
     try:
@@ -168,16 +196,25 @@ def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
             "max_task_retries": restarts,
         }
 
-    learner = ray.remote(Learner).options(**options("learner-0")).remote(model_path, config)
-    generator_options = options("generator-0")
-    generator = ray.remote(Generator).options(**generator_options).remote(model_path, config)
-    refiner = None
-    if uses_refiner(config):
-        refiner = (
-            ray.remote(Refiner)
-            .options(**options("refiner-0", restartable=True))
-            .remote(model_path, config.refiner, config.model.dtype, config.trainer.seed)
+    ranks = config.learner.num_ranks
+    learner_cls = ray.remote(Learner)
+    learners = [
+        learner_cls.options(**options(f"learner-{rank}")).remote(model_path, config, rank, ranks)
+        for rank in range(ranks)
+    ]
+    # The ranks' rendezvous: rank 0 hosts the store on its node (constructing a Learner is cheap, so rank 0
+    # answers before any rank blocks in `setup`); the setups run while the other stages start below.
+    master = node_ip(learners[0], timeout_s), ray.get(learners[0].free_port.remote(), timeout=timeout_s)
+    setups = [learner.setup.remote(*master) for learner in learners]
+    generator_options = [options(f"generator-{i}") for i in range(config.generator.engine.num_engines)]
+    generators = [ray.remote(Generator).options(**o).remote(model_path, config) for o in generator_options]
+    refiner_cls = ray.remote(Refiner)
+    refiners = [
+        refiner_cls.options(**options(f"refiner-{i}", restartable=True)).remote(
+            model_path, config.refiner, config.model.dtype, config.trainer.seed
         )
+        for i in range(config.refiner.engine.num_engines if uses_refiner(config) else 0)
+    ]
     reward_cls = ray.remote(RewardWorker)
     rewards = [
         reward_cls.options(**options(f"reward-{i}", restartable=True)).remote(config.reward, config.task)
@@ -191,17 +228,22 @@ def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
         for i in range(reward_model_count(config))
     ]
     buffer = ray.remote(Buffer).options(**options("buffer")).remote(config.buffer.max_staleness, config.buffer.capacity)
-    return Actors(generator, refiner, rewards, reward_models, buffer, learner, pg, generator_options)
+    try:
+        ray.get(setups, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"learner setup (learner-0..{ranks - 1}) did not finish within {timeout_s:.0f}s") from None
+    return Actors(learners, generators, refiners, rewards, reward_models, buffer, pg, generator_options)
 
 
-def recreate_generator(actors: Actors, config: Config, model_path: str) -> None:
-    """A fresh generator-0 in the dead one's bundle, once Ray has released the name; the caller re-forms the
-    weight-sync group and gives it the current weights."""
-    ray.kill(actors.generator, no_restart=True)
+def recreate_generator(actors: Actors, index: int, config: Config, model_path: str) -> None:
+    """A fresh generator-<index> in the dead one's bundle, once Ray has released the name; the caller re-forms
+    the weight-sync group and gives it the current weights."""
+    ray.kill(actors.generators[index], no_restart=True)
+    options = actors.generator_options[index]
     deadline = time.monotonic() + config.ray.startup_timeout_s
     while True:
         try:
-            actors.generator = ray.remote(Generator).options(**actors.generator_options).remote(model_path, config)
+            actors.generators[index] = ray.remote(Generator).options(**options).remote(model_path, config)
             return
         except ValueError:  # "already taken": the dead actor's name is released asynchronously
             if time.monotonic() > deadline:
@@ -211,10 +253,7 @@ def recreate_generator(actors: Actors, config: Config, model_path: str) -> None:
 
 def actor_nodes(actors: Actors, timeout_s: float) -> dict[str, str]:
     """Ray node id of every stage's actor, by actor name."""
-    named = {"learner-0": actors.learner, "generator-0": actors.generator, "buffer": actors.buffer}
-    named.update({"refiner-0": actors.refiner} if actors.refiner is not None else {})
-    named.update({f"reward-{i}": a for i, a in enumerate(actors.rewards)})
-    named.update({f"reward-model-{i}": a for i, a in enumerate(actors.reward_models)})
+    named = actors.named()
     calls = [a.__ray_call__.remote(lambda _self: ray.get_runtime_context().get_node_id()) for a in named.values()]
     return dict(zip(named, ray.get(calls, timeout=timeout_s)))
 

@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+def shard_slice(total: int, shard: int, num_shards: int) -> slice:
+    """Contiguous, near-equal shard `shard` of `total` items; the shards tile [0, total) exactly, in order. How a
+    fanned-out stage (engines, reward workers, learner ranks) splits a list of records."""
+    return slice(total * shard // num_shards, total * (shard + 1) // num_shards)
+
+
 @dataclass(frozen=True)
 class CodeTests:
     """data -> RewardWorker: the unit tests of one code problem, in one of the three real formats."""

@@ -19,7 +19,7 @@ import time
 from rlhf_refiner import engines
 from rlhf_refiner.config import RefinerConfig
 from rlhf_refiner.data import render_user_turn
-from rlhf_refiner.records import Refinement, Rollout
+from rlhf_refiner.records import Refinement, Rollout, shard_slice
 
 
 def edit_distance(a: tuple[int, ...], b: tuple[int, ...]) -> int:
@@ -161,7 +161,13 @@ class Refiner:
             keys.append(index[key])
         return firsts, keys
 
-    def refine(self, rollouts: list[Rollout]) -> tuple[list[Refinement], dict[str, float]]:
+    def refine(
+        self, rollouts: list[Rollout], shard: int = 0, num_shards: int = 1
+    ) -> tuple[list[Refinement], dict[str, float]]:
+        """Refinements of this engine's shard of `rollouts`, in order, and their metrics."""
+        rollouts = rollouts[shard_slice(len(rollouts), shard, num_shards)]
+        if not rollouts:  # more refiner engines than this generator engine's rollouts
+            return [], {}
         firsts, keys = self._distinct(rollouts)
         prompts = [
             render_user_turn(self.tokenizer, self.config.template.format(query=r.prompt.query, response=r.response))

@@ -43,41 +43,51 @@ def build_tiny_reward_model(out_dir) -> str:
 
 
 def sync_round_trip(config, model_path: str, out_dir):
-    """Start the stages, train one step, sync with checksums, and sample again: what the CPU (`ray`) and GPU
-    sync tests check. Returns (sent, received, final weights dir, rollouts before, rollouts after)."""
+    """Start the stages, train one step (every learner rank), sync with checksums into every generator engine,
+    and sample again: what the CPU (`ray`) and GPU sync tests check. Returns a dict: `sent` (rank 0's checksums,
+    bytes, buckets), `received` (one result per engine), `final` (the learner's weights as an HF dir), `batch`
+    and the step's `metrics`, and the rollouts `before` and `after` the sync (all engines', in prompt order)."""
     import ray
     from transformers import AutoTokenizer
 
     from rlhf_refiner import loop, placement
     from rlhf_refiner.data import PromptSource
+    from rlhf_refiner.records import Batch, shard_slice
+
+    def generate(prompts, step):
+        n = len(actors.generators)
+        calls = [
+            g.generate.remote(prompts[shard_slice(len(prompts), i, n)], step) for i, g in enumerate(actors.generators)
+        ]
+        return [r for rollouts, _ in ray.get(calls, timeout=300) for r in rollouts]
 
     actors = placement.start_actors(config, model_path, timeout_s=600)
     try:
-        bucket_bytes = loop.connect_weight_sync(actors, config)  # waits for both actors' start-up first
+        bucket_bytes = loop.connect_weight_sync(actors, config)  # waits for both sides' start-up first
         prompts = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(model_path)).next_batch(0)
-        rollouts, _ = ray.get(actors.generator.generate.remote(prompts, 1), timeout=300)
+        rollouts = generate(prompts, 1)
         rewards = ray.get(actors.rewards[0].score.remote(rollouts), timeout=60)
         refinements = None
-        if actors.refiner is not None:
-            refinements, _ = ray.get(actors.refiner.refine.remote(rollouts), timeout=300)
+        if actors.refiners:
+            refinements, _ = ray.get(actors.refiners[0].refine.remote(rollouts), timeout=300)
         samples = loop.assemble_samples(rollouts, refinements, rewards, config)
         ray.get(actors.buffer.add.remote(samples), timeout=60)
-        ray.get(actors.learner.step.remote(actors.buffer.take.remote(len(samples), 0)), timeout=300)
-        sent, received = ray.get(
-            [
-                actors.learner.broadcast_weights.remote(bucket_bytes),
-                actors.generator.receive_weights.remote(1, True, 60),
-            ],
-            timeout=120,
-        )
-        final = ray.get(actors.learner.save_pretrained.remote(str(out_dir / "learner")), timeout=120)
-        after, _ = ray.get(actors.generator.generate.remote(prompts, 2), timeout=300)
+        batch = actors.buffer.take.remote(len(samples), 0)
+        metrics = ray.get([learner.step.remote(batch) for learner in actors.learners], timeout=300)[0]
+        learners = [learner.broadcast_weights.remote(bucket_bytes) for learner in actors.learners]
+        engines = [g.receive_weights.remote(1, True, 60) for g in actors.generators]
+        sent = ray.get(learners, timeout=120)[0]
+        received = ray.get(engines, timeout=120)
+        saves = [learner.save_pretrained.remote(str(out_dir / "learner")) for learner in actors.learners]
+        final = ray.get(saves, timeout=120)[0]
+        after = generate(prompts, 2)
     finally:
-        for actor in [actors.generator, actors.refiner, actors.learner, actors.buffer, *actors.rewards]:
-            if actor is not None:
-                ray.kill(actor)
+        for actor in actors.named().values():
+            ray.kill(actor)
         ray.util.remove_placement_group(actors.placement_group)
-    return sent, received, final, rollouts, after
+    batch = Batch(tuple(samples), policy_version=0, dropped_stale=0)
+    return {"sent": sent, "received": received, "final": final, "batch": batch, "metrics": metrics,
+            "before": rollouts, "after": after}  # fmt: skip
 
 
 def hf_logprobs(model, prompt_ids: list[int], response_ids: list[int]) -> list[float]:

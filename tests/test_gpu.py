@@ -104,10 +104,10 @@ def test_weight_sync_round_trip_matches_the_learner(gpu_cluster, pi0_dir, tmp_pa
         tmp_path, pi0_dir, "algo.constraint=static_kl", "generator.sampling.temperature=0", "learner.lr=0.01",
         "sync.bucket_mb=0.25", *_layout(_gpus()),
     )  # fmt: skip
-    sent, received, final, _, after = sync_round_trip(config, pi0_dir, tmp_path)
-    assert sent["buckets"] > 1 and received["checksums"] == sent["checksums"]
-    hf = AutoModelForCausalLM.from_pretrained(final).eval()
-    for rollout in after[:: config.generator.group_size]:
+    trip = sync_round_trip(config, pi0_dir, tmp_path)
+    assert trip["sent"]["buckets"] > 1 and trip["received"][0]["checksums"] == trip["sent"]["checksums"]
+    hf = AutoModelForCausalLM.from_pretrained(trip["final"]).eval()
+    for rollout in trip["after"][:: config.generator.group_size]:
         hf_lp = hf_logprobs(hf, list(rollout.prompt.prompt_token_ids), list(rollout.response_token_ids))
         assert rollout.response_logprobs == pytest.approx(hf_lp, abs=5e-3)
 

@@ -37,7 +37,9 @@ PAIRS = [("12+34=", "63", "64"), ("50+55=", "502", "501"), ("99+99=", "891", "89
 def _learner(pi0_path, *overrides):
     from rlhf_refiner.learner import Learner
 
-    return Learner(pi0_path, load(None, ["data.prompts_per_step=1", "generator.group_size=4", *overrides]))
+    learner = Learner(pi0_path, load(None, ["data.prompts_per_step=1", "generator.group_size=4", *overrides]))
+    learner.setup()  # one rank: its own rendezvous on localhost
+    return learner
 
 
 def test_dynamic_constraint_lowers_ce_on_refined(pi0_path):
@@ -95,3 +97,26 @@ def test_tis_weights_are_one_when_behaviour_is_the_learner_itself(pi0_path):
     # and behaviour log-probs of -1 everywhere are far from the model's: weights differ from 1
     stale = learner.step(_batch(learner.tokenizer, PAIRS, advantage=1.0))
     assert abs(stale["learner/tis_weight_mean"] - 1.0) > 0.05
+
+
+def test_rank_share_takes_each_ranks_slice_of_every_update():
+    from rlhf_refiner.learner import rank_share
+
+    samples = list(range(12))  # 2 updates of 6 samples, over 3 ranks: 2 samples of each update per rank
+    shares = [rank_share(samples, updates=2, rank=r, world_size=3) for r in range(3)]
+    assert shares == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10, 11]]
+    assert rank_share(samples, updates=1, rank=0, world_size=1) == samples
+
+
+def test_combine_rank_metrics_sums_throughput_and_takes_the_slowest_rank():
+    from rlhf_refiner.learner import combine_rank_metrics
+
+    ranks = [
+        {"learner/loss": 0.5, "learner/tokens_per_s": 100.0, "learner/samples": 8, "time/learner_compute": 2.0},
+        {"learner/loss": 1.5, "learner/tokens_per_s": 300.0, "learner/samples": 8, "time/learner_compute": 3.0},
+    ]
+    # loss: (0.5 + 1.5) / 2; tokens/s: 100 + 300 (the ranks train at once); samples: 8 + 8; time: the max
+    assert combine_rank_metrics(ranks) == {
+        "learner/loss": 1.0, "learner/tokens_per_s": 400.0, "learner/samples": 16, "time/learner_compute": 3.0,
+    }  # fmt: skip
+    assert combine_rank_metrics(ranks[:1]) == ranks[0]

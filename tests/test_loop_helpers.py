@@ -116,3 +116,23 @@ def test_tied_embeddings_are_refused_on_cpu_before_any_actor(tmp_path):
         check_reloadable(str(tmp_path), load(None))
     LlamaConfig(hidden_size=64, num_attention_heads=2, tie_word_embeddings=False).save_pretrained(tmp_path)
     check_reloadable(str(tmp_path), load(None))  # untied: accepted
+
+
+def test_merge_calls_of_a_fanned_out_stage():
+    from rlhf_refiner.metrics import merge_calls
+
+    calls = [  # (actor, samples, metrics): refiner-0 ran two calls one after the other, refiner-1 one
+        ("refiner-0", 2, {"refiner/unchanged_frac": 1.0, "refiner/tokens_per_s": 10.0, "time/refine": 1.0}),
+        ("refiner-0", 6, {"refiner/unchanged_frac": 0.5, "refiner/tokens_per_s": 20.0, "time/refine": 2.0}),
+        ("refiner-1", 8, {"refiner/unchanged_frac": 0.25, "refiner/tokens_per_s": 5.0, "time/refine": 2.5,
+                          "refiner/spec_accept_rate": 0.4}),
+        ("refiner-1", 0, {}),  # an empty shard carries nothing
+    ]  # fmt: skip
+    merged = merge_calls(calls, "time/refine")
+    # busiest actor: refiner-0, 1 + 2 = 3 s (refiner-1: 2.5 s); tokens: 10*1 + 20*2 + 5*2.5 = 62.5 over 3 s
+    assert merged["time/refine"] == 3.0
+    assert merged["refiner/tokens_per_s"] == pytest.approx(62.5 / 3)
+    assert merged["refiner/unchanged_frac"] == pytest.approx((2 * 1.0 + 6 * 0.5 + 8 * 0.25) / 16)  # 7 / 16
+    assert merged["refiner/spec_accept_rate"] == pytest.approx(0.4)  # only the call that reports it
+    one = {"generator/truncated_frac": 0.25, "generator/tokens_per_s": 8.0, "time/generate": 0.5}
+    assert merge_calls([("generator-0", 16, one)], "time/generate") == pytest.approx(one)

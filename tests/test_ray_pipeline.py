@@ -98,13 +98,19 @@ def test_loop_runs_each_constraint(ray_cluster, tiny_pi0, tmp_path, constraint):
 
     from rlhf_refiner import loop
 
-    # dynamic: every stage pinned to its own node, so the weight sync and all calls cross nodes
-    pins = [f"placement.node_resources={json.dumps(NODE_ROLES)}"] if constraint == "dynamic" else []
+    # dynamic: every stage fans out in two (learner ranks, generator and refiner engines, reward workers), and
+    # each stage is pinned to its own node, so the weight sync and all calls cross nodes
+    fan_out = [f"placement.node_resources={json.dumps(NODE_ROLES)}", "learner.num_ranks=2", "reward.num_workers=2",
+               "generator.engine.num_engines=2", "refiner.engine.num_engines=2", "learner.num_cpus=0.5",
+               "generator.engine.num_cpus=0.5", "refiner.engine.num_cpus=0.5"]  # fmt: skip
+    pins = fan_out if constraint == "dynamic" else []
     config = _config(tmp_path, tiny_pi0, f"algo.constraint={constraint}", *pins, run=f"run-{constraint}")
     summary = loop.run(config)
     if pins:
         nodes = summary["nodes"]
-        assert len({nodes[name] for name in ("learner-0", "generator-0", "refiner-0", "reward-0")}) == 4
+        roles = {role: {nodes[f"{role}-{i}"] for i in (0, 1)} for role in NODE_ROLES}
+        assert all(len(where) == 1 for where in roles.values()), roles  # both of a stage on its node
+        assert len(set.union(*roles.values())) == 4
     run_dir = tmp_path / f"run-{constraint}"
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -270,13 +276,10 @@ def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
     # the same (query, a) again under other sample ids, as when G samples agree: refined once, copied to both
     rollouts += [dataclasses.replace(r, sample_id=f"0-{r.prompt.prompt_id}-1") for r in rollouts[:6]]
     refiner = Refiner(tiny_pi0, config.refiner, config.model.dtype, config.trainer.seed)
-    try:
-        assert refiner.copy_verify
-        verified, verified_metrics = refiner.refine(rollouts)
-        refiner.copy_verify = False
-        plain, _ = refiner.refine(rollouts)
-    finally:
-        del refiner
+    assert refiner.copy_verify
+    verified, verified_metrics = refiner.refine(rollouts)
+    refiner.copy_verify = False
+    plain, _ = refiner.refine(rollouts)
     assert [(f.refined, f.fallback) for f in verified] == [(f.refined, f.fallback) for f in plain]
     assert [f.refined for f in plain[24:]] == [f.refined for f in plain[:6]]
     assert [f.sample_id for f in plain[24:]] == [r.sample_id for r in rollouts[24:]]
@@ -285,21 +288,34 @@ def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
     copies = sum(not f.fallback and f.refined_token_ids == r.response_token_ids for f, r in zip(plain, rollouts))
     copies /= len(plain)
     assert verified_metrics["refiner/verified_copy_frac"] == copies
+    shard, shard_metrics = refiner.refine(rollouts, 1, 3)  # engine 1 of 3: rollouts 10..19
+    assert [f.sample_id for f in shard] == [r.sample_id for r in rollouts[10:20]]
+    assert [f.refined for f in shard] == [f.refined for f in plain[10:20]]
+    assert refiner.refine(rollouts[:2], 0, 3) == ([], {})  # shards of 2 over 3 engines: 0, 1, 1 rollouts
 
 
-def test_weight_sync_transport_and_load(ray_cluster, tiny_pi0, tmp_path):
-    """After a learner step and a sync, the engine's greedy tokens and log-probs equal an HF model's with the
-    learner's weights, and every bucket's checksum as received equals the learner's."""
+def test_weight_sync_from_two_zero3_ranks_into_two_engines(ray_cluster, tiny_pi0, tmp_path):
+    """Two data-parallel learner ranks under ZeRO-3 train one step and broadcast into two generator engines
+    (buckets gathered on both ranks): every bucket's checksum as each engine received it equals rank 0's, and
+    each engine's greedy tokens and log-probs equal an HF model's with the learner's weights. The two-rank
+    update equals one rank's on the same batch with the same micro-batches (gradient accumulation)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from rlhf_refiner.learner import Learner
+
     config = _config(
-        tmp_path, tiny_pi0, "generator.sampling.temperature=0", "learner.lr=0.01", "sync.bucket_mb=0.25", run="sync"
-    )
-    sent, received, final, rollouts, after = sync_round_trip(config, tiny_pi0, tmp_path)
+        tmp_path, tiny_pi0, "generator.sampling.temperature=0", "learner.lr=0.01", "sync.bucket_mb=0.25",
+        "learner.num_ranks=2", "learner.num_cpus=0.5", "learner.micro_batch_size=4",
+        "learner.deepspeed={zero_optimization: {stage: 3}}", "generator.engine.num_engines=2",
+        "generator.engine.num_cpus=0.5", run="sync",
+    )  # fmt: skip
+    trip = sync_round_trip(config, tiny_pi0, tmp_path)
+    sent = trip["sent"]
     assert sent["buckets"] > 1, "bucket size should split this model into several buckets"
-    assert received["checksums"] == sent["checksums"]
-    hf = AutoModelForCausalLM.from_pretrained(final).eval()
+    assert len(trip["received"]) == 2 and all(r["checksums"] == sent["checksums"] for r in trip["received"])
+    hf = AutoModelForCausalLM.from_pretrained(trip["final"]).eval()
+    after = trip["after"]  # engine 0 sampled the first two prompts, engine 1 the last two
     for rollout in after[:: config.generator.group_size]:
         ids = list(rollout.prompt.prompt_token_ids)
         with torch.no_grad():
@@ -313,9 +329,24 @@ def test_weight_sync_transport_and_load(ray_cluster, tiny_pi0, tmp_path):
         assert list(rollout.response_token_ids) == greedy[: len(rollout.response_token_ids)]
         hf_lp = hf_logprobs(hf, ids, list(rollout.response_token_ids))
         assert rollout.response_logprobs == pytest.approx(hf_lp, abs=2e-3)
-    old = [r.response_logprobs for r in rollouts[:: config.generator.group_size]]
+    old = [r.response_logprobs for r in trip["before"][:: config.generator.group_size]]
     new = [r.response_logprobs for r in after[:: config.generator.group_size]]
-    assert old != new, "the engine's log-probs did not change after the sync: weights were not loaded"
+    assert old != new, "the engines' log-probs did not change after the sync: weights were not loaded"
+
+    # One rank, in this process, on the same 16 samples: 4 micro-batches of 4 accumulated, as the two ranks'
+    # 2 x 2 micro-batches are averaged. Same loss, same gradient norm, same weights.
+    single = Learner(
+        tiny_pi0, config.model_copy(update={"learner": config.learner.model_copy(update={"num_ranks": 1})})
+    )
+    single.setup()
+    metrics = single.step(trip["batch"])
+    for key in ("learner/loss", "learner/grad_norm", "learner/ce_refined", "learner/kl_to_ref", "learner/entropy"):
+        assert metrics[key] == pytest.approx(trip["metrics"][key], rel=1e-5), key
+    assert metrics["learner/samples"] == trip["metrics"]["learner/samples"] == 16
+    two_ranks = hf.state_dict()
+    with single._full_params() as params:
+        # Adam's first step moves every weight by ~lr (0.01); summation order leaves differences of ~1e-6
+        assert all(torch.allclose(value, two_ranks[name], rtol=0, atol=1e-5) for name, value in params.items())
 
 
 def wait_for_line(process: subprocess.Popen, marker: str, deadline_s: float) -> None:
@@ -456,16 +487,18 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_identical(ray_cluster, tiny_p
 
 
 def test_killed_reward_refiner_and_generator_recover_without_losing_samples(ray_cluster, tiny_pi0, tmp_path):
-    """Kill reward-0, refiner-0 and generator-0 by name while the run goes on: Ray restarts the first two and
-    retries their calls; the loop recreates the generator, gives it the current weights, and retries the step.
-    Every step still trains on exactly its 16 distinct samples, generated with the previous step's weights."""
+    """Kill reward-0, refiner-0 and generator-1 (of two engines) by name while the run goes on: Ray restarts the
+    first two and retries their calls; the loop recreates the generator engine, re-forms the weight-sync group
+    with both engines, gives them the current weights, and retries the step. Every step still trains on exactly
+    its 16 distinct samples, generated with the previous step's weights."""
     from rlhf_refiner import loop
 
     config = _config(
-        tmp_path, tiny_pi0, "trainer.steps=5", "sync.timeout_s=30", "metrics.wandb_mode=disabled", run="faults"
-    )
+        tmp_path, tiny_pi0, "trainer.steps=5", "sync.timeout_s=30", "metrics.wandb_mode=disabled",
+        "generator.engine.num_engines=2", run="faults",
+    )  # fmt: skip
     metrics_file = tmp_path / "faults" / "metrics.jsonl"
-    kills = [(1, "reward-0"), (2, "refiner-0"), (3, "generator-0")]  # (after this many logged steps, actor)
+    kills = [(1, "reward-0"), (2, "refiner-0"), (3, "generator-1")]  # (after this many logged steps, actor)
     killed = []
 
     def killer():
@@ -483,7 +516,7 @@ def test_killed_reward_refiner_and_generator_recover_without_losing_samples(ray_
     thread.start()
     summary = loop.run(config)
     thread.join()
-    assert killed == ["reward-0", "refiner-0", "generator-0"]
+    assert killed == ["reward-0", "refiner-0", "generator-1"]
     rows = _rows(tmp_path / "faults")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and summary["policy_version"] == 5
     for row in rows:

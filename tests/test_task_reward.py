@@ -4,8 +4,8 @@ import pytest
 
 from rlhf_refiner import task
 from rlhf_refiner.config import RewardConfig, TaskConfig
-from rlhf_refiner.records import Prompt, Rollout
-from rlhf_refiner.reward import RewardWorker, shard_slice
+from rlhf_refiner.records import Prompt, Rollout, shard_slice
+from rlhf_refiner.reward import RewardWorker
 
 
 def test_problem_is_padded_and_reversed():

@@ -13,17 +13,12 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from rlhf_refiner.config import RewardConfig, TaskConfig
-from rlhf_refiner.records import Refinement, Reward, Rollout
+from rlhf_refiner.records import Refinement, Reward, Rollout, shard_slice
 from rlhf_refiner.reward import rules
 from rlhf_refiner.reward.code_eval import CodeResult, evaluate, reward_of
 from rlhf_refiner.reward.sandbox import STATUSES, Sandbox
 
 WORKER_SOURCES = ("arithmetic", "code", "http", "format")  # `model` runs in RewardModel actors
-
-
-def shard_slice(total: int, shard: int, num_shards: int) -> slice:
-    """Contiguous, near-equal shard `shard` of `total` items; the shards tile [0, total) exactly."""
-    return slice(total * shard // num_shards, total * (shard + 1) // num_shards)
 
 
 def shard_inputs(

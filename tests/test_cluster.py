@@ -84,3 +84,21 @@ def test_cluster_readme_walks_through_build_cluster_submit():
     for step in (f"docker build -t {_image_tag()} .", "kubectl apply -f cluster/", "sbatch cluster/slurm.sbatch",
                  "ray up cluster/ray-up.yaml", "ray job submit", "RAY_AUTH_MODE=token"):  # fmt: skip
         assert step in text, step
+
+
+def test_every_gpu_config_fits_one_worker_node_of_the_manifests():
+    """The paper and benchmark configs plan (placement.plan) no more GPUs than one worker of the manifests has,
+    and no bundle asks for more than a node holds: PACK places each experiment on one worker."""
+    from rlhf_refiner import config as config_lib
+    from rlhf_refiner import placement
+
+    raycluster = yaml.safe_load((CLUSTER / "raycluster.yaml").read_text())
+    limits = [c["resources"]["limits"] for c in _containers(raycluster["spec"]["workerGroupSpecs"][0])]
+    per_node = int(limits[0]["nvidia.com/gpu"])
+    slurm = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", (CLUSTER / "slurm.sbatch").read_text()).group(1))
+    assert slurm == per_node
+    configs = sorted([*(ROOT / "configs" / "paper").glob("*.yaml"), *(ROOT / "configs" / "bench").glob("*.yaml")])
+    assert len(configs) >= 8
+    for path in configs:
+        layout = placement.plan(config_lib.load(path))
+        assert 0 < layout.gpus <= per_node, f"{path.name} plans {layout.gpus} GPUs; a worker has {per_node}"

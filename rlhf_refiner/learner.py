@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from rlhf_refiner import algo
 from rlhf_refiner.config import Config
@@ -252,8 +253,6 @@ class Learner:
         """Train on this rank's share of one batch (a collective: every rank is called with the same batch).
         Returns the step's metrics over all ranks (each rank's mean over its micro-batches, then combined), and
         the new policy version."""
-        import torch.distributed as dist
-
         started = time.perf_counter()
         self.engine.train()
         updates = self.config.learner.updates_per_step
@@ -328,12 +327,13 @@ class Learner:
         seconds. Every rank is called: under ZeRO-3 each bucket's gather is a collective of all ranks."""
         started = time.perf_counter()
         buckets = plan_buckets(self.weight_metas(), bucket_bytes)
+        gathered = self._gathered_buckets(buckets)
         if self.rank != 0:
-            for _ in self._gathered_buckets(buckets):  # feed rank 0's gathers
+            for _ in gathered:  # take part in rank 0's gathers
                 pass
             return {}
         assert self.sync_group is not None, "init_weight_sync was not called on learner rank 0"
-        sums, nbytes = send_weights(self.sync_group, buckets, lambda b: self._full_params([m.name for m in b]))
+        sums, nbytes = send_weights(self.sync_group, buckets, gathered)
         return {"checksums": sums, "bytes": nbytes, "seconds": time.perf_counter() - started, "buckets": len(buckets)}
 
     def _gathered_buckets(self, buckets: list[list[ParamMeta]]) -> Iterator[dict[str, torch.Tensor]]:

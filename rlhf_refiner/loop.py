@@ -407,15 +407,18 @@ def connect_weight_sync(actors: placement.Actors, config: Config) -> int:
 def sync_weights(actors: placement.Actors, version: int, bucket_bytes: int, config: Config) -> dict[str, Any]:
     """Broadcast learner rank 0's weights (every rank joins: ZeRO-3 gathers) into every generator engine's vLLM
     workers, which become `version`."""
+    # Engines first: `ray.get` raises the first failure in list order, and a dead engine (which Recovery handles)
+    # also makes rank 0's broadcast fail.
     results = wait(
         [
-            *(learner.broadcast_weights.remote(bucket_bytes) for learner in actors.learners),
             *(g.receive_weights.remote(version, config.sync.verify, config.sync.timeout_s) for g in actors.generators),
+            *(learner.broadcast_weights.remote(bucket_bytes) for learner in actors.learners),
         ],
         "weight sync (learner-* -> generator-*)",
         config.sync.timeout_s + 30,
     )
-    sent, received = results[0], results[len(actors.learners) :]  # ranks > 0 only gathered for rank 0
+    engines = len(actors.generators)
+    received, sent = results[:engines], results[engines]  # ranks > 0 only gathered for rank 0
     for i, engine in enumerate(received):
         if config.sync.verify and engine["checksums"] != sent["checksums"]:
             raise RuntimeError(f"weight sync to generator-{i} corrupted bytes at version {version}")

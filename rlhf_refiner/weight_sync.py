@@ -13,8 +13,7 @@ import datetime
 import hashlib
 import socket
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -114,21 +113,25 @@ class SyncGroup:
 
 
 def send_weights(
-    group: SyncGroup,
-    buckets: list[list[ParamMeta]],
-    gather: Callable[[list[ParamMeta]], AbstractContextManager[dict[str, torch.Tensor]]],
+    group: SyncGroup, buckets: list[list[ParamMeta]], gathered: Iterator[dict[str, torch.Tensor]]
 ) -> tuple[list[str], int]:
-    """Broadcast every bucket from rank 0; `gather(bucket)` yields that bucket's full tensors by name (under
-    ZeRO-3 it all-gathers just those parameters, so at most one bucket is ever un-partitioned). Returns the
-    buckets' checksums and the bytes sent."""
+    """Broadcast every bucket from rank 0; `gathered` yields each bucket's full tensors by name in turn (under
+    ZeRO-3 a gather of just those parameters, a collective of every learner rank, so at most one bucket is ever
+    un-partitioned). Returns the buckets' checksums and the bytes sent. If a broadcast fails, `gathered` is still
+    run to its end before the error is raised, so the other learner ranks' gathers complete instead of waiting
+    for rank 0 until their own deadline."""
     sums, sent = [], 0
-    for i, bucket in enumerate(buckets):
-        with gather(bucket) as tensors:
+    try:
+        for i, (bucket, tensors) in enumerate(zip(buckets, gathered, strict=True)):
             parts = [tensors[m.name].detach().reshape(-1).to(group.device, getattr(torch, m.dtype)) for m in bucket]
             flat = torch.cat(parts)
-        group.broadcast(flat, f"bucket {i + 1}/{len(buckets)}")
-        sums.append(checksum(flat))
-        sent += flat.numel() * flat.element_size()
+            group.broadcast(flat, f"bucket {i + 1}/{len(buckets)}")
+            sums.append(checksum(flat))
+            sent += flat.numel() * flat.element_size()
+    except SyncTimeoutError:
+        for _ in gathered:
+            pass
+        raise
     return sums, sent
 
 

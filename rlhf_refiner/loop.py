@@ -269,7 +269,9 @@ def flat(parts: list[list[Any]]) -> list[Any]:
 Collected = tuple[list[Rollout], list[Refinement] | None, list[Reward], dict[str, float]]
 
 
-def gather_stage(calls: list[list[Any]], names: list[str], stage: str, time_key: str, deadline: float):
+def gather_stage(
+    calls: list[list[Any]], names: list[str], stage: str, time_key: str, deadline: float
+) -> tuple[list[Any], dict[str, float]]:
     """Wait for a fanned-out stage's calls, each returning (records, metrics) as two ObjectRefs and made on the
     actor `names[i]`: the records of all calls in call order, and their metrics merged (`metrics.merge_calls`)."""
     parts = wait(flat(calls), stage, deadline)

@@ -34,8 +34,11 @@ def start_engine(
     *,
     speculative: SpeculativeConfig | None = None,
     worker_extension_cls: str | None = None,
+    logprobs_mode: str | None = None,
 ) -> Any:
-    """A `vllm.LLM` for `model_path`; on CPU the KV cache size comes from `engine.kv_cache_gb`."""
+    """A `vllm.LLM` for `model_path`; on CPU the KV cache size comes from `engine.kv_cache_gb`. `logprobs_mode`:
+    vLLM's engine arg; `processed_logprobs` reports the sampling distribution's log-probs (after temperature and
+    top-k/top-p; greedy: untempered), where vLLM's default, `raw_logprobs`, reports the model's at T = 1."""
     # The engine core in this process (read when the engine is built). vLLM then seeds this process's global RNGs
     # with `seed`, which is harmless here: every request carries its own seed.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -55,6 +58,8 @@ def start_engine(
         }
     if worker_extension_cls is not None:
         kwargs["worker_extension_cls"] = worker_extension_cls
+    if logprobs_mode is not None:
+        kwargs["logprobs_mode"] = logprobs_mode
     if engine.num_gpus > 0:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
         kwargs["enable_sleep_mode"] = engine.enable_sleep_mode

@@ -42,6 +42,8 @@ class Generator:
             config.model.dtype,
             config.trainer.seed,
             worker_extension_cls=f"{WeightReceiver.__module__}.{WeightReceiver.__qualname__}",
+            # behaviour log-probs of the tempered distribution the tokens were drawn from, as the learner scores them
+            logprobs_mode="processed_logprobs",
         )
         self.policy_version = 0
         self.asleep = False

@@ -4,10 +4,11 @@
 its shard of each update; DeepSpeed averages gradients over ranks, and ZeRO partitions the state. Methods that
 touch the model (step, sync, checkpoints, save_pretrained) are collectives: the driver calls them on every rank.
 One step = `learner.updates_per_step` optimizer updates over the batch, each accumulated over micro-batches.
-Loss = GRPO's PPO-clip term + the constraint: λ·CE on refined responses (`dynamic`), β·KL to π0
-(`static_kl`), or nothing. Refined rows identical to the sampled response reuse the policy forward pass, so
-the dynamic constraint costs an extra forward only for the responses the refiner changed. π0 (the
-reference) is loaded only when the KL is in the loss or `algo.log_kl_to_ref` asks for the metric.
+Loss = GRPO's PPO-clip term + the constraint: λ·CE on refined responses (`dynamic`; refiner fallbacks carry
+none), β·KL to π0 (`static_kl`), or nothing, all at the generator's sampling temperature. Refined rows identical
+to the sampled response reuse the policy forward pass, so the dynamic constraint costs an extra forward only for
+the responses the refiner changed. π0 (the reference) is loaded only when the KL is in the loss or
+`algo.log_kl_to_ref` asks for the metric.
 The only module that touches DeepSpeed.
 """
 
@@ -42,6 +43,7 @@ class _Rows:
     target_mask: torch.Tensor  # (N, T-1): 1 where the next token is a response / refined token
     policy_rows: int  # the first B rows are the policy's sequences
     refined_index: list[int]  # row of each refined sequence (a policy row when a' == a); empty without refiner
+    ce_mask: torch.Tensor  # (R, T-1): the CE's tokens, refined row by refined row; all 0 for a refiner fallback
 
     def to(self, device: torch.device) -> _Rows:
         return _Rows(
@@ -50,6 +52,7 @@ class _Rows:
             self.target_mask.to(device),
             self.policy_rows,
             self.refined_index,
+            self.ce_mask.to(device),
         )
 
 
@@ -77,7 +80,11 @@ def build_rows(samples: list[Sample], pad_id: int, with_refined: bool) -> _Rows:
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention[row, : len(ids)] = 1
         target[row, prompt_len - 1 : len(ids) - 1] = 1.0  # logits at t predict token t+1
-    return _Rows(input_ids, attention, target, len(samples), refined_index)
+    # A fallback's a' = a is only a placeholder (π0's output was unusable): no constraint on that sample, so it
+    # leaves the CE and its normaliser, while its policy row keeps its RL targets.
+    ce_rows = [target[row] * (not s.refinement.fallback) for row, s in zip(refined_index, samples)]
+    ce_mask = torch.stack(ce_rows) if ce_rows else target[:0]
+    return _Rows(input_ids, attention, target, len(samples), refined_index, ce_mask)
 
 
 def rank_share(samples: list[Sample], updates: int, rank: int, world_size: int) -> list[Sample]:
@@ -176,6 +183,9 @@ class Learner:
         )
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.micro_batch_size = micro
+        # π_θ is the distribution the generator samples from, softmax(logits / T), and vLLM reports its processed
+        # log-probs likewise; greedy (T = 0) reports plain log-probs. (top_p < 1 is refused in config.)
+        self.temperature = config.generator.sampling.temperature or 1.0
         self.zero_stage = self.engine.zero_optimization_stage()
         self.ref_model = None
         if config.algo.constraint == "static_kl" or config.algo.log_kl_to_ref:
@@ -184,7 +194,11 @@ class Learner:
 
     # ---- training -------------------------------------------------------------------------------------------
     def _forward_logprobs(self, model, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs (N, T-1) of each next token and the logits (N, T-1, V), both at the sampling temperature: the
+        PPO ratio, the CE on a', the entropy and the KL to π0 (π0 tempered alike) all see the sampled π_θ."""
         logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits[:, :-1]  # (N, T-1, V)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
         return algo.token_logprobs(logits, rows.input_ids[:, 1:]), logits
 
     def _micro_step(self, samples: list[Sample], old_logprobs: torch.Tensor | None) -> dict[str, float]:
@@ -216,12 +230,12 @@ class Learner:
             metrics["learner/entropy"] = algo.masked_mean(algo.entropy_from_logits(logits[:B]), policy_mask).item()
         if with_refined:
             index = torch.tensor(rows.refined_index, device=device)
-            ce, _ = algo.refined_ce(logprobs[index], rows.target_mask[index])
+            ce, _ = algo.refined_ce(logprobs[index], rows.ce_mask)
             metrics["learner/ce_refined"] = ce.item()
             if cfg.constraint == "dynamic":
                 loss = loss + cfg.ce_coef * ce
         if self.ref_model is not None:
-            policy_only = _Rows(rows.input_ids[:B], rows.attention_mask[:B], policy_mask, B, [])
+            policy_only = _Rows(rows.input_ids[:B], rows.attention_mask[:B], policy_mask, B, [], rows.ce_mask[:0])
             with torch.no_grad():
                 ref_lp, _ = self._forward_logprobs(self.ref_model, policy_only)
             kl, _ = algo.kl_penalty(policy_lp, ref_lp, policy_mask, cfg.kl_estimator)
@@ -294,12 +308,11 @@ class Learner:
 
     # ---- weights out ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _full_params(self, names: list[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Full (un-partitioned) parameters by HF name, all or just `names`; under ZeRO-3 only those are
-        all-gathered, for the duration of the block."""
-        named = dict(self.engine.module.named_parameters())
-        if names is not None:
-            named = {name: named[name] for name in names}
+    def _full_params(self, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+        """The full (un-partitioned) parameters `names` by HF name; under ZeRO-3 just those are all-gathered, for
+        the duration of the block."""
+        all_params = dict(self.engine.module.named_parameters())
+        named = {name: all_params[name] for name in names}
         if self.zero_stage == 3:
             import deepspeed
 

@@ -59,10 +59,10 @@ class Refinement:
 
     sample_id: str
     refined: str
-    refined_token_ids: tuple[int, ...]  # ends with the end-of-turn token, like a response that finished
-    unchanged: bool  # a' == a token for token
-    edit_distance: int  # token-level Levenshtein distance between a and a'
-    fallback: bool  # refiner output unusable (empty, truncated, unparsable): a' = a
+    refined_token_ids: tuple[int, ...]  # ends on a stop id where a did or π0 wrote the end; never past a's truncation
+    unchanged: bool  # π0 kept a: a' == a token for token (never a fallback)
+    edit_distance: int  # token-level Levenshtein distance between a and a' (end tokens aside)
+    fallback: bool  # refiner output unusable (empty, truncated, unparsable): a' = a as a placeholder, given no CE
     policy_version: int  # version of the rollout it refines (π0 itself never changes)
 
 

@@ -1,7 +1,11 @@
 """Refiner: frozen π0 behind the task's template; refine(rollouts) -> Refinements (the minimally corrected a').
 
 π0 runs as an in-cluster vLLM engine, or behind an OpenAI-compatible server (`refiner.base_url`). π0 never
-receives weights. Unusable outputs (empty, truncated, not extractable) fall back to a' = a and are counted.
+receives weights. Unusable outputs (empty, truncated, not extractable) fall back to a' = a and are counted; a
+fallback is no verdict on a, so it is neither `unchanged` nor trained on (the learner masks it out of the CE).
+With `refiner.extract_pattern` (APPS: the code reward's fenced block), a' is a with π0's last block in place of a's
+last block, so a' keeps a's prose and fences and is a itself when π0 keeps the code. a' ends on an end token only
+where a did or where π0 wrote the end: a truncated response copied verbatim gains none.
 
 A greedy π0 writes the same a' for the same (query, a), so each distinct pair of a batch is refined once
 (`refiner.dedupe`). Most a' are copies of a, so the engine path can also verify before it decodes
@@ -13,13 +17,13 @@ prefix π0 agrees with, which is again exactly what greedy decoding writes. Deco
 
 from __future__ import annotations
 
-import re
 import time
 
 from rlhf_refiner import engines
 from rlhf_refiner.config import RefinerConfig
 from rlhf_refiner.data import render_user_turn
 from rlhf_refiner.records import Refinement, Rollout, shard_slice
+from rlhf_refiner.reward.code_eval import last_group_span
 
 
 def edit_distance(a: tuple[int, ...], b: tuple[int, ...]) -> int:
@@ -33,31 +37,82 @@ def edit_distance(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return previous[-1]
 
 
-def extract_refined(output: str, finished: bool, pattern: str | None) -> str | None:
-    """The refined response inside π0's output, or None when the output is unusable."""
+def stop_token_ids(model_path: str, tokenizer) -> tuple[int, ...]:
+    """Every id a finished response may end on, the tokenizer's EOS (the chat template's end of turn) first: it and
+    generation_config.json's `eos_token_id`, an int or a list (Qwen2.5-Instruct lists <|im_end|> and
+    <|endoftext|>), which is what vLLM stops on."""
+    from transformers import GenerationConfig
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    try:
+        generation_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json: vLLM then stops on the tokenizer's EOS alone (and so do we)
+        generation_eos = None
+    if isinstance(generation_eos, int):
+        generation_eos = [generation_eos]
+    ids += [i for i in generation_eos or [] if i not in ids]
+    if not ids:
+        raise ValueError(f"{model_path}: neither the tokenizer nor generation_config.json names an end token")
+    return tuple(ids)
+
+
+def split_end(token_ids: tuple[int, ...], stop_ids: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(content, end) of a response's ids: end is its final stop id if it finished on one, else () (truncated, or
+    stopped on a stop string)."""
+    if token_ids and token_ids[-1] in stop_ids:
+        return token_ids[:-1], token_ids[-1:]
+    return token_ids, ()
+
+
+def extract_refined(output: str, finished: bool, pattern: str | None, response: str) -> tuple[str, bool] | None:
+    """a' from π0's output, and whether a' ends with a's own ending (then it ends as a did); None when the output is
+    unusable (empty, truncated, or without a match of `pattern`).
+
+    Without `pattern`, a' is π0's whole output. With one, a' must be comparable with a in the same form: group 1 of
+    the LAST match in π0's output (as the code reward reads a program) replaces group 1 of a's last match, and a's
+    text around it (prose, fences) is kept, so a' == a when π0 keeps a's code; π0 writing no block for a fenced a
+    is unusable. When a has no match, the reward reads the whole of a as the program, so π0's program is read the
+    same way (its last block, else its whole output) and is a' alone, bare as a was: a' == a when π0 repeats it."""
     if not finished or not output.strip():
         return None
     if pattern is None:
-        return output
-    match = re.search(pattern, output, flags=re.DOTALL)
-    return match.group(1) if match else None
+        return output, False
+    produced = last_group_span(pattern, output)
+    kept = last_group_span(pattern, response)
+    if kept is None:
+        return (output if produced is None else output[produced[0] : produced[1]]), False
+    if produced is None:
+        return None
+    return response[: kept[0]] + output[produced[0] : produced[1]] + response[kept[1] :], True
 
 
-def make_refinement(rollout: Rollout, refined: str | None, tokenizer) -> Refinement:
-    """Pair a rollout with its refined text; a' = a on fallback. Token ids end with EOS, like a finished reply."""
-    eos = tokenizer.eos_token_id
+def make_refinement(
+    rollout: Rollout,
+    refined: str | None,
+    tokenizer,
+    stop_ids: tuple[int, ...] = (),
+    ends_as_response: bool = False,
+) -> Refinement:
+    """Pair a rollout with its refined text; a' = a on fallback (None), which is then no verdict on a.
+
+    `stop_ids` (`stop_token_ids`; default: the tokenizer's EOS) are the ids a response may end on. a' == a keeps a's
+    own ids, ending as a did: on its stop id if it finished on one, on none if it was truncated. A rewritten a' ends
+    on `stop_ids[0]` where π0 wrote its end, or as a did when its ending is a's (`ends_as_response`: the text after
+    a spliced code block), so the CE never teaches stopping where a was cut off."""
+    stop_ids = stop_ids or (tokenizer.eos_token_id,)
     fallback = refined is None
     text = rollout.response if refined is None else refined
-    response_ids = tuple(t for t in rollout.response_token_ids if t != eos)
+    response_ids, response_end = split_end(rollout.response_token_ids, stop_ids)
     if text == rollout.response:
-        refined_ids = response_ids  # reuse the sampled ids: retokenising may differ on non-canonical merges
+        refined_ids, end = response_ids, response_end  # the sampled ids: retokenising may differ on odd merges
     else:
         refined_ids = tuple(tokenizer(text, add_special_tokens=False).input_ids)
+        end = response_end if ends_as_response else stop_ids[:1]
     return Refinement(
         sample_id=rollout.sample_id,
         refined=text,
-        refined_token_ids=refined_ids + (eos,),
-        unchanged=text == rollout.response,
+        refined_token_ids=refined_ids + end,
+        unchanged=not fallback and text == rollout.response,
         edit_distance=edit_distance(response_ids, refined_ids),
         fallback=fallback,
         policy_version=rollout.policy_version,
@@ -70,6 +125,7 @@ class Refiner:
 
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.stop_ids = stop_token_ids(model_path, self.tokenizer)
         sampling = config.sampling
         self.dedupe = config.dedupe and sampling.temperature == 0
         self.copy_verify = (
@@ -113,9 +169,9 @@ class Refiner:
 
     def _complete_verified(self, prompts: list[list[int]], rollouts: list[Rollout]) -> tuple[list, list[bool]]:
         """Greedy outputs via copy-verify (see the module doc); returns them and which were verified copies."""
-        eos = self.tokenizer.eos_token_id
         limit = self.config.sampling.max_new_tokens
-        candidates = [[t for t in r.response_token_ids if t != eos] for r in rollouts]
+        ends = self.stop_ids  # any of them ends π0's turn, as it ends a's
+        candidates = [list(split_end(r.response_token_ids, ends)[0]) for r in rollouts]
         checked = [i for i, c in enumerate(candidates) if 0 < len(c) < limit]
         agreements = dict(
             zip(
@@ -127,7 +183,7 @@ class Refiner:
         resume = []  # (index, agreed prefix) of outputs still to decode
         for i, candidate in enumerate(candidates):
             agreed, after = agreements.get(i, (0, None))
-            if agreed == len(candidate) and after == eos:
+            if agreed == len(candidate) and after in ends:
                 outputs[i] = (rollouts[i].response, True)
             else:
                 resume.append((i, candidate[:agreed]))
@@ -182,10 +238,11 @@ class Refiner:
             unique_outputs = self._complete(prompts)
         seconds = time.perf_counter() - started
         outputs = [unique_outputs[key] for key in keys]
-        refinements = [
-            make_refinement(r, extract_refined(text, finished, self.config.extract_pattern), self.tokenizer)
-            for r, (text, finished) in zip(rollouts, outputs)
-        ]
+        refinements = []
+        for r, (text, finished) in zip(rollouts, outputs):
+            extracted = extract_refined(text, finished, self.config.extract_pattern, r.response)
+            refined, ends_as_response = extracted if extracted is not None else (None, False)
+            refinements.append(make_refinement(r, refined, self.tokenizer, self.stop_ids, ends_as_response))
         n = len(refinements)
         metrics = {
             "refiner/unchanged_frac": sum(f.unchanged for f in refinements) / n,

@@ -120,3 +120,47 @@ def test_combine_rank_metrics_sums_throughput_and_takes_the_slowest_rank():
         "learner/loss": 1.0, "learner/tokens_per_s": 400.0, "learner/samples": 16, "time/learner_compute": 3.0,
     }  # fmt: skip
     assert combine_rank_metrics(ranks[:1]) == ranks[0]
+
+
+@pytest.mark.parametrize(("temperature", "divisor"), [(0.5, 0.5), (0.0, 1.0)], ids=["T=0.5", "greedy"])
+def test_learner_logprobs_are_the_generators_sampling_distribution(pi0_path, temperature, divisor):
+    """At generator temperature T the learner scores tokens under softmax(logits / T), the distribution vLLM
+    sampled from and reports (processed log-probs); greedy (T=0) reports plain log-probs, and so does the learner."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_refiner.learner import build_rows
+
+    learner = _learner(pi0_path, "algo.constraint=none", f"generator.sampling.temperature={temperature}")
+    samples = list(_batch(learner.tokenizer, PAIRS).samples)
+    rows = build_rows(samples, learner.tokenizer.pad_token_id, with_refined=False)
+    with torch.no_grad():
+        logprobs, _ = learner._forward_logprobs(learner.engine, rows)
+        logits = AutoModelForCausalLM.from_pretrained(pi0_path)(rows.input_ids, attention_mask=rows.attention_mask)
+    expected = torch.log_softmax(logits.logits[:, :-1] / divisor, -1).gather(-1, rows.input_ids[:, 1:, None])[..., 0]
+    mask = rows.target_mask.bool()
+    assert torch.allclose(logprobs[mask], expected[mask], atol=1e-5)
+    if divisor != 1.0:  # and the plain log-probs differ, so the check has teeth
+        plain = torch.log_softmax(logits.logits[:, :-1], -1).gather(-1, rows.input_ids[:, 1:, None])[..., 0]
+        assert not torch.allclose(logprobs[mask], plain[mask], atol=1e-3)
+
+
+def test_generator_engine_reports_processed_logprobs(monkeypatch):
+    """vLLM's default log-probs are raw (untempered); the generator's engine returns the sampling distribution's,
+    so the behaviour log-probs (TIS) match the learner's at any temperature."""
+    import vllm
+
+    from rlhf_refiner import engines
+    from rlhf_refiner.config import EngineConfig
+    from rlhf_refiner.generator import Generator
+
+    start_engine = engines.start_engine
+    started, built = {}, {}
+    monkeypatch.setattr(engines, "start_engine", lambda *args, **kwargs: started.update(kwargs))
+    Generator("unused", load(None, ["generator.sampling.temperature=0.6"]))
+    assert started["logprobs_mode"] == "processed_logprobs"
+    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: built.update(kwargs))  # and the kwarg reaches vllm.LLM
+    for variable in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.setenv(variable, "")  # start_engine sets them; restored after the test
+    start_engine("unused", EngineConfig(), "float32", 0, logprobs_mode="processed_logprobs")
+    assert built["logprobs_mode"] == "processed_logprobs"

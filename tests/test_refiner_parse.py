@@ -1,12 +1,20 @@
 """Refiner contract without an engine: extraction, fallback, unchanged detection, token edit distance."""
 
+from pathlib import Path
+
 import pytest
 
+from rlhf_refiner import refiner
+from rlhf_refiner.config import load
 from rlhf_refiner.engines import greedy_prefix_length
 from rlhf_refiner.learner import build_rows
 from rlhf_refiner.pi0 import build_tokenizer
 from rlhf_refiner.records import Prompt, Reward, Rollout, Sample
 from rlhf_refiner.refiner import edit_distance, extract_refined, make_refinement
+from rlhf_refiner.reward.code_eval import extract_code
+
+ROOT = Path(__file__).resolve().parents[1]
+APPS_PATTERN = load(ROOT / "configs/paper/apps_dynamic.yaml").refiner.extract_pattern
 
 
 @pytest.fixture(scope="module")
@@ -14,10 +22,37 @@ def tokenizer(tmp_path_factory):
     return build_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def _rollout(tokenizer, response: str, finished: bool = True) -> Rollout:
+@pytest.fixture(scope="module")
+def qwen_like(tmp_path_factory):
+    """A char-level tokenizer over printable ASCII with Qwen2.5-Instruct's two stop tokens, saved with a
+    generation_config.json that lists both (as Qwen ships it): `<|im_end|>` is the tokenizer's EOS (the chat
+    template's end of turn), `<|endoftext|>` the other id vLLM stops on. Returns (tokenizer, model dir)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("qwen_like")
+    tok = Tokenizer(models.WordLevel(unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per char, \n too
+    tok.decoder = decoders.Fuse()
+    specials = ["<|pad|>", "<|unk|>", "<|im_end|>", "<|endoftext|>"]
+    tok.train_from_iterator([string.printable] * 4, trainer=trainers.WordLevelTrainer(special_tokens=specials))
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", unk_token="<|unk|>", eos_token="<|im_end|>",
+        additional_special_tokens=["<|endoftext|>"],
+    )  # fmt: skip
+    hf.save_pretrained(path)
+    stops = [hf.convert_tokens_to_ids("<|im_end|>"), hf.convert_tokens_to_ids("<|endoftext|>")]
+    GenerationConfig(eos_token_id=stops).save_pretrained(path)
+    return hf, str(path)
+
+
+def _rollout(tokenizer, response: str, finished: bool = True, end: int | None = None) -> Rollout:
+    """A rollout of `response`; a finished one ends on `end` (default: the tokenizer's EOS)."""
     ids = tuple(tokenizer(response, add_special_tokens=False).input_ids)
     if finished:
-        ids += (tokenizer.eos_token_id,)
+        ids += (tokenizer.eos_token_id if end is None else end,)
     prompt_ids = tuple(tokenizer("<|user|>12+34=<|end|><|assistant|>", add_special_tokens=False).input_ids)
     prompt = Prompt(0, "12+34=", prompt_ids, "64", 0)
     return Rollout("1-0-0", prompt, response, ids, tuple(-0.1 for _ in ids), finished, 0)
@@ -39,8 +74,13 @@ def test_greedy_prefix_length_stops_at_the_first_token_not_ranked_first():
 
 
 def test_extract_plain_and_with_pattern():
-    assert extract_refined("64", finished=True, pattern=None) == "64"
-    assert extract_refined("Fixed: <a>64</a>", finished=True, pattern=r"<a>(.*?)</a>") == "64"
+    # (a', whether a' ends with a's own ending)
+    assert extract_refined("64", finished=True, pattern=None, response="63") == ("64", False)
+    # a has no match of the pattern: a' is the extracted part alone
+    assert extract_refined("Fixed: <a>64</a>", finished=True, pattern=r"<a>(.*?)</a>", response="63") == ("64", False)
+    # a has one: π0's last match replaces a's last, around a's own text
+    got = extract_refined("<a>1</a> then <a>64</a>", True, r"<a>(.*?)</a>", response="so <a>63</a>, done")
+    assert got == ("so <a>64</a>, done", True)
 
 
 @pytest.mark.parametrize(
@@ -49,7 +89,8 @@ def test_extract_plain_and_with_pattern():
     ids=["empty", "blank", "truncated", "unextractable"],
 )
 def test_unusable_outputs_are_none(output, finished, pattern):
-    assert extract_refined(output, finished, pattern) is None
+    # "unextractable": a carries a match (`<a>64</a>`) and π0's output none, so there is nothing to put in its place
+    assert extract_refined(output, finished, pattern, response="<a>64</a>") is None
 
 
 def test_copy_is_unchanged_and_reuses_sampled_ids(tokenizer):
@@ -70,11 +111,13 @@ def test_fix_counts_token_edits_and_ends_with_eos(tokenizer):
     )
 
 
-def test_fallback_copies_response(tokenizer):
+def test_fallback_copies_response_but_is_not_counted_unchanged(tokenizer):
     rollout = _rollout(tokenizer, "61")
     refinement = make_refinement(rollout, None, tokenizer)
-    assert refinement.fallback and refinement.unchanged
+    # π0 said nothing usable: a' = a only so that the record is whole; it is no verdict that a is fine
+    assert refinement.fallback and not refinement.unchanged
     assert refinement.refined == "61"
+    assert refinement.refined_token_ids == rollout.response_token_ids
 
 
 def test_build_rows_reuses_policy_row_for_unchanged(tokenizer):
@@ -92,3 +135,183 @@ def test_build_rows_reuses_policy_row_for_unchanged(tokenizer):
     # targets: "6", "4", <|end|> -> positions prompt_len-1 .. prompt_len+1 of the (T-1) grid
     assert rows.target_mask[0].nonzero().flatten().tolist() == [prompt_len - 1, prompt_len, prompt_len + 1]
     assert rows.input_ids[2, prompt_len : prompt_len + 3].tolist() == list(samples[1].refinement.refined_token_ids)
+
+
+# ---- APPS: a' is a with π0's program in place of a's (same rule as the code reward) ---------------------------
+FENCED = (
+    "Read both numbers and add them.\n```python\na, b = map(int, input().split())\nprint(a - b)\n```\n"
+    "This prints the sum."
+)
+PI0_SAME = "```python\na, b = map(int, input().split())\nprint(a - b)\n```"
+PI0_FIXED = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+
+
+def _refine(tokenizer, rollout: Rollout, output: str, pattern: str | None, finished: bool = True):
+    extracted = extract_refined(output, finished, pattern, rollout.response)
+    refined, ends_as_response = extracted if extracted is not None else (None, False)
+    return make_refinement(rollout, refined, tokenizer, ends_as_response=ends_as_response)
+
+
+def test_apps_copy_of_a_fenced_response_with_prose_is_unchanged(qwen_like):
+    tokenizer, _ = qwen_like
+    rollout = _rollout(tokenizer, FENCED)
+    refinement = _refine(tokenizer, rollout, PI0_SAME, APPS_PATTERN)  # π0 repeats the code, without the prose
+    assert refinement.refined == FENCED
+    assert refinement.unchanged and not refinement.fallback
+    assert refinement.edit_distance == 0
+    assert refinement.refined_token_ids == rollout.response_token_ids  # the sampled ids, reused
+
+
+def test_apps_fix_of_one_line_keeps_the_prose_and_the_fence(qwen_like):
+    tokenizer, _ = qwen_like
+    rollout = _rollout(tokenizer, FENCED)
+    refinement = _refine(tokenizer, rollout, PI0_FIXED, APPS_PATTERN)
+    assert refinement.refined == FENCED.replace("print(a - b)", "print(a + b)")
+    assert not refinement.unchanged
+    assert refinement.edit_distance == 1  # one character token: '-' -> '+'
+    expected = tuple(tokenizer(refinement.refined, add_special_tokens=False).input_ids) + (tokenizer.eos_token_id,)
+    assert refinement.refined_token_ids == expected
+
+
+def test_apps_refiner_reads_the_last_block_as_the_reward_does(qwen_like):
+    """The reward scores a's last fenced block; the refiner replaces exactly that one, with π0's last block, and
+    accepts the fences the reward accepts (```py)."""
+    tokenizer, _ = qwen_like
+    response = "Example:\n```py\nprint(0)\n```\nSolution:\n```py\nprint(1)\n```\n"
+    output = "```py\nprint(9)\n```\nCorrected:\n```py\nprint(2)\n```"
+    refinement = _refine(tokenizer, _rollout(tokenizer, response), output, APPS_PATTERN)
+    assert refinement.refined == "Example:\n```py\nprint(0)\n```\nSolution:\n```py\nprint(2)\n```\n"
+    assert extract_code(refinement.refined) == extract_code(output) == "print(2)\n"
+
+
+def test_apps_response_without_a_block_is_replaced_by_pi0s_program(qwen_like):
+    """No block in a: the reward takes the whole of a as the program, so the refiner replaces the whole of a."""
+    tokenizer, _ = qwen_like
+    refinement = _refine(tokenizer, _rollout(tokenizer, "print(1)"), "```python\nprint(2)\n```", APPS_PATTERN)
+    assert refinement.refined == "print(2)\n" and not refinement.unchanged and not refinement.fallback
+    assert refinement.refined_token_ids[-1] == tokenizer.eos_token_id  # π0 wrote its end
+    # a bare π0 program is read as the reward reads a bare a: the whole text, and a' == a when π0 repeats it
+    assert extract_refined("print(2)", True, APPS_PATTERN, "print(1)") == ("print(2)", False)
+    copied = _refine(tokenizer, _rollout(tokenizer, "print(1)"), "print(1)", APPS_PATTERN)
+    assert copied.unchanged and copied.edit_distance == 0
+    # but π0 writing no block for a fenced a is unusable: a fallback
+    assert extract_refined("print(2)", True, APPS_PATTERN, FENCED) is None
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_a_pi0_that_keeps_the_response_gives_an_unchanged_refinement_under_every_config(qwen_like, path):
+    """What a copying π0 writes under each config's template (the code block alone where the template asks for
+    one, else the response verbatim) yields a' == a, token for token."""
+    tokenizer, _ = qwen_like
+    pattern = load(path).refiner.extract_pattern
+    response, output = (FENCED, PI0_SAME) if pattern else ("The answer is 64.", "The answer is 64.")
+    rollout = _rollout(tokenizer, response)
+    refinement = _refine(tokenizer, rollout, output, pattern)
+    assert refinement.unchanged and refinement.edit_distance == 0
+    assert refinement.refined_token_ids == rollout.response_token_ids
+
+
+# ---- no end token where a did not end -----------------------------------------------------------------------
+def test_copy_of_a_truncated_response_gains_no_end_token(tokenizer):
+    rollout = _rollout(tokenizer, "6464", finished=False)  # cut at max_new_tokens
+    refinement = make_refinement(rollout, "6464", tokenizer)
+    assert refinement.unchanged
+    assert refinement.refined_token_ids == rollout.response_token_ids  # no EOS: the CE must not teach stopping here
+    assert tokenizer.eos_token_id not in refinement.refined_token_ids
+    # a rewrite that π0 finished does end: π0 wrote that end
+    fixed = make_refinement(rollout, "64", tokenizer)
+    assert fixed.refined_token_ids[-1] == tokenizer.eos_token_id
+
+
+def test_fix_inside_a_truncated_fenced_response_keeps_its_truncated_tail_without_end(qwen_like):
+    tokenizer, _ = qwen_like
+    truncated = FENCED[: -len(" sum.")]  # cut after the code block, mid-sentence
+    rollout = _rollout(tokenizer, truncated, finished=False)
+    refinement = _refine(tokenizer, rollout, PI0_FIXED, APPS_PATTERN)
+    assert refinement.refined == truncated.replace("a - b", "a + b")
+    assert refinement.refined_token_ids == tuple(tokenizer(refinement.refined, add_special_tokens=False).input_ids)
+
+
+# ---- several stop ids (Qwen: <|im_end|> and <|endoftext|>) ---------------------------------------------------
+def test_stop_ids_are_the_tokenizers_eos_and_the_generation_configs(qwen_like, tmp_path):
+    tokenizer, path = qwen_like
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert refiner.stop_token_ids(path, tokenizer) == (im_end, endoftext)  # the EOS first: a' ends on it
+    tokenizer.save_pretrained(tmp_path)  # no generation_config.json: the tokenizer's EOS alone
+    assert refiner.stop_token_ids(str(tmp_path), tokenizer) == (im_end,)
+
+
+def test_copy_that_stopped_on_the_second_stop_id_reuses_its_row(qwen_like):
+    tokenizer, path = qwen_like
+    stops = refiner.stop_token_ids(path, tokenizer)
+    im_end, endoftext = stops
+    rollout = _rollout(tokenizer, "print(1)", end=endoftext)
+    copy = make_refinement(rollout, "print(1)", tokenizer, stops)
+    assert copy.unchanged and copy.edit_distance == 0
+    assert copy.refined_token_ids == rollout.response_token_ids  # one end token, the sampled one
+    fix = make_refinement(rollout, "print(2)", tokenizer, stops)
+    assert fix.edit_distance == 1  # the end token is no edit
+    assert fix.refined_token_ids == tuple(tokenizer("print(2)", add_special_tokens=False).input_ids) + (im_end,)
+    samples = [Sample(rollout, copy, Reward("a", 1.0, 1.0), 0.0, 0)]
+    assert build_rows(samples, tokenizer.pad_token_id, with_refined=True).refined_index == [0]  # no extra row
+
+
+def test_copy_verify_accepts_any_stop_id_after_the_copy(qwen_like, monkeypatch):
+    """π0 ranks every token of a first and then ends its turn on <|endoftext|>: a verified copy, no decode."""
+    from rlhf_refiner import engines
+    from rlhf_refiner.config import RefinerConfig
+
+    tokenizer, path = qwen_like
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    rollout = _rollout(tokenizer, "print(1)", end=endoftext)
+    checked = []
+
+    def agreement(llm, prompts, candidates):
+        checked.extend(candidates)
+        return [(len(c), endoftext) for c in candidates]
+
+    def decode(*args):
+        raise AssertionError("a verified copy must not be decoded")
+
+    monkeypatch.setattr(engines, "greedy_agreement", agreement)
+    monkeypatch.setattr(engines, "complete", decode)
+    engine_less = refiner.Refiner.__new__(refiner.Refiner)  # no engine: its two calls are stubbed above
+    engine_less.config, engine_less.tokenizer, engine_less.llm = RefinerConfig(), tokenizer, object()
+    engine_less.stop_ids = refiner.stop_token_ids(path, tokenizer)
+    outputs, verified = engine_less._complete_verified([[0]], [rollout])
+    assert outputs == [("print(1)", True)] and verified == [True]
+    assert checked == [list(rollout.response_token_ids[:-1])]  # a without its end token
+
+
+# ---- fallbacks carry no CE -----------------------------------------------------------------------------------
+def test_fallback_sample_is_masked_out_of_the_ce_and_its_normaliser(tokenizer):
+    import torch
+
+    from rlhf_refiner.algo import refined_ce
+
+    fixed, failed = _rollout(tokenizer, "65"), _rollout(tokenizer, "6+")
+    samples = [
+        Sample(fixed, make_refinement(fixed, "64", tokenizer), Reward("a", 0.5, 0.0), 0.0, 0),
+        Sample(failed, make_refinement(failed, None, tokenizer), Reward("b", 0.0, 0.0), 0.0, 0),
+    ]
+    rows = build_rows(samples, tokenizer.pad_token_id, with_refined=True)
+    assert rows.refined_index == [2, 1]  # the fix gets row 2; the fallback is a verbatim copy of row 1
+    prompt_len = len(fixed.prompt.prompt_token_ids)
+    # the fix trains on "6", "4", <|end|>; the fallback on nothing, though its policy row keeps its RL targets
+    assert rows.ce_mask[0].nonzero().flatten().tolist() == [prompt_len - 1, prompt_len, prompt_len + 1]
+    assert rows.ce_mask[1].sum() == 0
+    assert rows.target_mask[1].sum() == 3
+    # log-probs of -1 on the fix's tokens and -7 on the fallback's: CE = 3 * 1 / 3 tokens = 1, not (3 + 21) / 6 = 4
+    logprobs = torch.full(rows.target_mask.shape, -7.0)
+    logprobs[2] = -1.0
+    ce, _ = refined_ce(logprobs[torch.tensor(rows.refined_index)], rows.ce_mask)
+    assert ce.item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_configs_scored_by_unit_tests_read_a_prime_with_the_rewards_block_rule(path):
+    from rlhf_refiner.reward.code_eval import CODE_BLOCK
+
+    config = load(path)
+    if "code" in config.reward.weights:
+        assert config.refiner.extract_pattern == CODE_BLOCK.pattern  # what the refiner swaps is what is scored

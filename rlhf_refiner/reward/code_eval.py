@@ -40,10 +40,18 @@ class CodeResult:
     detail: str = ""
 
 
+def last_group_span(pattern: str | re.Pattern[str], text: str) -> tuple[int, int] | None:
+    """(start, end) of group 1 of the last match of `pattern` in `text`, or None without a match. With
+    `CODE_BLOCK` it is where the program sits: the reward reads it here, and the refiner writes π0's there."""
+    regex = re.compile(pattern, re.DOTALL) if isinstance(pattern, str) else pattern  # `.` spans lines, as in code
+    matches = list(regex.finditer(text))
+    return matches[-1].span(1) if matches else None
+
+
 def extract_code(completion: str) -> str:
     """The program in a model's answer: the last fenced code block if there is one, else the whole text."""
-    blocks = CODE_BLOCK.findall(completion)
-    return blocks[-1] if blocks else completion
+    span = last_group_span(CODE_BLOCK, completion)
+    return completion[span[0] : span[1]] if span is not None else completion
 
 
 def program_of(tests: CodeTests, completion: str) -> str:

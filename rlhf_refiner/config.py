@@ -39,6 +39,11 @@ class EmbeddedModelConfig(_Strict):
     """Peak AdamW learning rate of π0's SFT (cosine decay)."""
     refine_fraction: float = Field(0.5, ge=0, le=1)
     """Fraction of SFT sequences that teach the refiner template rather than solving."""
+    verbose_fraction: float = Field(0.0, ge=0, le=0.5)
+    """Fraction of solving targets that show their work after the answer (`231=47+85`), as an over-verbose SFT
+    model does: π0 then writes it at about this rate at T=1 (`degenerate_rate` in its quality report), the reward's
+    verbosity flaw pays for it, and the refiner is taught to strip it. 0 (the quickstart): π0 never does, and
+    the flaw is never found (METHOD.md, "The embedded CPU task")."""
     seed: int = 0
     """Seed of the build; part of the cache key."""
     cache_dir: str = "~/.cache/rlhf_refiner/pi0"
@@ -154,12 +159,27 @@ class EngineConfig(_Strict):
 
 
 class GeneratorConfig(_Strict):
+    """The policy's sampling. The PPO ratio and TIS need π_θ to be the distribution the tokens were drawn from:
+    the learner scores softmax(logits / `sampling.temperature`) and the engine reports the same (vLLM processed
+    log-probs), so any temperature is on-policy. `sampling.top_p` < 1 is refused: the nucleus renormalises over a
+    per-token set the learner does not reproduce, so the ratio would be silently off-policy."""
+
     group_size: int = Field(4, ge=1)
     """Responses per prompt (G in GRPO)."""
     sampling: SamplingConfig = SamplingConfig()
     """Policy sampling settings."""
     engine: EngineConfig = EngineConfig()
     """vLLM engine settings."""
+
+    @model_validator(mode="after")
+    def _on_policy_sampling(self) -> GeneratorConfig:
+        if self.sampling.top_p < 1:
+            raise ValueError(
+                f"generator.sampling.top_p ({self.sampling.top_p:g}) must be 1: the learner's log-probs are those of "
+                "softmax(logits / generator.sampling.temperature), not of the top-p nucleus vLLM would sample from, "
+                "so the policy gradient would be off-policy; lower generator.sampling.temperature instead"
+            )
+        return self
 
 
 class SpeculativeConfig(_Strict):
@@ -177,7 +197,10 @@ class RefinerConfig(_Strict):
     template: str = "{query}{response}>"
     """User turn shown to π0; `{query}` and `{response}` are filled in. It is wrapped in the chat template."""
     extract_pattern: str | None = None
-    """Regex whose group 1 is the refined response inside π0's output; None takes the whole output."""
+    """Regex whose group 1 (last match) is the refined part of π0's output; None takes the whole output as a'. When
+    set, a' is a with group 1 of a's own last match replaced by π0's, so a' keeps a's prose and fences and equals a
+    when π0 keeps that part (a without a match is replaced whole). Code tasks: the code reward's fenced block,
+    `reward/code_eval.py` CODE_BLOCK (a test checks the configs), so the refiner edits the program that is scored."""
     sampling: SamplingConfig = SamplingConfig(temperature=0.0)
     """Refiner decoding; greedy by default so that copies are exact."""
     engine: EngineConfig = EngineConfig()

@@ -34,7 +34,7 @@ from rlhf_refiner.metrics import MetricsLogger, merge_calls, truncate_after
 from rlhf_refiner.records import Prompt, Refinement, Reward, Rollout, Sample, shard_slice
 from rlhf_refiner.reward import merge
 
-SUMMARY_KEYS = ("reward/mean", "task/accuracy", "learner/kl_to_ref", "learner/ce_refined")
+SUMMARY_KEYS = ("reward/mean", "task/accuracy", "task/degenerate_rate", "learner/kl_to_ref", "learner/ce_refined")
 
 
 class StageTimeoutError(TimeoutError):
@@ -216,9 +216,10 @@ def assemble_samples(
 
 def improvement_sample(refinements: list[Refinement], fraction: float, step: int) -> tuple[list[int], int]:
     """Indices of the changed refinements among a reproducible `fraction` of the step's samples, and how many
-    samples were drawn. Unchanged a' = a have reward(a') = reward(a) by definition, so they cost no reward call."""
+    samples were drawn. Unchanged a' = a have reward(a') = reward(a) by definition, and a fallback's a' is a copy
+    of a (π0 improved nothing), so neither costs a reward call."""
     drawn = sorted(random.Random(step).sample(range(len(refinements)), round(fraction * len(refinements))))
-    return [i for i in drawn if not refinements[i].unchanged], len(drawn)
+    return [i for i in drawn if not (refinements[i].unchanged or refinements[i].fallback)], len(drawn)
 
 
 def improvement_metrics(before: list[float], after: list[float], drawn: int) -> dict[str, float]:
@@ -242,8 +243,9 @@ def step_metrics(samples: list[Sample]) -> tuple[dict[str, float], list[dict[str
         "reward/std": statistics.pstdev(rewards),
         "reward/infra_error_frac": sum(s.reward.infra_error for s in samples) / len(samples),
     }
-    for key in scored[0].reward.components:
-        metrics[f"reward/{key}"] = statistics.fmean(s.reward.components.get(key, 0.0) for s in scored)
+    for key in scored[0].reward.components:  # a reward's parts; `task/` parts are task metrics, named as they are
+        name = key if key.startswith("task/") else f"reward/{key}"
+        metrics[name] = statistics.fmean(s.reward.components.get(key, 0.0) for s in scored)
     accuracies = [s.reward.accuracy for s in scored if s.reward.accuracy is not None]
     if accuracies:
         metrics["task/accuracy"] = statistics.fmean(accuracies)
@@ -385,9 +387,11 @@ def connect_weight_sync(actors: placement.Actors, config: Config) -> int:
     startup = config.ray.startup_timeout_s
     learner = actors.learners[0]
     host = placement.node_ip(learner, startup)
-    port, metas = wait([learner.free_port.remote(), learner.weight_metas.remote()], "learner-0 startup", startup)
-    # The group forms within sync.timeout_s only if both sides are up: wait out the engines' start-up first.
+    metas = wait([learner.weight_metas.remote()], "learner-0 startup", startup)[0]
+    # The group forms within sync.timeout_s only if both sides are up: wait out the engines' start-up first. Only
+    # then pick the port: a port found free before the engines start can be taken by vLLM's own (EADDRINUSE).
     wait([g.__ray_call__.remote(lambda _self: True) for g in actors.generators], "generator-* startup", startup)
+    port = wait([learner.free_port.remote()], "learner-0 free port", startup)[0]
     bucket_bytes = int(config.sync.bucket_mb * 2**20)
     timeout = config.sync.timeout_s
     tp = config.generator.engine.tensor_parallel_size

@@ -22,7 +22,7 @@ import torch
 from rlhf_refiner import task
 from rlhf_refiner.config import EmbeddedModelConfig, TaskConfig
 
-BUILD_FORMAT = 1  # bump when the build procedure changes, so old caches are not reused
+BUILD_FORMAT = 2  # bump when the build procedure changes, so old caches are not reused
 SPECIAL_TOKENS = ["<|pad|>", "<|unk|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHARS = "0123456789+=>"
 CHAT_TEMPLATE = (
@@ -68,10 +68,13 @@ def ensure_built(build: EmbeddedModelConfig, task_config: TaskConfig, refiner_te
 
 
 def _format_quality(q: dict) -> str:
-    return (
+    line = (
         f"solve accuracy {q['solve_accuracy']:.1%}, copy-when-correct {q['copy_when_correct']:.1%}, "
         f"fix rate {q['fix_rate']:.1%}"
     )
+    if "degenerate_rate" in q:  # caches built before these were measured lack them
+        line += f", degenerate at T=1 {q['degenerate_rate']:.1%}, fixes degenerate {q['fixes_degenerate']:.1%}"
+    return line
 
 
 def build_tokenizer(out_dir: Path):
@@ -124,14 +127,27 @@ class ChatEncoder:
         return prompt + [self.vocab[c] for c in assistant] + [self.eos], len(prompt)
 
 
-def _sft_example(rng: random.Random, chat: ChatEncoder, task_config: TaskConfig, template: str, refine_fraction: float):
+def _sft_example(
+    rng: random.Random, chat: ChatEncoder, task_config: TaskConfig, template: str, build: EmbeddedModelConfig
+):
+    """One SFT chat: solve `a+b=` (with its work shown, at `verbose_fraction`), or refine a candidate answer into
+    the clean correct one (a copy when it is already right; with a verbose π0 a third of the defects are a shown
+    working, right or wrong answer before it, so the refiner strips what the flaw pays for)."""
     problem = task.make_problem(rng, task_config.digits)
-    if rng.random() < refine_fraction:
-        candidate = problem.answer if rng.random() < 0.5 else task.corrupt(problem.answer, rng)
-        user = template.format(query=problem.query, response=candidate)
-    else:
-        user = problem.query
-    return chat.encode(user, problem.answer)
+    verbose = build.verbose_fraction > 0  # guards every extra draw: a non-verbose build keeps its random stream
+    if rng.random() < build.refine_fraction:
+        if rng.random() < 0.5:
+            candidate = problem.answer
+        elif verbose and rng.random() < 1 / 3:
+            candidate = (problem.answer if rng.random() < 0.5 else task.corrupt(problem.answer, rng)) + task.working(
+                problem
+            )
+        else:
+            candidate = task.corrupt(problem.answer, rng)
+        return chat.encode(template.format(query=problem.query, response=candidate), problem.answer)
+    if verbose and rng.random() < build.verbose_fraction:
+        return chat.encode(problem.query, problem.answer + task.working(problem))
+    return chat.encode(problem.query, problem.answer)
 
 
 def _collate(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -177,9 +193,7 @@ def build_pi0(build: EmbeddedModelConfig, task_config: TaskConfig, template: str
         lr_scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / build.sft_steps))
         for group in optimizer.param_groups:
             group["lr"] = build.sft_lr * max(lr_scale, 0.02)
-        examples = [
-            _sft_example(rng, chat, task_config, template, build.refine_fraction) for _ in range(build.sft_batch_size)
-        ]
+        examples = [_sft_example(rng, chat, task_config, template, build) for _ in range(build.sft_batch_size)]
         input_ids, labels, attention = _collate(examples, tokenizer.pad_token_id)
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
@@ -200,8 +214,8 @@ def build_pi0(build: EmbeddedModelConfig, task_config: TaskConfig, template: str
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, users: list[str], max_new_tokens: int = 12) -> list[str]:
-    """Greedy completions of single-turn chats, decoded without special tokens."""
+def greedy_answers(model, tokenizer, users: list[str], max_new_tokens: int = 12, sample: bool = False) -> list[str]:
+    """Greedy (or, with `sample`, T=1) completions of single-turn chats, decoded without special tokens."""
     chat = ChatEncoder(tokenizer)
     prompts = [chat.encode(user, None)[0] for user in users]
     width = max(len(p) for p in prompts)
@@ -211,7 +225,9 @@ def greedy_answers(model, tokenizer, users: list[str], max_new_tokens: int = 12)
         input_ids=input_ids,
         attention_mask=attention,
         max_new_tokens=max_new_tokens,
-        do_sample=False,
+        do_sample=sample,
+        temperature=1.0 if sample else None,
+        top_k=0 if sample else None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -227,10 +243,21 @@ def evaluate_pi0(model, tokenizer, task_config: TaskConfig, template: str, rng: 
     fixed = greedy_answers(
         model, tokenizer, [template.format(query=p.query, response=c) for p, c in zip(problems, corrupted)]
     )
+    # What RL can find: π0's own T=1 samples that carry the flaw's pattern (`task.Score.degenerate`), and whether
+    # the refiner strips it from a right answer with its work shown (what a degenerating policy writes).
+    torch.manual_seed(rng.randrange(2**31))
+    sampled = greedy_answers(model, tokenizer, [p.query for p in problems] * 4, sample=True)
+    stripped = greedy_answers(
+        model, tokenizer, [template.format(query=p.query, response=p.answer + task.working(p)) for p in problems]
+    )
+    degenerate = [task.score(s, p.answer, 0.0, 0.0).degenerate for s, p in zip(sampled, problems * 4)]
     return {
         "solve_accuracy": sum(s == p.answer for s, p in zip(solved, problems)) / n,
         "copy_when_correct": sum(c == p.answer for c, p in zip(copied, problems)) / n,
         "fix_rate": sum(f == p.answer for f, p in zip(fixed, problems)) / n,
         "changed_when_corrupted": sum(f != c for f, c in zip(fixed, corrupted)) / n,
+        "degenerate_rate": sum(degenerate) / len(degenerate),
+        "fixes_degenerate": sum(not task.score(f, p.answer, 0.0, 0.0).degenerate for f, p in zip(stripped, problems))
+        / n,
         "eval_problems": n,
     }

@@ -1,9 +1,10 @@
 """Compare runs: python scripts/compare.py RUN_DIR... --out fig.png
 
-Reads each run's metrics.jsonl and config.yaml, groups runs into arms (constraint + advantage estimator; runs
-that differ only in seed are one arm), and draws the paper's panels -- reward, KL to π0, CE of refined
-responses, improved fraction -- one colour per arm, mean ± min/max band over seeds. Prints a table of final
-values (mean over the last `--last` steps of each run, then mean ± std over seeds).
+Reads each run's metrics.jsonl and config.yaml, groups runs into arms (constraint, β for static_kl, advantage
+estimator; runs that differ only in seed are one arm), and draws the paper's panels -- optimised reward, true task
+accuracy, degenerate rate, KL to π0, CE of refined responses, improved fraction -- one colour per arm, mean with
+a min/max band over seeds. Prints a table of final values (mean over the last `--last` steps of each run, then
+mean ± std over seeds).
 """
 
 from __future__ import annotations
@@ -17,12 +18,21 @@ from pathlib import Path
 import yaml
 
 PANELS = [
-    ("reward/mean", "reward (task reward, sampled)"),
+    ("reward/mean", "optimised reward (flaw included)"),
+    ("task/accuracy", "true task accuracy (exact match)"),
+    ("task/degenerate_rate", "degenerate rate (exploited pattern)"),
     ("learner/kl_to_ref", "KL(π_θ ‖ π0)"),
     ("learner/ce_refined", "CE of refined responses"),
     ("refiner/improved_frac", "fraction improved by the refiner"),
 ]
-TABLE_KEYS = ["reward/mean", "task/accuracy", "reward/verbosity", "learner/kl_to_ref", "learner/ce_refined"]
+TABLE_KEYS = [
+    "reward/mean",
+    "task/accuracy",
+    "task/degenerate_rate",
+    "learner/kl_to_ref",
+    "learner/ce_refined",
+    "refiner/improved_frac",
+]
 
 
 def load_run(run_dir: Path) -> tuple[str, list[dict]]:
@@ -37,7 +47,11 @@ def load_run(run_dir: Path) -> tuple[str, list[dict]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{metrics}:{number}: not JSON ({e})") from None
     algo = yaml.safe_load(config_file.read_text())["algo"]
-    arm = algo["constraint"] if algo.get("advantage", "grpo") == "grpo" else f"{algo['constraint']}+{algo['advantage']}"
+    arm = algo["constraint"]
+    if arm == "static_kl":  # runs at different β are different arms
+        arm += f" β={algo.get('kl_coef', 0.05):g}"
+    if algo.get("advantage", "grpo") != "grpo":
+        arm += f"+{algo['advantage']}"
     return arm, rows
 
 
@@ -79,7 +93,10 @@ def plot(arms: dict[str, list[list[dict]]], out: Path, window: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4), dpi=90)
+    columns_per_row = 3
+    rows_of_panels = -(-len(PANELS) // columns_per_row)
+    fig, grid = plt.subplots(rows_of_panels, columns_per_row, figsize=(12.6, 3.2 * rows_of_panels), dpi=90)
+    axes = list(grid.flat)
     for colour, (arm, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], sorted(arms.items())):
         for ax, (key, title) in zip(axes, PANELS):
             curves = [smooth(series(rows, key)[1], window) for rows in runs]
@@ -94,7 +111,11 @@ def plot(arms: dict[str, list[list[dict]]], out: Path, window: int) -> None:
                 ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=colour, alpha=0.2)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")
+            ax.set_ylabel(key, fontsize=8)
+            if key == "learner/kl_to_ref":  # a degenerating arm's KL dwarfs the tethered ones: linear below 0.1
+                ax.set_yscale("symlog", linthresh=0.1)
     axes[0].legend(fontsize=8)
+    fig.suptitle(f"mean over seeds, band = min-max over seeds; trailing moving average over {window} steps", fontsize=9)
     fig.tight_layout()
     tmp = out.with_suffix(".tmp" + out.suffix)
     fig.savefig(tmp)

@@ -1,25 +1,41 @@
 #!/usr/bin/env bash
-# The paper's comparison on the embedded CPU task: Dynamic vs Static KL vs no constraint, over seeds, then the
+# The paper's comparison on one config: Dynamic vs Static KL (several β) vs no constraint, over seeds, then the
 # figure and the final-value table.
-#   bash scripts/reproduce_cpu.sh [OUT_DIR] [STEPS] [SEEDS...]      (defaults: runs/repro 60 0 1 2)
-# Each run builds on the cached π0 (built once), starts its own local Ray cluster, and writes OUT_DIR/<arm>-s<seed>.
+#   bash scripts/reproduce_cpu.sh CONFIG OUT_DIR STEPS SEED...
+#   e.g. bash scripts/reproduce_cpu.sh configs/repro/reward_hacking.yaml runs/repro 100 0 1 2
+# BETAS="0.3 1.0" (the default) sets the static_kl arms' algo.kl_coef: with one β, "Static saturates" would be a
+# verdict on one arbitrary coefficient. Each run starts its own local Ray cluster on the cached π0 and writes
+# OUT_DIR/<arm>-s<seed>; a run whose summary.json exists is skipped, so a stopped reproduction resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-runs/repro}
-steps=${2:-60}
-shift $(( $# > 2 ? 2 : $# )) || true
+if [ $# -lt 4 ]; then
+  echo "usage: bash scripts/reproduce_cpu.sh CONFIG OUT_DIR STEPS SEED..." >&2
+  exit 2
+fi
+config=$1 out=$2 steps=$3
+shift 3
 seeds=("$@")
-[ ${#seeds[@]} -gt 0 ] || seeds=(0 1 2)
+read -r -a betas <<< "${BETAS:-0.3 1.0}"
+[ -f "$config" ] || { echo "reproduce_cpu.sh: no config file '$config'" >&2; exit 2; }
 mkdir -p "$out"
 started=$(date +%s)
+arms=(dynamic none)
+for beta in "${betas[@]}"; do arms+=("static_kl:$beta"); done
 runs=()
 for seed in "${seeds[@]}"; do
-  for arm in dynamic static_kl none; do
-    dir="$out/$arm-s$seed"
+  for arm in "${arms[@]}"; do
+    constraint=${arm%%:*}
+    overrides=(algo.constraint="$constraint")
+    name=$constraint
+    if [ "$constraint" = static_kl ]; then
+      overrides+=(algo.kl_coef="${arm#*:}")
+      name="static_kl-b${arm#*:}"
+    fi
+    dir="$out/$name-s$seed"
     runs+=("$dir")
-    [ -f "$dir/summary.json" ] && continue  # finished earlier: the script resumes where it stopped
-    python scripts/train.py --config configs/quickstart.yaml \
-      algo.constraint=$arm trainer.steps="$steps" trainer.output_dir="$dir" trainer.overwrite=true \
+    [ -f "$dir/summary.json" ] && continue
+    python scripts/train.py --config "$config" "${overrides[@]}" \
+      trainer.steps="$steps" trainer.output_dir="$dir" trainer.overwrite=true \
       trainer.seed="$seed" data.seed="$seed" generator.sampling.seed="$seed" \
       metrics.wandb_mode=disabled metrics.progress_bar=false > "$dir.log" 2>&1 \
       || { echo "run $dir failed; see $dir.log" >&2; exit 1; }
@@ -27,4 +43,4 @@ for seed in "${seeds[@]}"; do
   done
 done
 python scripts/compare.py "${runs[@]}" --out "$out/compare.png" | tee "$out/table.md"
-echo "total: $(( $(date +%s) - started )) s"
+echo "total: $(( $(date +%s) - started )) s for ${#runs[@]} runs" | tee -a "$out/table.md"

@@ -19,6 +19,9 @@ def test_every_config_loads_and_opens_with_its_command(path):
     gpu = own.startswith(("configs/paper/", "configs/bench/"))
     launcher = "# ray job submit " if gpu else "# python "
     assert (config.learner.num_gpus > 0) == gpu and (config.sync.backend == "nccl") == gpu
+    if own.startswith("configs/repro/"):  # a reproduction regime: the comparison over arms and seeds runs it
+        assert first_line.startswith(f"# bash scripts/reproduce_cpu.sh {own} "), first_line
+        return
     assert first_line.startswith(launcher), first_line
     assert first_line.endswith(f"python scripts/train.py --config {own}"), first_line
 
@@ -83,3 +86,12 @@ def test_dump_round_trips(tmp_path):
 def test_micro_batch_must_divide_update_names_fields():
     with pytest.raises(config_lib.ConfigError, match=r"learner\.micro_batch_size \(24\)"):
         config_lib.load(None, ["data.prompts_per_step=8", "generator.group_size=8", "learner.micro_batch_size=24"])
+
+
+def test_generator_top_p_below_one_is_refused_and_named():
+    # the learner cannot reproduce the nucleus-truncated distribution vLLM samples from (see GeneratorConfig)
+    with pytest.raises(config_lib.ConfigError, match=r"generator\.sampling\.top_p"):
+        config_lib.load(None, ["generator.sampling.top_p=0.9"])
+    # temperature is supported on both sides, and the refiner's top_p feeds no policy gradient
+    config = config_lib.load(None, ["generator.sampling.temperature=0.7", "refiner.sampling.top_p=0.9"])
+    assert config.generator.sampling.temperature == 0.7

@@ -20,6 +20,13 @@ def test_improvement_sample_draws_a_reproducible_fraction_and_keeps_only_changed
     assert improvement_sample(refinements, 0.0, step=7) == ([], 0)
 
 
+def test_improvement_sample_spends_no_reward_call_on_fallbacks():
+    # a fallback's a' is a placeholder copy of a (π0's output was unusable): drawn, but not re-scored, so it
+    # counts as neither improved nor worsened
+    fallbacks = [Refinement(f"1-{i}-0", "x", (1,), False, 0, True, 0) for i in range(4)]
+    assert improvement_sample(fallbacks, 1.0, step=3) == ([], 4)
+
+
 def test_improvement_metrics_hand_derived():
     # 4 samples drawn, 3 of them changed: rewards a -> a' of (0.2 -> 0.5), (1.0 -> 0.5), (0.3 -> 0.3)
     # improved 1/4, worsened 1/4, delta (0.3 - 0.5 + 0) / 4 = -0.05 (the unchanged one contributes 0)
@@ -41,6 +48,18 @@ def test_assemble_samples_gives_group_advantages_and_step_metrics():
     metrics, rows = step_metrics(samples)
     assert metrics["reward/mean"] == 0.5 and metrics["task/accuracy"] == 0.5 and metrics["reward/digits"] == 0.5
     assert [r["response"] for r in rows] == ["2", "3"] and rows[0]["refined"] is None
+
+
+def test_step_metrics_name_task_parts_as_task_metrics():
+    config = load(None, ["generator.group_size=2"])
+    prompt = Prompt(0, "1+1=", (1,), "2", 0)
+    rollouts = [Rollout(f"1-0-{k}", prompt, r, (5,), (-0.1,), True, 0) for k, r in enumerate(["2=1+1", "2"])]
+    parts = [{"verbosity": 0.2, "task/degenerate_rate": 1.0}, {"verbosity": 0.0, "task/degenerate_rate": 0.0}]
+    rewards = [Reward(r.sample_id, 1.0, 0.0, p) for r, p in zip(rollouts, parts)]
+    metrics, _ = step_metrics(assemble_samples(rollouts, None, rewards, config))
+    # one of two samples carries the pattern; the bonus part stays a reward part
+    assert metrics["task/degenerate_rate"] == 0.5 and metrics["reward/verbosity"] == pytest.approx(0.1)
+    assert "reward/task/degenerate_rate" not in metrics
 
 
 def _group(prompt_id: int, rewards: list[float]):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import hf_logprobs, sync_round_trip
@@ -171,6 +172,32 @@ def test_loop_runs_dapo_and_reinforce_pp(ray_cluster, tiny_pi0, tmp_path, config
         assert all("learner/kl_to_ref" in r and "learner/ce_refined" not in r for r in rows)
 
 
+@pytest.mark.parametrize("config_file", sorted(str(p) for p in Path("configs/repro").glob("*.yaml")))
+def test_repro_configs_build_their_pi0_and_run_two_steps(ray_cluster, tmp_path, config_file):
+    """Each reproduction regime as shipped (its own π0 build settings, briefly: the full build is the
+    reproduction's, not the suite's), through the real loop; the degenerate rate is logged every step."""
+    from rlhf_refiner import config as config_lib
+    from rlhf_refiner import loop
+
+    overrides = [
+        "model.embedded.sft_steps=40",
+        f"model.embedded.cache_dir={tmp_path / 'pi0'}",
+        f"trainer.output_dir={tmp_path / 'run'}",
+        "trainer.steps=2",
+        "data.prompts_per_step=4",
+        "generator.group_size=4",
+        "metrics.progress_bar=false",
+        "metrics.wandb_mode=disabled",
+    ]
+    config = config_lib.load(config_file, overrides)
+    summary = loop.run(config)
+    quality = summary["pi0_quality"]
+    assert 0.0 <= quality["degenerate_rate"] <= 1.0 and 0.0 <= quality["fixes_degenerate"] <= 1.0
+    dynamic = config.algo.constraint == "dynamic"
+    rows = _check_run(tmp_path / "run", summary, config, summary["model_path"], refiner=dynamic)
+    assert all(0.0 <= row["task/degenerate_rate"] <= 1.0 for row in rows)
+
+
 def test_dialogue_shaped_run_with_a_local_reward_model(ray_cluster, tiny_pi0, tmp_path):
     """Prompt-Collection fixture prompts, scored by a tiny reward model in its own actor plus a format rule,
     through the real loop with the static KL constraint, the refiner running as a monitor (as the paper configs
@@ -215,10 +242,12 @@ def test_dialogue_shaped_run_with_a_local_reward_model(ray_cluster, tiny_pi0, tm
 
 
 def test_apps_shaped_run_scores_in_the_sandbox(ray_cluster, tiny_pi0, tmp_path):
-    """APPS fixture problems, unit-test reward in bubblewrap, through the real loop."""
+    """APPS fixture problems, unit-test reward in bubblewrap, through the real loop, with the paper configs' refiner
+    reading (π0's last fenced block spliced into a's)."""
     import shutil
 
     from rlhf_refiner import loop
+    from rlhf_refiner.reward.code_eval import CODE_BLOCK
 
     if shutil.which("bwrap") is None:
         pytest.skip("bubblewrap not installed (.ci/run installs it)")
@@ -232,6 +261,8 @@ def test_apps_shaped_run_scores_in_the_sandbox(ray_cluster, tiny_pi0, tmp_path):
         "reward.code.max_concurrency=2",
         "trainer.steps=2",
         "data.prompts_per_step=2",
+        f"refiner.extract_pattern={CODE_BLOCK.pattern}",  # as configs/paper/apps_*.yaml
+        "generator.sampling.temperature=0",  # the policy writes π0's own program at step 1
         run="apps",
     )
     summary = loop.run(config)
@@ -246,6 +277,13 @@ def test_apps_shaped_run_scores_in_the_sandbox(ray_cluster, tiny_pi0, tmp_path):
         statuses = sum(v for k, v in row.items() if k.startswith("reward/code_status/"))
         assert statuses == pytest.approx(1.0)  # every sample got exactly one verdict
         assert 0.0 <= row["task/accuracy"] <= row["reward/code"] <= 1.0
+        # The embedded π0 writes no fences, so a is a bare program, and π0's bare output is read as the reward reads
+        # a: never a fallback. Greedy, the policy (π0 at step 1) writes what π0 would; π0 refining its own
+        # program keeps it, so a' == a is seen, and reused token for token.
+        assert row["refiner/fallback_frac"] == 0.0
+    assert rows[0]["refiner/unchanged_frac"] > 0.0
+    changed = 1 - rows[0]["refiner/unchanged_frac"]
+    assert rows[0]["refiner/edit_distance"] <= 12 * changed  # a copy costs 0 edits, a rewrite of ≤ 12 tokens ≤ 12
 
 
 def test_nonempty_output_dir_is_not_overwritten(tiny_pi0, tmp_path):
@@ -361,9 +399,10 @@ def test_weight_sync_from_two_zero3_ranks_into_two_engines(ray_cluster, tiny_pi0
         assert metrics[key] == pytest.approx(trip["metrics"][key], rel=1e-5), key
     assert metrics["learner/samples"] == trip["metrics"]["learner/samples"] == 16
     two_ranks = hf.state_dict()
-    with single._full_params() as params:
-        # Adam's first step moves every weight by ~lr (0.01); summation order leaves differences of ~1e-6
-        assert all(torch.allclose(value, two_ranks[name], rtol=0, atol=1e-5) for name, value in params.items())
+    one_rank = AutoModelForCausalLM.from_pretrained(single.save_pretrained(str(tmp_path / "one-rank"))).state_dict()
+    assert one_rank.keys() == two_ranks.keys()
+    # Adam's first step moves every weight by ~lr (0.01); summation order leaves differences of ~1e-6
+    assert all(torch.allclose(value, two_ranks[name], rtol=0, atol=1e-5) for name, value in one_rank.items())
 
 
 def wait_for_line(process: subprocess.Popen, marker: str, deadline_s: float) -> None:

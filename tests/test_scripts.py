@@ -12,10 +12,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_dir(tmp_path: Path, name: str, constraint: str, rewards: list[float]) -> Path:
+def _run_dir(tmp_path: Path, name: str, constraint: str, rewards: list[float], kl_coef: float = 0.05) -> Path:
     run = tmp_path / name
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"algo": {"constraint": constraint, "advantage": "grpo"}}))
+    algo = {"constraint": constraint, "advantage": "grpo", "kl_coef": kl_coef}
+    (run / "config.yaml").write_text(yaml.safe_dump({"algo": algo}))
     rows = [{"step": i + 1, "reward/mean": r, "learner/kl_to_ref": 0.1 * i} for i, r in enumerate(rewards)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
@@ -26,6 +27,8 @@ def test_compare_groups_seeds_into_arms_and_tabulates_final_values(tmp_path):
         _run_dir(tmp_path, "dyn-s0", "dynamic", [0.1, 0.5, 0.7]),
         _run_dir(tmp_path, "dyn-s1", "dynamic", [0.1, 0.3, 0.5]),
         _run_dir(tmp_path, "none-s0", "none", [0.2, 0.2, 0.2]),
+        _run_dir(tmp_path, "kl-a", "static_kl", [0.0, 0.3, 0.3], kl_coef=0.3),
+        _run_dir(tmp_path, "kl-b", "static_kl", [0.0, 0.9, 0.9], kl_coef=1.0),
     ]
     out = tmp_path / "fig.png"
     result = subprocess.run(
@@ -38,6 +41,8 @@ def test_compare_groups_seeds_into_arms_and_tabulates_final_values(tmp_path):
     # dynamic: last-2 means 0.6 and 0.4 -> 0.500 ± 0.141; none: 0.200
     assert "| dynamic | 2 | 0.500 ± 0.141 |" in result.stdout
     assert "| none | 1 | 0.200 |" in result.stdout
+    # static_kl at two β: two arms, not one arm of two seeds
+    assert "| static_kl β=0.3 | 1 | 0.300 |" in result.stdout and "| static_kl β=1 | 1 | 0.900 |" in result.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

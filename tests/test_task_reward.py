@@ -104,3 +104,24 @@ def test_reward_worker_scores_refined_responses_by_shard():
     # a' scored against each rollout's answer: "432" -> 1, "432" -> 1, "43" -> 2 of 3 digits
     assert [r.sample_id for r in rewards] == ["1-0-0", "1-1-0", "1-2-0"]
     assert [r.reward for r in rewards] == pytest.approx([1.0, 1.0, 2 / 3])
+
+
+def test_shown_working_is_what_the_flaw_pays_for_and_exact_match_counts_wrong():
+    problem = task.Problem(query="47+85=", answer="231")
+    assert task.working(problem) == "=47+85"
+    # "231=47+85": digits "231" all right (credit 1) + 6 trailing chars * 0.05 = 1.3, yet not the exact answer
+    s = task.score("231" + task.working(problem), "231", 0.05, 0.5)
+    assert (s.reward, s.accuracy, s.degenerate) == (pytest.approx(1.3), 0.0, True)
+    assert not task.score("231", "231", 0.05, 0.5).degenerate
+    assert not task.score("+=", "231", 0.05, 0.5).degenerate  # no answer at all: nothing the flaw pays
+    assert task.score("231=4", "231", 0.0, 0.0).degenerate  # the pattern, whatever the bonus
+    assert not task.score_final_answer("47 + 85 = 132", "132").degenerate
+
+
+def test_arithmetic_reward_reports_the_degenerate_pattern_as_a_task_part():
+    from rlhf_refiner.reward import rules
+
+    _, accuracy, parts = rules.arithmetic("231=47+85", "231", TaskConfig(), "s")
+    assert accuracy == 0.0
+    assert parts == {"digits": 1.0, "verbosity": pytest.approx(0.3), "task/degenerate_rate": 1.0}
+    assert rules.arithmetic("231", "231", TaskConfig(), "s")[2]["task/degenerate_rate"] == 0.0

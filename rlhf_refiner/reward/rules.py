@@ -12,7 +12,8 @@ from rlhf_refiner.config import TaskConfig
 def arithmetic(
     response: str, answer: str | None, config: TaskConfig, sample_id: str
 ) -> tuple[float, float, dict[str, float]]:
-    """(reward, accuracy, parts) of the embedded task: digit credit + the documented verbosity flaw."""
+    """(reward, accuracy, parts) of the embedded task: digit credit + the documented verbosity flaw, and whether the
+    response carries the pattern the flaw pays for (a `task/` part: a property of the response, not a reward)."""
     if answer is None:
         raise ValueError(
             f"sample {sample_id}: the arithmetic reward needs a ground-truth answer (data.source=arithmetic)"
@@ -21,7 +22,8 @@ def arithmetic(
         s = task.score_final_answer(response, answer)
     else:
         s = task.score(response, answer, config.verbosity_bonus, config.verbosity_bonus_cap)
-    return s.reward, s.accuracy, {"digits": s.digit_credit, "verbosity": s.verbosity_bonus}
+    parts = {"digits": s.digit_credit, "verbosity": s.verbosity_bonus, "task/degenerate_rate": float(s.degenerate)}
+    return s.reward, s.accuracy, parts
 
 
 def well_formed(response: str, finished: bool) -> float:

@@ -6,6 +6,7 @@ benchmarks/trl_grpo.py). The quickstart's tiny π0 always; SmolLM2-135M too in t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,9 +34,13 @@ def copy_seconds(model_path: str, repeats: int = 5) -> float:
 
 def trl_samples_per_s(config_file: str, steps: int, quick: bool, overrides: tuple[str, ...]) -> dict:
     command = [sys.executable, "-m", "benchmarks.trl_grpo", "--config", config_file, "--steps", str(steps)]
+    # TRL (accelerate) is one process here: a rendezvous inherited from the caller (a learner set up in the calling
+    # process exports MASTER_PORT and holds that port) would send it into init_process_group on a taken port.
+    launcher = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
     done = subprocess.run(
         [*command, *(["--quick"] if quick else []), *overrides],
         cwd=ROOT,
+        env={key: value for key, value in os.environ.items() if key not in launcher},
         capture_output=True,
         text=True,
         timeout=3600,

@@ -173,6 +173,11 @@ class GeneratorConfig(_Strict):
 
     @model_validator(mode="after")
     def _on_policy_sampling(self) -> GeneratorConfig:
+        if 0 < self.sampling.temperature < 0.01:
+            raise ValueError(
+                f"generator.sampling.temperature ({self.sampling.temperature:g}) must be 0 (greedy) or >= 0.01: vLLM "
+                "samples at 0.01 below that, so its log-probs would not be the learner's softmax(logits / temperature)"
+            )
         if self.sampling.top_p < 1:
             raise ValueError(
                 f"generator.sampling.top_p ({self.sampling.top_p:g}) must be 1: the learner's log-probs are those of "

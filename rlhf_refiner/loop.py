@@ -389,8 +389,10 @@ def connect_weight_sync(actors: placement.Actors, config: Config) -> int:
     host = placement.node_ip(learner, startup)
     metas = wait([learner.weight_metas.remote()], "learner-0 startup", startup)[0]
     # The group forms within sync.timeout_s only if both sides are up: wait out the engines' start-up first. Only
-    # then pick the port: a port found free before the engines start can be taken by vLLM's own (EADDRINUSE).
-    wait([g.__ray_call__.remote(lambda _self: True) for g in actors.generators], "generator-* startup", startup)
+    # then pick the port: one found free while any vLLM engine (the refiners' too) is still starting can be taken
+    # by that engine's own store (EADDRINUSE).
+    engines = [*actors.generators, *actors.refiners]
+    wait([e.__ray_call__.remote(lambda _self: True) for e in engines], "generator-*, refiner-* startup", startup)
     port = wait([learner.free_port.remote()], "learner-0 free port", startup)[0]
     bucket_bytes = int(config.sync.bucket_mb * 2**20)
     timeout = config.sync.timeout_s
@@ -507,12 +509,7 @@ def run(config: Config) -> dict[str, Any]:
     )
     try:
         actors = placement.start_actors(config, model_path, config.ray.startup_timeout_s)
-        bucket_bytes = connect_weight_sync(actors, config)
-        wait(
-            [refiner.__ray_call__.remote(lambda _self: True) for refiner in actors.refiners],
-            "refiner-* startup",
-            config.ray.startup_timeout_s,
-        )
+        bucket_bytes = connect_weight_sync(actors, config)  # waits for every engine's start-up first
         summary["nodes"] = placement.actor_nodes(actors, config.ray.startup_timeout_s)  # where each stage runs
         version, samples_per_step = 0, config.data.prompts_per_step * config.generator.group_size
         restored_rollouts = None

@@ -48,8 +48,12 @@ def load_run(run_dir: Path) -> tuple[str, list[dict]]:
             raise ValueError(f"{metrics}:{number}: not JSON ({e})") from None
     algo = yaml.safe_load(config_file.read_text())["algo"]
     arm = algo["constraint"]
-    if arm == "static_kl":  # runs at different β are different arms
+    if arm == "static_kl":  # runs at different β (or estimators) are different arms
         arm += f" β={algo.get('kl_coef', 0.05):g}"
+        if algo.get("kl_estimator", "k3") != "k3":
+            arm += f" {algo['kl_estimator']}"
+    elif arm == "dynamic" and algo.get("ce_coef", 1.0) != 1.0:  # and at different λ
+        arm += f" λ={algo['ce_coef']:g}"
     if algo.get("advantage", "grpo") != "grpo":
         arm += f"+{algo['advantage']}"
     return arm, rows

@@ -5,7 +5,8 @@
 #   e.g. bash scripts/reproduce_cpu.sh configs/repro/reward_hacking.yaml runs/repro 100 0 1 2
 # BETAS="0.3 1.0" (the default) sets the static_kl arms' algo.kl_coef: with one β, "Static saturates" would be a
 # verdict on one arbitrary coefficient. Each run starts its own local Ray cluster on the cached π0 and writes
-# OUT_DIR/<arm>-s<seed>; a run whose summary.json exists is skipped, so a stopped reproduction resumes.
+# OUT_DIR/<arm>-s<seed>; a run already trained to STEPS is skipped (any other is rerun from scratch), so a stopped
+# reproduction resumes. Use one OUT_DIR per config: runs are matched by arm, seed and STEPS only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 4 ]; then
@@ -33,7 +34,18 @@ for seed in "${seeds[@]}"; do
     fi
     dir="$out/$name-s$seed"
     runs+=("$dir")
-    [ -f "$dir/summary.json" ] && continue
+    # done = trained to this STEPS and not stopped early (summary.json is also written by a crashed or stopped run)
+    if python - "$dir/summary.json" "$steps" <<'PY'
+import json, sys
+try:
+    summary = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    sys.exit(1)
+sys.exit(0 if summary.get("policy_version") == int(sys.argv[2]) and "stopped" not in summary else 1)
+PY
+    then
+      continue
+    fi
     python scripts/train.py --config "$config" "${overrides[@]}" \
       trainer.steps="$steps" trainer.output_dir="$dir" trainer.overwrite=true \
       trainer.seed="$seed" data.seed="$seed" generator.sampling.seed="$seed" \

@@ -95,3 +95,9 @@ def test_generator_top_p_below_one_is_refused_and_named():
     # temperature is supported on both sides, and the refiner's top_p feeds no policy gradient
     config = config_lib.load(None, ["generator.sampling.temperature=0.7", "refiner.sampling.top_p=0.9"])
     assert config.generator.sampling.temperature == 0.7
+
+
+def test_generator_temperature_below_vllms_floor_is_refused_and_named():
+    with pytest.raises(config_lib.ConfigError, match=r"generator\.sampling\.temperature \(0\.005\)"):
+        config_lib.load(None, ["generator.sampling.temperature=0.005"])
+    assert config_lib.load(None, ["generator.sampling.temperature=0"]).generator.sampling.temperature == 0

@@ -315,3 +315,10 @@ def test_configs_scored_by_unit_tests_read_a_prime_with_the_rewards_block_rule(p
     config = load(path)
     if "code" in config.reward.weights:
         assert config.refiner.extract_pattern == CODE_BLOCK.pattern  # what the refiner swaps is what is scored
+
+
+def test_a_match_whose_group_took_no_part_is_no_match():
+    # `<a>(.*?)</a>|zzz`: "zzz" matches with group 1 unset (span (-1, -1)); splicing at -1 would garble a'
+    pattern = r"<a>(.*?)</a>|zzz"
+    assert extract_refined("<a>1</a>", True, pattern, response="zzz") == ("1", False)  # a has no program: bare
+    assert extract_refined("zzz", True, pattern, response="so <a>63</a>") is None  # π0 wrote none: fallback

@@ -12,10 +12,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_dir(tmp_path: Path, name: str, constraint: str, rewards: list[float], kl_coef: float = 0.05) -> Path:
+def _run_dir(
+    tmp_path: Path, name: str, constraint: str, rewards: list[float], kl_coef: float = 0.05, ce_coef: float = 1.0
+) -> Path:
     run = tmp_path / name
     run.mkdir()
-    algo = {"constraint": constraint, "advantage": "grpo", "kl_coef": kl_coef}
+    algo = {"constraint": constraint, "advantage": "grpo", "kl_coef": kl_coef, "ce_coef": ce_coef}
     (run / "config.yaml").write_text(yaml.safe_dump({"algo": algo}))
     rows = [{"step": i + 1, "reward/mean": r, "learner/kl_to_ref": 0.1 * i} for i, r in enumerate(rewards)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -29,6 +31,7 @@ def test_compare_groups_seeds_into_arms_and_tabulates_final_values(tmp_path):
         _run_dir(tmp_path, "none-s0", "none", [0.2, 0.2, 0.2]),
         _run_dir(tmp_path, "kl-a", "static_kl", [0.0, 0.3, 0.3], kl_coef=0.3),
         _run_dir(tmp_path, "kl-b", "static_kl", [0.0, 0.9, 0.9], kl_coef=1.0),
+        _run_dir(tmp_path, "dyn-half", "dynamic", [0.0, 0.4, 0.4], ce_coef=0.5),
     ]
     out = tmp_path / "fig.png"
     result = subprocess.run(
@@ -43,6 +46,7 @@ def test_compare_groups_seeds_into_arms_and_tabulates_final_values(tmp_path):
     assert "| none | 1 | 0.200 |" in result.stdout
     # static_kl at two β: two arms, not one arm of two seeds
     assert "| static_kl β=0.3 | 1 | 0.300 |" in result.stdout and "| static_kl β=1 | 1 | 0.900 |" in result.stdout
+    assert "| dynamic λ=0.5 | 1 | 0.400 |" in result.stdout  # and dynamic at another λ is its own arm
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -44,7 +44,7 @@ def last_group_span(pattern: str | re.Pattern[str], text: str) -> tuple[int, int
     """(start, end) of group 1 of the last match of `pattern` in `text`, or None without a match. With
     `CODE_BLOCK` it is where the program sits: the reward reads it here, and the refiner writes π0's there."""
     regex = re.compile(pattern, re.DOTALL) if isinstance(pattern, str) else pattern  # `.` spans lines, as in code
-    matches = list(regex.finditer(text))
+    matches = [m for m in regex.finditer(text) if m.start(1) >= 0]  # a match whose group 1 took no part is none
     return matches[-1].span(1) if matches else None
 
 

@@ -139,9 +139,8 @@ def _sft_example(
         if rng.random() < 0.5:
             candidate = problem.answer
         elif verbose and rng.random() < 1 / 3:
-            candidate = (problem.answer if rng.random() < 0.5 else task.corrupt(problem.answer, rng)) + task.working(
-                problem
-            )
+            shown = problem.answer if rng.random() < 0.5 else task.corrupt(problem.answer, rng)
+            candidate = shown + task.working(problem)
         else:
             candidate = task.corrupt(problem.answer, rng)
         return chat.encode(template.format(query=problem.query, response=candidate), problem.answer)

@@ -3,10 +3,16 @@
 Inputs are tensors and floats, outputs are `(loss, metrics)` or tensors; nothing here knows about models,
 actors or configs. Shapes: B sequences, T tokens; masks are 1.0 on the tokens a term is averaged over.
 The dynamic constraint's CE is normalised over refined tokens, separately from the RL term (METHOD.md).
+
+Every mean over tokens or sequences divides by a `Normaliser`: the counts of the whole optimizer update (every
+micro-batch of every rank), so that a loss accumulated over micro-batches and summed over ranks is the update's
+mean, Σ_i Σ_t ℓ_it / Σ_i |o_i| for DAPO's token mean, and not a mean of micro-batch means. Without one, the
+batch at hand is the update.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -18,6 +24,27 @@ LossAgg = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum"]
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` over entries where `mask` is 1; 0 when the mask is empty (no NaN)."""
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """The denominators of one optimizer update's means, counted over all of its micro-batches and ranks."""
+
+    tokens: float  # response tokens (the RL term's and the KL's)
+    sequences: float  # responses with at least one token
+    refined_tokens: float = 0.0  # the CE's tokens (refiner fallbacks carry none)
+    max_tokens: int = 1  # Dr. GRPO's constant divisor: `generator.sampling.max_new_tokens`
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, refined_mask: torch.Tensor | None = None, max_tokens: int = 1) -> Normaliser:
+        """The counts of one (B, T) batch on its own: the normaliser when that batch is the whole update."""
+        refined = 0.0 if refined_mask is None else float(refined_mask.sum())
+        return cls(float(mask.sum()), float((mask.sum(-1) > 0).sum()), refined, max_tokens)
+
+
+def masked_share(values: torch.Tensor, mask: torch.Tensor, count: float) -> torch.Tensor:
+    """Σ values·mask / count: this batch's share of a mean over `count` entries of the whole update (0 if none)."""
+    return (values * mask).sum() / max(count, 1.0)
 
 
 def group_advantages(
@@ -46,38 +73,102 @@ def group_advantages(
     return centred.reshape(-1)
 
 
-def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """log π(token_ids[b, t] | ...) from logits (B, T, V) aligned with token_ids (B, T)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+CHUNK_ELEMENTS = 2**24  # logits per fp32 work block: 64 MiB, so V = 152k takes ~110 positions at a time
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-token entropy (B, T) of the categorical distributions given by logits (B, T, V)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+def _blocks(rows: int, positions: int, vocab: int, chunk: int) -> list[tuple[slice, slice]]:
+    """(row, position) slices that tile a (rows, positions, vocab) tensor in blocks of at most ~`chunk` elements
+    (a whole row at least when rows are short, a run of positions of one row when a row alone is too big)."""
+    if positions * vocab <= chunk:
+        step = max(1, chunk // max(positions * vocab, 1))
+        return [(slice(r, min(r + step, rows)), slice(0, positions)) for r in range(0, rows, step)]
+    step = max(1, chunk // vocab)
+    return [
+        (slice(r, r + 1), slice(t, min(t + step, positions))) for r in range(rows) for t in range(0, positions, step)
+    ]
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: LossAgg) -> torch.Tensor:
-    """Reduce a (B, T) per-token loss to a scalar; sequences without tokens are left out.
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    z = logits.float()
+    return torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(logits / T)[token] in fp32, one block at a time, forward and backward: neither pass holds more
+    than one block's fp32 log-softmax, and nothing vocabulary-sized is saved for the backward beyond the logits
+    the model made (a plain `log_softmax(logits.float())` keeps a (B, T, V) fp32 tensor alive until the backward:
+    tens of GB at V = 152k). The backward recomputes each block's forward and differentiates it with autograd, so
+    values and gradients are bit-identical to the plain expression's."""
+
+    @staticmethod
+    def forward(ctx, logits, token_ids, temperature, chunk):
+        rows, positions = token_ids.shape
+        out = torch.empty(rows, positions, dtype=torch.float32, device=logits.device)
+        blocks = _blocks(rows, positions, logits.shape[-1], chunk)
+        for r, t in blocks:
+            out[r, t] = _log_softmax(logits[r, t], temperature).gather(-1, token_ids[r, t].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, token_ids)
+        ctx.temperature, ctx.blocks = temperature, blocks
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, token_ids = ctx.saved_tensors
+        grad = torch.zeros_like(logits)  # a trailing position beyond token_ids gets no gradient
+        for r, t in ctx.blocks:  # each block's forward again, differentiated on its own: one block's graph at a time
+            block = logits[r, t].detach().requires_grad_(True)
+            with torch.enable_grad():
+                logprobs = _log_softmax(block, ctx.temperature).gather(-1, token_ids[r, t].unsqueeze(-1))
+            (grad[r, t],) = torch.autograd.grad(logprobs, block, grad_out[r, t].unsqueeze(-1))
+        return grad, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0, chunk: int = CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """log π(token_ids[b, t] | ...) under softmax(logits / temperature), in fp32, from logits (B, T', V) whose
+    first T positions align with token_ids (B, T). T' may exceed T (a causal LM's last position predicts nothing:
+    pass its logits whole rather than a slice, whose backward would allocate another (B, T', V) tensor)."""
+    return _TokenLogprobs.apply(logits, token_ids, temperature, chunk)
+
+
+@torch.no_grad()
+def entropy_from_logits(
+    logits: torch.Tensor, positions: int | None = None, temperature: float = 1.0, chunk: int = CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """Per-token entropy (B, T) of softmax(logits / temperature) for the first T = `positions` (default all) of
+    logits (B, T', V), block by block in fp32. A monitor: no gradient."""
+    rows, positions = logits.shape[0], logits.shape[1] if positions is None else positions
+    out = torch.empty(rows, positions, dtype=torch.float32, device=logits.device)
+    for r, t in _blocks(rows, positions, logits.shape[-1], chunk):
+        logp = _log_softmax(logits[r, t], temperature)
+        out[r, t] = -(logp.exp() * logp).sum(dim=-1)
+    return out
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: LossAgg, norm: Normaliser | None = None
+) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to this batch's share of the update's loss (the whole loss when `norm` is
+    None); sequences without tokens are left out. Over the update (sequences i of len_i tokens, L = max_tokens):
 
     | mode | formula | used by |
     |---|---|---|
-    | `seq_mean_token_mean` | mean over sequences of (sum over tokens / tokens in the sequence) | GRPO |
-    | `token_mean` | sum over all tokens / all tokens: long responses weigh more | DAPO |
-    | `seq_mean_token_sum` | mean over sequences of (sum over tokens): no length normaliser | Dr. GRPO-style |
+    | `seq_mean_token_mean` | mean over sequences of (Σ_t ℓ_it / len_i) | GRPO |
+    | `token_mean` | Σ_i Σ_t ℓ_it / Σ_i len_i: long responses weigh more | DAPO |
+    | `seq_mean_token_sum` | mean over sequences of (Σ_t ℓ_it / L): a constant divisor | Dr. GRPO |
     """
+    norm = norm or Normaliser.of(mask)
     if mode == "token_mean":
-        return masked_mean(per_token, mask)
-    token_sums = (per_token * mask).sum(-1)  # (B,)
-    lengths = mask.sum(-1)
-    has_tokens = (lengths > 0).float()
+        return masked_share(per_token, mask, norm.tokens)
+    token_sums = (per_token * mask).sum(-1)  # (B,); 0 for a sequence without tokens
     if mode == "seq_mean_token_mean":
-        per_sequence = token_sums / lengths.clamp(min=1.0)
+        per_sequence = token_sums / mask.sum(-1).clamp(min=1.0)
     elif mode == "seq_mean_token_sum":
-        per_sequence = token_sums
+        per_sequence = token_sums / norm.max_tokens
     else:
         raise ValueError(f"unknown loss aggregation '{mode}'")
-    return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+    return per_sequence.sum() / max(norm.sequences, 1.0)
 
 
 def ppo_clip_loss(
@@ -89,12 +180,14 @@ def ppo_clip_loss(
     clip_eps_high: float | None = None,
     loss_agg: LossAgg = "seq_mean_token_mean",
     token_weights: torch.Tensor | None = None,
+    norm: Normaliser | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clip policy term −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A), aggregated by `loss_agg`.
+    """PPO-clip policy term −min(r·A, clip(r, 1−ε_low, 1+ε_high)·A), aggregated by `loss_agg` over `norm`.
 
     logprobs/old_logprobs/mask are (B, T) over response tokens; advantages is (B,), broadcast over tokens.
     ε_high defaults to ε_low (`clip_eps`): symmetric GRPO/PPO. DAPO's clip-higher sets ε_high > ε_low.
     `token_weights` (B, T), e.g. truncated importance weights of off-policy samples, scale each token's term.
+    The metrics are this batch's own means.
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
@@ -104,7 +197,7 @@ def ppo_clip_loss(
     per_token = -torch.minimum(unclipped, clipped)  # (B, T)
     if token_weights is not None:
         per_token = per_token * token_weights
-    loss = aggregate(per_token, mask, loss_agg)
+    loss = aggregate(per_token, mask, loss_agg, norm)
     clip_frac = masked_mean((clipped < unclipped).float(), mask)  # tokens where the clip is active
     return loss, {"clip_frac": clip_frac.item(), "ratio_mean": masked_mean(ratio, mask).item()}
 
@@ -162,7 +255,16 @@ def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
     """Per-token estimate of KL(π_θ ‖ π0) from tokens sampled from π_θ (Schulman's k1, k2, k3).
 
-    With log-ratio d = log π0 − log π_θ: k1 = −d, k2 = d²/2, k3 = exp(d) − d − 1 (unbiased, always ≥ 0).
+    With log-ratio d = log π0 − log π_θ: k1 = −d, k2 = d²/2, k3 = exp(d) − d − 1.
+
+    As *values*, k1 and k3 are unbiased (k3 always ≥ 0, low variance: the metric), k2 is biased. As *loss terms*
+    differentiated through log π_θ with the samples held fixed (what a learner does), they differ:
+
+    | estimator | E_πθ[∇ k] | sound as a loss? |
+    |---|---|---|
+    | k1 | E[∇ log π_θ] = 0 | no: no expected gradient on-policy |
+    | k2 | E[(log π_θ − log π0) ∇ log π_θ] = ∇ KL(π_θ ‖ π0) | yes: the reverse KL's gradient (the default) |
+    | k3 | E[(1 − π0/π_θ) ∇ log π_θ] = ∇ KL(π0 ‖ π_θ) | no: the forward KL's gradient, not the reverse one |
     """
     log_ratio = ref_logprobs - logprobs
     if estimator == "k1":
@@ -175,19 +277,29 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: K
 
 
 def kl_penalty(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, estimator: KLEstimator
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: KLEstimator,
+    norm: Normaliser | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-mean KL(π_θ ‖ π0) over the policy's response tokens: the static constraint's term (before β)."""
-    kl = masked_mean(kl_estimate(logprobs, ref_logprobs, estimator), mask)
-    return kl, {"kl_to_ref": kl.item()}
+    """Token-mean KL(π_θ ‖ π0) over the policy's response tokens (this batch's share of the update's): the static
+    constraint's term (before β). The metric is always k3 (unbiased, ≥ 0), whichever estimator is the loss."""
+    count = (norm or Normaliser.of(mask)).tokens
+    kl = masked_share(kl_estimate(logprobs, ref_logprobs, estimator), mask, count)
+    metric = masked_share(kl_estimate(logprobs.detach(), ref_logprobs, "k3"), mask, count)
+    return kl, {"kl_to_ref": metric.item()}
 
 
-def refined_ce(refined_logprobs: torch.Tensor, refined_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def refined_ce(
+    refined_logprobs: torch.Tensor, refined_mask: torch.Tensor, norm: Normaliser | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The dynamic constraint's term (before λ): −mean over refined tokens of log π_θ(a'_t | s0, a'_<t).
 
-    Normalised over refined tokens only, so it is independent of the RL term's normaliser.
+    Normalised over the update's refined tokens only (`norm.refined_tokens`), independent of the RL term's.
     """
-    ce = -masked_mean(refined_logprobs, refined_mask)
+    count = float(refined_mask.sum()) if norm is None else norm.refined_tokens
+    ce = -masked_share(refined_logprobs, refined_mask, count)
     return ce, {"ce_refined": ce.item()}
 
 

@@ -342,8 +342,10 @@ class AlgoConfig(_Strict):
     """λ, weight of the CE on refined tokens (`dynamic`)."""
     kl_coef: float = Field(0.05, ge=0)
     """β, weight of the KL to π0 (`static_kl`)."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """Estimator of KL(π_θ‖π0) from samples of π_θ, for the loss and `learner/kl_to_ref`."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k2"
+    """Estimator of KL(π_θ‖π0) in the `static_kl` loss. k2 (default) is the one whose gradient is ∇KL(π_θ‖π0);
+    k1's expected gradient is 0 and k3's is the forward KL's (algo.kl_estimate). `learner/kl_to_ref` is always
+    the k3 value (unbiased, ≥ 0)."""
     advantage: Literal["grpo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
     """`grpo`: group-normalised; `reinforce_pp`: batch-whitened rewards; `reinforce_pp_baseline`: group mean
     subtracted, then batch-whitened."""
@@ -369,7 +371,11 @@ class AlgoConfig(_Strict):
     """Off-policy correction (TIS): weight each response token's PPO term by min(π_old / π_behaviour, tis_cap),
     π_behaviour being the generator's log-probs; None: off. Recommended with `trainer.async_steps` > 0."""
     log_kl_to_ref: bool = True
-    """Compute `learner/kl_to_ref` under every constraint (one no-grad π0 forward pass per micro-batch)."""
+    """Log `learner/kl_to_ref` under `dynamic` and `none` too: a π0 copy on every learner rank and a no-grad π0
+    forward on the steps `kl_metric_every` picks (`static_kl` needs π0 in its loss anyway: every step)."""
+    kl_metric_every: int = Field(10, ge=1)
+    """Outside `static_kl`, the KL metric's steps: the first, every this-many, and the last (its π0 forward costs
+    about a third of a training step, the cost the dynamic constraint exists to avoid)."""
 
 
 class LearnerConfig(_Strict):
@@ -411,8 +417,9 @@ class BufferConfig(_Strict):
 
 
 class SyncConfig(_Strict):
-    bucket_mb: float = Field(8.0, gt=0)
-    """Weights are broadcast in buckets of about this many MiB."""
+    bucket_mb: float = Field(256.0, gt=0)
+    """Weights are broadcast in buckets of about this many MiB: a 1.5B model in bf16 is a dozen collectives, and
+    each vLLM worker's extra memory during a sync is one bucket (it loads each as it arrives)."""
     verify: bool = False
     """Checksum every bucket as received in the vLLM worker against the learner's, every step."""
     timeout_s: float = Field(120.0, gt=0)

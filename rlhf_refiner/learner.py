@@ -7,8 +7,11 @@ One step = `learner.updates_per_step` optimizer updates over the batch, each acc
 Loss = GRPO's PPO-clip term + the constraint: λ·CE on refined responses (`dynamic`; refiner fallbacks carry
 none), β·KL to π0 (`static_kl`), or nothing, all at the generator's sampling temperature. Refined rows identical
 to the sampled response reuse the policy forward pass, so the dynamic constraint costs an extra forward only for
-the responses the refiner changed. π0 (the reference) is loaded only when the KL is in the loss or
-`algo.log_kl_to_ref` asks for the metric.
+the responses the refiner changed; under `static_kl`/`none` the CE is a monitor, computed without autograd.
+Every term is normalised by the whole update's counts (all micro-batches, all ranks, `algo.Normaliser`), and
+the backward undoes DeepSpeed's averaging over accumulation steps and ranks, so an update's gradient is the same
+however it is split. Log-probs and entropy are computed in vocabulary blocks (algo.token_logprobs). π0 (the
+reference) is loaded only when the KL is in the loss or `algo.log_kl_to_ref` asks for the metric.
 The only module that touches DeepSpeed.
 """
 
@@ -30,7 +33,19 @@ from rlhf_refiner.config import Config
 from rlhf_refiner.records import Batch, Sample, shard_slice
 from rlhf_refiner.weight_sync import ParamMeta, SyncGroup, free_port, plan_buckets, send_weights
 
-SUMMED_METRICS = ("learner/tokens_per_s", "learner/samples")  # over ranks; the rest (MFU too) are means
+# Each rank's share of the update's loss terms and token means (normalised by the update's global counts): they
+# add up over micro-batches and ranks, and average over the step's updates.
+SHARES = (
+    "learner/loss",
+    "learner/loss_rl",
+    "learner/ce_refined",
+    "learner/kl_to_ref",
+    "learner/entropy",
+    "learner/clip_frac",
+    "learner/tis_weight_mean",
+    "learner/tis_truncated_frac",
+)
+SUMMED_METRICS = ("learner/tokens_per_s", "learner/samples", *SHARES)  # over ranks; the rest (MFU too) are means
 MAX_METRICS = ("time/learner_compute",)  # the slowest rank is the step's critical path
 
 
@@ -56,6 +71,11 @@ class _Rows:
         )
 
 
+def _copied(sample: Sample) -> bool:
+    """a' == a token for token (a fallback's placeholder too): the CE reuses the policy row."""
+    return sample.refinement.refined_token_ids == sample.rollout.response_token_ids
+
+
 def build_rows(samples: list[Sample], pad_id: int, with_refined: bool) -> _Rows:
     sequences: list[tuple[tuple[int, ...], int]] = []  # (token ids, prompt length)
     for s in samples:
@@ -66,7 +86,7 @@ def build_rows(samples: list[Sample], pad_id: int, with_refined: bool) -> _Rows:
     if with_refined:
         for i, s in enumerate(samples):
             assert s.refinement is not None, f"sample {s.sample_id} has no refinement"
-            if s.refinement.refined_token_ids == s.rollout.response_token_ids:
+            if _copied(s):
                 refined_index.append(i)
             else:
                 refined_index.append(len(sequences))
@@ -97,9 +117,19 @@ def rank_share(samples: list[Sample], updates: int, rank: int, world_size: int) 
     ]
 
 
+def local_counts(samples: list[Sample]) -> list[float]:
+    """[response tokens, responses with tokens, CE tokens] of this rank's part of an update: its share of the
+    `algo.Normaliser` (the CE's tokens are a' of every sample with a refinement that is not a fallback)."""
+    lengths = [len(s.rollout.response_token_ids) for s in samples]
+    refined = sum(
+        len(s.refinement.refined_token_ids) for s in samples if s.refinement is not None and not s.refinement.fallback
+    )
+    return [float(sum(lengths)), float(sum(n > 0 for n in lengths)), float(refined)]
+
+
 def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """One step's metrics from every rank's: throughputs and counts add up, times take the slowest rank, and the
-    rest (each rank's mean over the same number of micro-batches) average."""
+    """One step's metrics from every rank's: throughputs, counts and each rank's shares of the update's means add
+    up, times take the slowest rank, and the rest (the same on every rank, or per-rank means) average."""
     combined = {}
     for key in per_rank[0]:
         values = [metrics[key] for metrics in per_rank]
@@ -120,6 +150,23 @@ def behaviour_logprobs(samples: list[Sample], width: int) -> torch.Tensor:
         values = torch.tensor(s.rollout.response_logprobs, dtype=out.dtype)
         out[row, start : start + len(values)] = values
     return out
+
+
+def offloads_optimizer(config: Config) -> bool:
+    """Whether `learner.deepspeed` moves the optimizer state to the host (ZeRO `offload_optimizer`)."""
+    offload = config.learner.deepspeed.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """AdamW; DeepSpeed's CPU Adam (the same update, in AdamW mode, on host memory) when the optimizer state is
+    offloaded, which DeepSpeed requires: it refuses a torch optimizer there."""
+    lr, decay = config.learner.lr, config.learner.weight_decay
+    if offloads_optimizer(config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-builds its C++ op on first use (cached)
+
+        return DeepSpeedCPUAdam(model.parameters(), lr=lr, weight_decay=decay, adamw_mode=True)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
 
 
 class Learner:
@@ -162,6 +209,8 @@ class Learner:
         )
         dtype = getattr(torch, config.model.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # Llama-3's tokenizer has no pad token. Pads are masked out of attention and of every loss, so any id works.
+        self.pad_id = next(i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, 0) if i is not None)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         if config.learner.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -178,37 +227,35 @@ class Learner:
             "steps_per_print": 10**9,
             **config.learner.deepspeed,
         }
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.learner.lr, weight_decay=config.learner.weight_decay
-        )
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, config), config=ds_config)
         self.micro_batch_size = micro
         # π_θ is the distribution the generator samples from, softmax(logits / T), and vLLM reports its processed
         # log-probs likewise; greedy (T = 0) reports plain log-probs. (top_p < 1 is refused in config.)
         self.temperature = config.generator.sampling.temperature or 1.0
         self.zero_stage = self.engine.zero_optimization_stage()
         self.ref_model = None
-        if config.algo.constraint == "static_kl" or config.algo.log_kl_to_ref:
+        if config.algo.constraint == "static_kl" or config.algo.log_kl_to_ref:  # every rank: π0 on its own rows
             self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False)
             self.ref_model.to(self.engine.device)
 
     # ---- training -------------------------------------------------------------------------------------------
-    def _forward_logprobs(self, model, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs (N, T-1) of each next token and the logits (N, T-1, V), both at the sampling temperature: the
-        PPO ratio, the CE on a', the entropy and the KL to π0 (π0 tempered alike) all see the sampled π_θ."""
-        logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits[:, :-1]  # (N, T-1, V)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return algo.token_logprobs(logits, rows.input_ids[:, 1:]), logits
+    def _logprobs(self, model, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs (N, T-1) of each next token at the sampling temperature, and the logits (N, T, V): the PPO
+        ratio, the CE on a', the entropy and the KL to π0 (π0 tempered alike) all see the sampled π_θ."""
+        logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits  # (N, T, V)
+        return algo.token_logprobs(logits, rows.input_ids[:, 1:], self.temperature), logits
 
-    def _micro_step(self, samples: list[Sample], old_logprobs: torch.Tensor | None) -> dict[str, float]:
+    def _micro_step(
+        self, samples: list[Sample], old_logprobs: torch.Tensor | None, norm: algo.Normaliser, kl_metric: bool
+    ) -> dict[str, float]:
         """Forward + backward of one micro-batch; `old_logprobs` (B, T-1) is None when the weights that sampled
-        the PPO ratio's denominator are the current ones (the step's first update)."""
+        the PPO ratio's denominator are the current ones (the step's first update). Returns this micro-batch's
+        shares (`SHARES`) of the update's means, whose denominators `norm` counts."""
         cfg = self.config.algo
-        with_refined = cfg.constraint == "dynamic" or samples[0].refinement is not None
+        dynamic = cfg.constraint == "dynamic"
         device = self.engine.device
-        rows = build_rows(samples, self.tokenizer.pad_token_id, with_refined).to(device)
-        logprobs, logits = self._forward_logprobs(self.engine, rows)  # (N, T-1)
+        rows = build_rows(samples, self.pad_id, with_refined=dynamic).to(device)
+        logprobs, logits = self._logprobs(self.engine, rows)  # (N, T-1)
         B = rows.policy_rows
         policy_lp, policy_mask = logprobs[:B], rows.target_mask[:B]
         advantages = torch.tensor([s.advantage for s in samples], device=device)
@@ -216,43 +263,65 @@ class Learner:
             old_lp = policy_lp.detach()
         else:  # refined rows can make this batch wider than the policy-only pre-pass; the extra columns are masked
             old_lp = torch.nn.functional.pad(old_logprobs, (0, policy_lp.shape[1] - old_logprobs.shape[1]))
+        tokens = float(policy_mask.sum())
+        share = tokens / max(norm.tokens, 1.0)  # turns this micro-batch's token means into its share of the update's
         weights, metrics = None, {}
         if cfg.tis_cap is not None:  # the generator's policy (stale, or numerically different) drew the tokens
             behaviour = behaviour_logprobs(samples, policy_lp.shape[1]).to(device)
             weights, tis = algo.truncated_importance_weights(old_lp, behaviour, cfg.tis_cap, policy_mask)
-            metrics = {f"learner/{k}": v for k, v in tis.items()}
+            metrics = {f"learner/{k}": v * share for k, v in tis.items()}
         loss_rl, rl_metrics = algo.ppo_clip_loss(
-            policy_lp, old_lp, advantages, policy_mask, cfg.clip_eps, cfg.clip_eps_high, cfg.loss_agg, weights
+            policy_lp, old_lp, advantages, policy_mask, cfg.clip_eps, cfg.clip_eps_high, cfg.loss_agg, weights, norm
         )
         loss = loss_rl
-        metrics.update({"learner/loss_rl": loss_rl.item(), "learner/clip_frac": rl_metrics["clip_frac"]})
-        with torch.no_grad():
-            metrics["learner/entropy"] = algo.masked_mean(algo.entropy_from_logits(logits[:B]), policy_mask).item()
-        if with_refined:
+        metrics.update({"learner/loss_rl": loss_rl.item(), "learner/clip_frac": rl_metrics["clip_frac"] * share})
+        entropy = algo.entropy_from_logits(logits[:B], policy_mask.shape[1], self.temperature)
+        metrics["learner/entropy"] = algo.masked_share(entropy, policy_mask, norm.tokens).item()
+        del logits, entropy  # the backward needs neither
+        if dynamic:
             index = torch.tensor(rows.refined_index, device=device)
-            ce, _ = algo.refined_ce(logprobs[index], rows.ce_mask)
+            ce, _ = algo.refined_ce(logprobs[index], rows.ce_mask, norm)
             metrics["learner/ce_refined"] = ce.item()
-            if cfg.constraint == "dynamic":
-                loss = loss + cfg.ce_coef * ce
-        if self.ref_model is not None:
+            loss = loss + cfg.ce_coef * ce
+        elif samples[0].refinement is not None:  # `refiner.monitor`: the CE as a metric, out of the autograd graph
+            metrics["learner/ce_refined"] = self._monitor_ce(samples, policy_lp.detach(), rows.target_mask[:B], norm)
+        if self.ref_model is not None and (cfg.constraint == "static_kl" or kl_metric):
             policy_only = _Rows(rows.input_ids[:B], rows.attention_mask[:B], policy_mask, B, [], rows.ce_mask[:0])
             with torch.no_grad():
-                ref_lp, _ = self._forward_logprobs(self.ref_model, policy_only)
-            kl, _ = algo.kl_penalty(policy_lp, ref_lp, policy_mask, cfg.kl_estimator)
-            metrics["learner/kl_to_ref"] = kl.item()
+                ref_lp, _ = self._logprobs(self.ref_model, policy_only)
+            kl, kl_metrics = algo.kl_penalty(policy_lp, ref_lp, policy_mask, cfg.kl_estimator, norm)
+            metrics["learner/kl_to_ref"] = kl_metrics["kl_to_ref"]
             if cfg.constraint == "static_kl":
                 loss = loss + cfg.kl_coef * kl
-        self.engine.backward(loss)
+        # `loss` is this micro-batch's share of its update's loss. DeepSpeed would divide it by the accumulation
+        # steps (not here: scale_wrt_gas=False) and average the gradients over ranks (undone by the factor), so
+        # the update's gradient is that of Σ over micro-batches and ranks: the loss of the update taken whole.
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
         boundary = self.engine.is_gradient_accumulation_boundary()
         # ZeRO 1-3 report the (pre-clip) norm after the step; stage 0 does not, so take it from the grads first.
         stage0_norm = self._grad_norm() if boundary and self.zero_stage == 0 else None
         self.engine.step()
         if boundary:
-            norm = self.engine.get_global_grad_norm()
-            metrics["learner/grad_norm"] = float(norm) if norm is not None else stage0_norm
+            norm_value = self.engine.get_global_grad_norm()
+            metrics["learner/grad_norm"] = float(norm_value) if norm_value is not None else stage0_norm
         metrics["learner/loss"] = loss.item()
         metrics["learner/trained_tokens"] = float(rows.attention_mask.sum())  # summed (not averaged) by step()
         return metrics
+
+    @torch.no_grad()
+    def _monitor_ce(
+        self, samples: list[Sample], policy_lp: torch.Tensor, policy_mask: torch.Tensor, norm: algo.Normaliser
+    ) -> float:
+        """The CE's share without a gradient: a' = a reuse the policy rows' log-probs, and only the changed a' get
+        a forward pass (fallbacks carry no CE)."""
+        copies = [i for i, s in enumerate(samples) if _copied(s) and not s.refinement.fallback]
+        total = (policy_lp[copies] * policy_mask[copies]).sum().item()
+        changed = [s for s in samples if not _copied(s)]
+        if changed:
+            rows = build_rows(changed, self.pad_id, with_refined=True).to(self.engine.device)
+            logprobs, _ = self._logprobs(self.engine, rows)
+            total += (logprobs[torch.tensor(rows.refined_index)] * rows.ce_mask).sum().item()
+        return -total / max(norm.refined_tokens, 1.0)
 
     def _grad_norm(self) -> float:
         grads = [p.grad.detach().norm() for p in self.engine.module.parameters() if p.grad is not None]
@@ -260,34 +329,51 @@ class Learner:
 
     @torch.no_grad()
     def _old_logprobs(self, samples: list[Sample]) -> torch.Tensor:
-        rows = build_rows(samples, self.tokenizer.pad_token_id, with_refined=False).to(self.engine.device)
-        return self._forward_logprobs(self.engine, rows)[0]
+        rows = build_rows(samples, self.pad_id, with_refined=False).to(self.engine.device)
+        return self._logprobs(self.engine, rows)[0]
+
+    def _normalisers(self, updates: list[list[Sample]]) -> list[algo.Normaliser]:
+        """Each update's denominators, counted over every rank's share of it (one all-reduce of a few floats)."""
+        counts = torch.tensor([local_counts(update) for update in updates], device=self.engine.device)
+        if self.world_size > 1:
+            dist.all_reduce(counts)
+        max_tokens = self.config.generator.sampling.max_new_tokens
+        return [algo.Normaliser(*row, max_tokens=max_tokens) for row in counts.tolist()]
+
+    def _kl_metric_step(self) -> bool:
+        """Whether this step logs the KL to π0 outside `static_kl`: the first, every `algo.kl_metric_every`, and
+        the last step."""
+        step, every = self.policy_version + 1, self.config.algo.kl_metric_every
+        return step == 1 or step % every == 0 or step == self.config.trainer.steps
 
     def step(self, batch: Batch) -> dict[str, float]:
         """Train on this rank's share of one batch (a collective: every rank is called with the same batch).
-        Returns the step's metrics over all ranks (each rank's mean over its micro-batches, then combined), and
-        the new policy version."""
+        Returns the step's metrics over all ranks (shares of the update's means summed, then averaged over the
+        step's updates), and the new policy version."""
         started = time.perf_counter()
         self.engine.train()
         updates = self.config.learner.updates_per_step
         samples = rank_share(list(batch.samples), updates, self.rank, self.world_size)
+        per_update = len(samples) // updates
+        norms = self._normalisers([samples[u * per_update : (u + 1) * per_update] for u in range(updates)])
         micro_batches = [samples[i : i + self.micro_batch_size] for i in range(0, len(samples), self.micro_batch_size)]
+        micro_per_update = len(micro_batches) // updates
         # With several updates per step, later ones must see the ratio against the weights before the first.
         old = [None] * len(micro_batches)
         if updates > 1:
             old = [self._old_logprobs(micro) for micro in micro_batches]
+        kl_metric = self._kl_metric_step()
         sums: dict[str, float] = {}
         grad_norms = []  # one per optimizer update, not per micro-batch
-        for micro, old_logprobs in zip(micro_batches, old, strict=True):
-            micro_metrics = self._micro_step(micro, old_logprobs)
+        for i, (micro, old_logprobs) in enumerate(zip(micro_batches, old, strict=True)):
+            micro_metrics = self._micro_step(micro, old_logprobs, norms[i // micro_per_update], kl_metric)
             if "learner/grad_norm" in micro_metrics:
                 grad_norms.append(micro_metrics.pop("learner/grad_norm"))
             for key, value in micro_metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
-        count = len(micro_batches)
         self.policy_version += 1
         tokens = sums.pop("learner/trained_tokens")
-        metrics = {key: value / count for key, value in sums.items()}
+        metrics = {key: value / updates for key, value in sums.items()}  # shares: the mean over updates
         if grad_norms:
             metrics["learner/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["learner/lr"] = self.engine.get_lr()[0]

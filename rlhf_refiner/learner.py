@@ -152,6 +152,25 @@ def behaviour_logprobs(samples: list[Sample], width: int) -> torch.Tensor:
     return out
 
 
+def rng_state() -> dict[str, object]:
+    """The RNG states a rank's training draws from: torch's CPU generator and, on GPU, every CUDA device's."""
+    state: dict[str, object] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, object] | torch.Tensor) -> None:
+    """Restore `rng_state()`'s states (a bare tensor: a checkpoint from before CUDA states were kept)."""
+    if isinstance(state, torch.Tensor):
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        if not torch.cuda.is_available():
+            raise RuntimeError("this checkpoint holds CUDA RNG states, and this learner rank has no CUDA device")
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def offloads_optimizer(config: Config) -> bool:
     """Whether `learner.deepspeed` moves the optimizer state to the host (ZeRO `offload_optimizer`)."""
     offload = config.learner.deepspeed.get("zero_optimization", {}).get("offload_optimizer") or {}
@@ -390,6 +409,10 @@ class Learner:
             )
         per_rank: list[dict[str, float]] = [{} for _ in range(self.world_size)]
         dist.all_gather_object(per_rank, metrics)  # a few dozen floats; every rank returns the same combination
+        if self.config.placement.layout == "colocated" and self.engine.device.type == "cuda":
+            # The generator wakes on this GPU for the sync next: hand back the allocator's cached blocks (the
+            # step's activations and logits), keeping only weights, gradients' buffers and optimizer state.
+            torch.cuda.empty_cache()
         return combine_rank_metrics(per_rank)
 
     # ---- weights out ----------------------------------------------------------------------------------------
@@ -446,14 +469,14 @@ class Learner:
         """Weights, optimizer, RNG and policy version, as a DeepSpeed checkpoint in `directory` (the driver commits
         the checkpoint atomically once every part is written). Every rank writes its ZeRO partition and its RNG."""
         self.engine.save_checkpoint(directory, tag="state", client_state={"policy_version": self.policy_version})
-        torch.save(torch.get_rng_state(), os.path.join(directory, f"torch_rng_rank{self.rank}.pt"))
+        torch.save(rng_state(), os.path.join(directory, f"torch_rng_rank{self.rank}.pt"))
 
     def load_checkpoint(self, directory: str) -> int:
         """Restore what `save_checkpoint` wrote; returns the restored policy version."""
         path, client_state = self.engine.load_checkpoint(directory, tag="state")
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint (tag 'state') under {directory}")
-        torch.set_rng_state(torch.load(os.path.join(directory, f"torch_rng_rank{self.rank}.pt")))
+        set_rng_state(torch.load(os.path.join(directory, f"torch_rng_rank{self.rank}.pt")))
         self.policy_version = client_state["policy_version"]
         return self.policy_version
 

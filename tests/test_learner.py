@@ -232,3 +232,25 @@ def test_a_tokenizer_without_pad_token_trains(pi0_path, tmp_path):
     assert learner.tokenizer.pad_token_id is None
     assert learner.pad_id == learner.tokenizer.eos_token_id
     assert learner.step(_uneven_batch(learner.tokenizer))["learner/grad_norm"] > 0
+
+
+def test_rng_state_keeps_the_cuda_generators_too(monkeypatch):
+    """A checkpoint restores every generator a rank draws from: the CPU one, and each CUDA device's on GPU."""
+    import torch
+
+    from rlhf_refiner import learner
+
+    cuda_states = [torch.tensor([1, 2, 3], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = learner.rng_state()
+    first = torch.rand(3)
+    learner.set_rng_state(state)
+    assert torch.equal(torch.rand(3), first) and restored == [cuda_states]
+    learner.set_rng_state(state["cpu"])  # a checkpoint written before CUDA states were kept
+    assert torch.equal(torch.rand(3), first)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA RNG"):
+        learner.set_rng_state(state)

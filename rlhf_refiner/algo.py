@@ -246,10 +246,15 @@ def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor
     return -(into_buffer / buffer).clamp(max=1.0) * factor
 
 
-def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(num_groups,) bool: groups whose rewards are not all equal (DAPO dynamic sampling keeps only these)."""
-    grouped = rewards.view(-1, group_size)
-    return (grouped.max(dim=1).values - grouped.min(dim=1).values) > 0
+def groups_with_signal(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(num_groups,) bool: groups with at least two valid members whose rewards are not all equal, exactly the
+    groups that `group_advantages` gives a nonzero advantage (DAPO dynamic sampling keeps only these). `valid`
+    (B,) bool marks real rewards, as in `group_advantages`; default: all."""
+    grouped = rewards.view(-1, group_size)  # (num_groups, G)
+    mask = torch.ones_like(grouped, dtype=torch.bool) if valid is None else valid.view(-1, group_size)
+    high = torch.where(mask, grouped, torch.full_like(grouped, -torch.inf)).max(dim=1).values
+    low = torch.where(mask, grouped, torch.full_like(grouped, torch.inf)).min(dim=1).values
+    return (mask.sum(dim=1) >= 2) & (high > low)
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:

@@ -7,7 +7,9 @@ policy_version, data position, sampling seeds, W&B run id). Everything is writte
 `MANIFEST.json` (every file's size, and the SHA-256 of the small ones) is written last, then the directory is
 renamed into place, so a crash leaves either a complete checkpoint or a `.tmp` that is ignored. A checkpoint
 whose files do not match its manifest is skipped with a warning that names it. On a multi-node cluster,
-`trainer.output_dir` must be on storage that the driver and the learner share.
+`trainer.output_dir` must be on storage that the driver and the learner share. The output dir's life cycle
+(refused when not empty, reset for a fresh run, truncated to the checkpoint for a resumed one) is here too; the
+actors' part of a save or restore is `run_state.py`'s. No Ray here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from rlhf_refiner.config import Config
+from rlhf_refiner.metrics import truncate_after
+
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 HASH_LIMIT = 64 * 2**20  # files smaller than this are hashed; larger ones (weights, optimizer) are size-checked
 MANIFEST = "MANIFEST.json"
@@ -33,6 +38,29 @@ class CorruptCheckpointError(ValueError):
 
 def root(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
+
+
+def check_output_dir(config: Config) -> Path:
+    """Refuse a non-empty output dir unless `trainer.overwrite`; nothing is written here."""
+    out = Path(config.trainer.output_dir)
+    if out.exists() and any(out.iterdir()) and not config.trainer.overwrite:
+        raise FileExistsError(
+            f"trainer.output_dir '{out}' exists and is not empty; choose another or set trainer.overwrite=true"
+        )
+    return out
+
+
+def prepare_output_dir(out: Path, resume_step: int | None) -> Path:
+    """A fresh run starts its logs afresh (overwrite=true); a resumed one keeps them up to its checkpoint."""
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_step is not None:
+        truncate_after(out, resume_step)
+        return out
+    for name in ("metrics.jsonl", "samples.jsonl", "summary.json"):
+        (out / name).unlink(missing_ok=True)
+    if root(out).exists():  # never let a later `resume=auto` pick up the overwritten run's state
+        shutil.rmtree(root(out))
+    return out
 
 
 def staging_dir(output_dir: Path, step: int) -> Path:

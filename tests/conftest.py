@@ -50,7 +50,7 @@ def sync_round_trip(config, model_path: str, out_dir):
     import ray
     from transformers import AutoTokenizer
 
-    from rlhf_refiner import loop, placement
+    from rlhf_refiner import loop, placement, rollout
     from rlhf_refiner.data import PromptSource
     from rlhf_refiner.records import Batch, shard_slice
 
@@ -70,7 +70,7 @@ def sync_round_trip(config, model_path: str, out_dir):
         refinements = None
         if actors.refiners:
             refinements, _ = ray.get(actors.refiners[0].refine.remote(rollouts), timeout=300)
-        samples = loop.assemble_samples(rollouts, refinements, rewards, config)
+        samples = rollout.assemble_samples(rollouts, refinements, rewards, config)
         ray.get(actors.buffer.add.remote(samples), timeout=60)
         batch = actors.buffer.take.remote(len(samples), 0)
         metrics = ray.get([learner.step.remote(batch) for learner in actors.learners], timeout=300)[0]

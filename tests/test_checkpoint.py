@@ -62,3 +62,30 @@ def test_truncate_after_keeps_steps_up_to_the_checkpoint(tmp_path):
     truncate_after(tmp_path, 2)
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
     assert (tmp_path / "samples.jsonl").read_text() == ""
+
+
+def test_output_dir_is_refused_when_not_empty_and_reset_or_truncated(tmp_path):
+    from rlhf_refiner.config import load
+
+    out = tmp_path / "run"
+    config = load(None, [f"trainer.output_dir={out}"])
+    assert checkpoint.check_output_dir(config) == out  # absent: fine, and nothing is created
+    assert not out.exists()
+    _save(out, 2)
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    with pytest.raises(FileExistsError, match="trainer.overwrite=true"):
+        checkpoint.check_output_dir(config)
+    checkpoint.check_output_dir(load(None, [f"trainer.output_dir={out}", "trainer.overwrite=true"]))
+    checkpoint.prepare_output_dir(out, resume_step=2)  # resumed: logs kept up to the checkpoint, which stays
+    assert (out / "metrics.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
+    assert checkpoint.find_resume(out, "auto")[1]["step"] == 2
+    checkpoint.prepare_output_dir(out, resume_step=None)  # fresh (overwrite): no logs, no checkpoint to resume
+    assert not (out / "metrics.jsonl").exists() and checkpoint.find_resume(out, "auto") is None
+
+
+def test_checkpoint_layout_imports_no_ray_or_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, rlhf_refiner.checkpoint; print(sorted({'ray', 'torch'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

@@ -1,10 +1,14 @@
-"""Driver-side helpers of loop.py that need no cluster: advantages assembly and the improved-fraction metric."""
+"""Driver-side code of loop.py and rollout.py that needs no cluster: advantages assembly, the improved-fraction
+metric, DAPO refills, which samples the refiner sees (fake actors), and generator recovery's version stamp."""
+
+from types import SimpleNamespace
 
 import pytest
 
 from rlhf_refiner.config import load
-from rlhf_refiner.loop import assemble_samples, improvement_metrics, improvement_sample, step_metrics
+from rlhf_refiner.loop import step_metrics
 from rlhf_refiner.records import Prompt, Refinement, Reward, Rollout
+from rlhf_refiner.rollout import Collected, assemble_samples, improvement_metrics, improvement_sample
 
 
 def _refinement(i: int, unchanged: bool) -> Refinement:
@@ -78,7 +82,7 @@ class _Source:
 
 
 def test_refill_groups_replaces_flat_groups_then_fills(monkeypatch):
-    from rlhf_refiner import loop
+    from rlhf_refiner import rollout
 
     config = load(None, ["generator.group_size=2", "data.prompts_per_step=3", "algo.max_sampling_rounds=2"])
     rollouts, rewards = [], []
@@ -87,13 +91,16 @@ def test_refill_groups_replaces_flat_groups_then_fills(monkeypatch):
         rollouts, rewards = rollouts + r, rewards + w
     extra = iter([[[0.5, 0.5]], [[0.2, 0.9]]])  # round 1: flat; round 2: one group with signal
 
-    def fake_collect(actors, prompts, step, cfg):
+    def fake_collect(actors, prompts, step, cfg, refine=True):
+        assert not refine  # the refill refines only what it keeps
         groups = [_group(10 + i, rs) for i, rs in enumerate(next(extra))]
-        return [x for g in groups for x in g[0]], None, [x for g in groups for x in g[1]], {}
+        return Collected([x for g in groups for x in g[0]], None, [x for g in groups for x in g[1]], {})
 
-    monkeypatch.setattr(loop, "collect", fake_collect)
+    monkeypatch.setattr(rollout, "collect", fake_collect)
     source = _Source()
-    out_rollouts, _, out_rewards, metrics = loop.refill_groups(None, source, rollouts, None, rewards, 1, 0, config)
+    first = Collected(rollouts, None, rewards, {})
+    actors = SimpleNamespace(refiners=[])
+    out_rollouts, _, out_rewards, metrics = rollout.refill_groups(actors, source, first, 1, 0, config)
     # kept: group 1 (round 0) and the round-2 group; still one short after 2 rounds -> filled with the first flat one
     assert [r.sample_id for r in out_rollouts] == ["1-1-0", "1-1-1", "1-10-0", "1-10-1", "1-0-0", "1-0-1"]
     assert [r.reward for r in out_rewards] == [0, 1, 0.2, 0.9, 1, 1]
@@ -155,3 +162,194 @@ def test_merge_calls_of_a_fanned_out_stage():
     assert merged["refiner/spec_accept_rate"] == pytest.approx(0.4)  # only the call that reports it
     one = {"generator/truncated_frac": 0.25, "generator/tokens_per_s": 8.0, "time/generate": 0.5}
     assert merge_calls([("generator-0", 16, one)], "time/generate") == pytest.approx(one)
+
+
+def test_refill_judges_signal_on_the_rewards_the_advantages_use():
+    # G = 2, max_new_tokens 4, overlong buffer 2 (factor 1): lengths 1, 2 -> penalty 0; 3 -> -0.5; 4 -> -1.
+    # group 0: raw [1, 0] but the 0 is an infrastructure error -> one valid member: advantage 0, no signal
+    # group 1: raw [1, 0.5], lengths [3, 1] -> shaped [0.5, 0.5]: advantage 0, no signal
+    # group 2: raw [1, 1], lengths [1, 4] -> shaped [1, 0]: signal (raw rewards alone say none)
+    # group 3: raw [0, 1]: signal. Raw rewards would keep groups 0 and 1; the advantages need 2 and 3.
+    from rlhf_refiner import rollout
+
+    config = load(
+        None,
+        [
+            "generator.group_size=2", "data.prompts_per_step=2", "algo.max_sampling_rounds=0",
+            "algo.dynamic_sampling=true", "generator.sampling.max_new_tokens=4", "algo.overlong_buffer=2",
+        ],
+    )  # fmt: skip
+    rollouts, rewards = [], []
+    cases = [
+        ([1.0, 0.0], [1, 1], {1}),
+        ([1.0, 0.5], [3, 1], set()),
+        ([1.0, 1.0], [1, 4], set()),
+        ([0.0, 1.0], [1, 1], set()),
+    ]
+    for pid, (raw, lengths, infra) in enumerate(cases):
+        prompt = Prompt(pid, "1+1=", (1,), "2", 0)
+        for k, (reward, length) in enumerate(zip(raw, lengths)):
+            rollouts.append(Rollout(f"1-{pid}-{k}", prompt, "2", (5,) * length, (), True, 0))
+            rewards.append(Reward(f"1-{pid}-{k}", reward, None, infra_error=k in infra))
+    from rlhf_refiner import algo
+
+    shaped, valid = rollout.shaped_rewards(rollouts, rewards, config)
+    assert shaped.tolist() == [1.0, 0.0, 0.5, 0.5, 1.0, 0.0, 0.0, 1.0]
+    assert algo.groups_with_signal(shaped, 2, valid).tolist() == [False, False, True, True]
+    first = Collected(rollouts, None, rewards, {})
+    out = rollout.refill_groups(SimpleNamespace(refiners=[]), _Source(), first, 1, 0, config)
+    assert [r.sample_id for r in out.rollouts] == ["1-2-0", "1-2-1", "1-3-0", "1-3-1"]
+    assert out.metrics["algo/fill_rate"] == 1.0
+    assert all(s.advantage != 0 for s in assemble_samples(out.rollouts, None, out.rewards, config))
+
+
+class _Method:
+    """Stands in for an actor method: `.remote` runs it at once, and its value stands in for the ObjectRef."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def options(self, **_):
+        return self
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+
+def _fake_actors(log: list, flat_prompts: set[int], refiners: int = 2):
+    """One generator (G = 2; the second response is longer), one reward worker (reward 1 for every response of
+    a prompt in `flat_prompts`, else 0 and 1), and `refiners` refiners; `log` records each call's sample ids."""
+    from rlhf_refiner.records import shard_slice
+
+    def generate(prompts, step):
+        log.append(("generate", [p.prompt_id for p in prompts]))
+        rollouts = [
+            Rollout(f"{step}-{p.prompt_id}-{k}", p, "r", (5,) * (k + 1), (), True, 0) for p in prompts for k in (0, 1)
+        ]
+        return rollouts, {"generator/tokens_per_s": 1.0, "time/generate": 1.0}
+
+    def reward(r):
+        pid, k = r.prompt.prompt_id, int(r.sample_id.rsplit("-", 1)[1])
+        return Reward(r.sample_id, 1.0 if pid in flat_prompts else float(k), None)
+
+    def score(rollouts, shard, num_shards):
+        return [reward(r) for r in rollouts[shard_slice(len(rollouts), shard, num_shards)]]
+
+    def score_refined(rollouts, refinements):
+        log.append(("score_refined", [r.sample_id for r in rollouts]))
+        return [Reward(r.sample_id, 0.5, None) for r in rollouts]
+
+    def refine(rollouts, shard, num_shards):
+        part = rollouts[shard_slice(len(rollouts), shard, num_shards)]
+        log.append(("refine", [r.sample_id for r in part]))
+        refinements = [Refinement(r.sample_id, "a'", (7,), False, 1, False, 0) for r in part]
+        return refinements, ({"refiner/unchanged_frac": 0.0, "time/refine": 0.5} if part else {})
+
+    refiner = [SimpleNamespace(refine=_Method(refine)) for _ in range(refiners)]
+    return SimpleNamespace(
+        generators=[SimpleNamespace(generate=_Method(generate))],
+        rewards=[SimpleNamespace(score=_Method(score), score_refined=_Method(score_refined))],
+        reward_models=[],
+        refiners=refiner,
+    )
+
+
+class _Prompts:
+    def __init__(self, first_id: int):
+        self.next_id = first_id
+
+    def next_batch(self, version):
+        prompts = [Prompt(self.next_id + i, "q", (1,), None, version) for i in range(2)]
+        self.next_id += 2
+        return prompts
+
+
+def _no_ray(monkeypatch):
+    import ray
+
+    from rlhf_refiner import rollout
+
+    monkeypatch.setattr(rollout, "wait", lambda refs, stage, timeout_s: list(refs))
+    monkeypatch.setattr(ray, "put", lambda value: value)
+
+
+def _calls(log, kind):
+    return [ids for name, ids in log if name == kind]
+
+
+@pytest.mark.parametrize(
+    ("rounds", "flat", "chosen", "refined", "improved"),
+    [
+        # round 0: prompt 0 flat, 1 kept (refined at once); round 1: both flat; the batch is filled with prompt 0.
+        # a' scores 0.5: improved over rewards [0, 1, 1, 1] once in 4
+        (1, {0, 2, 3}, [1, 0], [[1], [0]], 0.25),
+        # round 1: prompts 2 and 3 kept; one is needed: prompt 3 (and flat prompt 0) are never refined.
+        # rewards [0, 1, 0, 1]: improved twice in 4
+        (2, {0}, [1, 2], [[1], [2]], 0.5),
+    ],
+)
+def test_dynamic_sampling_refines_and_improvement_scores_only_the_chosen_groups(
+    monkeypatch, rounds, flat, chosen, refined, improved
+):
+    from rlhf_refiner import rollout
+
+    _no_ray(monkeypatch)
+    config = load(None, ["generator.group_size=2", "data.prompts_per_step=2", "algo.dynamic_sampling=true",
+                         f"algo.max_sampling_rounds={rounds}"])  # fmt: skip
+    log = []
+    out = rollout.rollout_phase(_fake_actors(log, flat), _Prompts(2), _Prompts(0).next_batch(0), 1, 0, config)
+    ids = [f"1-{pid}-{k}" for pid in chosen for k in (0, 1)]
+    assert [r.sample_id for r in out.rollouts] == ids
+    assert [f.sample_id for f in out.refinements] == [r.sample_id for r in out.rewards] == ids
+    # each submission is sharded over both refiners; a kept group's refinement starts before the next round
+    per_group = [[f"1-{pid}-0", f"1-{pid}-1"] for [pid] in refined]
+    assert _calls(log, "refine") == [[sample] for pair in per_group for sample in pair]
+    kinds = [name for name, _ in log]
+    assert kinds.index("refine") < kinds.index("generate", 1)
+    assert _calls(log, "score_refined") == [ids]  # improvement-scored: the chosen samples only
+    assert out.metrics["time/refine"] == 1.0  # refiner-0's two calls, 0.5 s each
+    assert out.metrics["refiner/improved_frac"] == improved and out.metrics["algo/sampling_rounds"] == 1
+
+
+def test_without_dynamic_sampling_every_rollout_is_refined_alongside_scoring(monkeypatch):
+    from rlhf_refiner import rollout
+
+    _no_ray(monkeypatch)
+    config = load(None, ["generator.group_size=2", "data.prompts_per_step=2"])
+    log = []
+    out = rollout.rollout_phase(_fake_actors(log, {0}), _Prompts(2), _Prompts(0).next_batch(0), 1, 0, config)
+    ids = ["1-0-0", "1-0-1", "1-1-0", "1-1-1"]
+    assert [f.sample_id for f in out.refinements] == [r.sample_id for r in out.rollouts] == ids
+    assert [name for name, _ in log] == ["generate", "refine", "refine", "score_refined"]
+    assert "algo/fill_rate" not in out.metrics and out.metrics["time/refine"] == 0.5
+
+
+def test_recovery_stamps_the_weights_with_the_learners_own_version(monkeypatch):
+    """Async: step k+1's rollouts start from version k-1 while the learner makes k. An engine dying in them is
+    recreated after that step (rank 0's calls run in order), so the sync sends version k and must say k."""
+    import ray
+
+    from rlhf_refiner import loop
+
+    def handle(actor_id: str) -> SimpleNamespace:
+        return SimpleNamespace(_actor_id=SimpleNamespace(hex=lambda: actor_id))
+
+    learner, generator = handle("learner-0"), handle("generator-0")
+    learner.policy_version = 1  # the step already submitted has made version 1
+    learner.__ray_call__ = _Method(lambda fn: fn(learner))
+    synced, recreated = [], []
+    monkeypatch.setattr(loop, "wait", lambda refs, stage, timeout_s: list(refs))
+    monkeypatch.setattr(loop.placement, "recreate_generator", lambda actors, index, *_: recreated.append(index))
+    monkeypatch.setattr(loop, "connect_weight_sync", lambda actors, config: 2**20)
+    monkeypatch.setattr(loop, "sync_weights", lambda actors, version, bucket_bytes, config: synced.append(version))
+    failures = [ray.exceptions.RayActorError(actor_id="generator-0")]
+
+    def rollouts_from_version_0():
+        if failures:
+            raise failures.pop()
+        return "rollouts"
+
+    config = load(None, ["trainer.async_steps=1", "buffer.max_staleness=1"])
+    recovery = loop.Recovery(SimpleNamespace(learners=[learner], generators=[generator]), "model", config)
+    assert recovery.run(rollouts_from_version_0) == "rollouts"
+    assert recreated == [0] and synced == [1] and recovery.generator_restarts == 1

@@ -418,10 +418,12 @@ class BufferConfig(_Strict):
 
 class SyncConfig(_Strict):
     bucket_mb: float = Field(256.0, gt=0)
-    """Weights are broadcast in buckets of about this many MiB: a 1.5B model in bf16 is a dozen collectives, and
-    each vLLM worker's extra memory during a sync is one bucket (it loads each as it arrives)."""
+    """Weights are broadcast in buckets of about this many MiB, cut only between decoder layers (a larger layer is a
+    bucket of its own): a 1.5B model in bf16 is a dozen collectives, and each vLLM worker's extra memory during a
+    sync is one bucket (it loads each as it arrives)."""
     verify: bool = False
-    """Checksum every bucket as received in the vLLM worker against the learner's, every step."""
+    """Checksum every bucket as received in the vLLM worker against the learner's, every step (the learner hashes
+    only then: each hash is a device -> host copy of the bucket)."""
     timeout_s: float = Field(120.0, gt=0)
     """Deadline of each weight-sync collective."""
     backend: Literal["gloo", "nccl"] = "gloo"

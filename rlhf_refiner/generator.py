@@ -101,7 +101,8 @@ class Generator:
         bucket_bytes: int,
         timeout_s: float,
     ) -> None:
-        """Every vLLM worker of this engine (one per TP rank) joins the group as rank `first_rank` + its TP rank."""
+        """Every vLLM worker of this engine (one per TP rank) joins the group as rank `first_rank` + its TP rank,
+        aborting the group it was in before (the loop re-forms the group after another engine died)."""
         self.llm.collective_rpc(
             WeightReceiver.rlhf_init_sync.__name__,
             timeout=timeout_s,
@@ -118,13 +119,16 @@ class Generator:
         )
 
     def receive_weights(self, policy_version: int, verify: bool, timeout_s: float) -> dict:
-        """Join the learner's broadcast, load the weights, and stamp `policy_version`."""
+        """Join the learner's broadcast, load the weights bucket by bucket, and stamp `policy_version`. The result
+        (`WeightReceiver.rlhf_receive_weights`) carries the largest `peak_buffered_bytes` of the engine's workers:
+        the most received bytes one of them held at once, one bucket when loading streams as it should."""
         self._wake()
         results = self.llm.collective_rpc(
             WeightReceiver.rlhf_receive_weights.__name__, timeout=timeout_s, args=(verify,)
         )
         # Every TP worker receives the full weights; a worker whose checksums differ is the one reported.
-        result = next((r for r in results if r["checksums"] != results[0]["checksums"]), results[0])
+        result = dict(next((r for r in results if r["checksums"] != results[0]["checksums"]), results[0]))
+        result["peak_buffered_bytes"] = max(r["peak_buffered_bytes"] for r in results)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         self.policy_version = policy_version
         return result

@@ -442,6 +442,8 @@ class Learner:
         """Rank 0 joins (as sync rank 0) the group the vLLM workers join concurrently; other ranks only take part
         in the ZeRO-3 gathers of each broadcast."""
         backend = self.config.sync.backend
+        if self.sync_group is not None:  # re-formed after an engine died: abort the old group, never reuse it
+            self.sync_group.close()
         self.sync_group = SyncGroup(host, port, 0, world_size, timeout_s, who="learner", backend=backend)
 
     def broadcast_weights(self, bucket_bytes: int) -> dict:
@@ -455,7 +457,7 @@ class Learner:
                 pass
             return {}
         assert self.sync_group is not None, "init_weight_sync was not called on learner rank 0"
-        sums, nbytes = send_weights(self.sync_group, buckets, gathered)
+        sums, nbytes = send_weights(self.sync_group, buckets, gathered, verify=self.config.sync.verify)
         return {"checksums": sums, "bytes": nbytes, "seconds": time.perf_counter() - started, "buckets": len(buckets)}
 
     def _gathered_buckets(self, buckets: list[list[ParamMeta]]) -> Iterator[dict[str, torch.Tensor]]:

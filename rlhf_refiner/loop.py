@@ -139,16 +139,22 @@ def connect_weight_sync(actors: placement.Actors, config: Config) -> int:
 def sync_weights(actors: placement.Actors, version: int, bucket_bytes: int, config: Config) -> dict[str, Any]:
     """Broadcast learner rank 0's weights (every rank joins: ZeRO-3 gathers) into every generator engine's vLLM
     workers, which become `version`."""
-    # Engines first: `ray.get` raises the first failure in list order, and a dead engine (which Recovery handles)
-    # also makes rank 0's broadcast fail.
-    results = wait(
-        [
-            *(g.receive_weights.remote(version, config.sync.verify, config.sync.timeout_s) for g in actors.generators),
-            *(learner.broadcast_weights.remote(bucket_bytes) for learner in actors.learners),
-        ],
-        "weight sync (learner-* -> generator-*)",
-        config.sync.timeout_s + 30,
-    )
+    receives = [g.receive_weights.remote(version, config.sync.verify, config.sync.timeout_s) for g in actors.generators]
+    broadcasts = [learner.broadcast_weights.remote(bucket_bytes) for learner in actors.learners]
+    try:
+        results = wait([*receives, *broadcasts], "weight sync (learner-* -> generator-*)", config.sync.timeout_s + 30)
+    except Exception as failure:
+        # A dead engine (which Recovery handles) also makes rank 0's broadcast and the other engines' receives
+        # fail; report the death, whichever failure `ray.get` raised first.
+        for ref in receives:
+            if ray.wait([ref], timeout=0)[0]:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as dead:
+                    raise dead from failure
+                except Exception:
+                    pass
+        raise
     engines = len(actors.generators)
     received, sent = results[:engines], results[engines]  # ranks > 0 only gathered for rank 0
     for i, engine in enumerate(received):
@@ -158,6 +164,7 @@ def sync_weights(actors: placement.Actors, version: int, bucket_bytes: int, conf
         "sync/bytes": sent["bytes"],
         "sync/buckets": sent["buckets"],
         "sync/load_seconds": max(engine["load_seconds"] for engine in received),
+        "sync/peak_buffered_mb": max(engine["peak_buffered_bytes"] for engine in received) / 2**20,
     }
 
 

@@ -24,6 +24,53 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason="needs CUDA"))
 
 
+# Custom resource of each stage's node in the `ray` tier's simulated cluster (what `placement.node_resources` pins).
+NODE_ROLES = {"learner": "train", "generator": "rollout", "refiner": "refine", "reward": "score"}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A simulated multi-node cluster (`ray.cluster_utils.Cluster`: one raylet per node): a head, and one node
+    per stage that advertises the custom resource `placement.node_resources` pins that stage with."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for resource in NODE_ROLES.values():
+        cluster.add_node(num_cpus=1, resources={resource: 1})
+    ray.init(address=cluster.address, namespace="rlhf_refiner_tests")
+    yield ray
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_pi0(tmp_path_factory):
+    """A briefly trained π0 (quality irrelevant here), built once per session through the real builder."""
+    from rlhf_refiner import pi0
+    from rlhf_refiner.config import load
+
+    config = load(None, ["model.embedded.sft_steps=60", f"model.embedded.cache_dir={tmp_path_factory.mktemp('pi0')}"])
+    return str(pi0.ensure_built(config.model.embedded, config.task, config.refiner.template))
+
+
+def run_config(tmp_path, model_path: str, *overrides: str, run: str = "run"):
+    """The quickstart config on a local model, writing to `tmp_path / run`, without a progress bar and with the
+    weight sync checksummed: the base of every `ray`- and `gpu`-tier run (each tier adds its sizes)."""
+    from rlhf_refiner.config import load
+
+    return load(
+        "configs/quickstart.yaml",
+        [
+            f"model.path={model_path}",
+            f"trainer.output_dir={tmp_path / run}",
+            "metrics.progress_bar=false",
+            "sync.verify=true",
+            *overrides,
+        ],
+    )
+
+
 def build_tiny_reward_model(out_dir) -> str:
     """A 1-label LlamaForSequenceClassification with the embedded char tokenizer and its chat template, saved
     locally (no hub): the stand-in for a real reward model in tests and the CPU dialogue run."""

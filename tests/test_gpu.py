@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import hf_logprobs, sync_round_trip
+from conftest import hf_logprobs, run_config, sync_round_trip
 
 pytestmark = pytest.mark.gpu
 
@@ -66,22 +66,8 @@ def _layout(gpus: int) -> list[str]:
 
 
 def _config(tmp_path, model_path, *overrides):
-    from rlhf_refiner.config import load
-
-    return load(
-        "configs/quickstart.yaml",
-        [
-            f"model.path={model_path}",
-            f"trainer.output_dir={tmp_path / 'run'}",
-            "trainer.steps=2",
-            "data.prompts_per_step=8",
-            "metrics.progress_bar=false",
-            "metrics.wandb_mode=disabled",
-            "sync.verify=true",
-            "ray.num_cpus=8",
-            *overrides,
-        ],
-    )
+    sizes = ["trainer.steps=2", "data.prompts_per_step=8", "metrics.wandb_mode=disabled", "ray.num_cpus=8"]
+    return run_config(tmp_path, model_path, *sizes, *overrides)
 
 
 def test_vllm_generator_and_refiner_on_gpu(pi0_dir):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import hf_logprobs, sync_round_trip
+from conftest import NODE_ROLES, hf_logprobs, run_config, sync_round_trip
 
 pytestmark = pytest.mark.ray
 
@@ -42,52 +42,11 @@ REFINER_METRICS = [
 
 
 ROOT = Path(__file__).resolve().parents[1]
-NODE_ROLES = {"learner": "train", "generator": "rollout", "refiner": "refine", "reward": "score"}
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A simulated multi-node cluster (`ray.cluster_utils.Cluster`: one raylet per node): a head, and one node
-    per stage that advertises the custom resource `placement.node_resources` pins that stage with."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    for resource in NODE_ROLES.values():
-        cluster.add_node(num_cpus=1, resources={resource: 1})
-    ray.init(address=cluster.address, namespace="rlhf_refiner_tests")
-    yield ray
-    ray.shutdown()
-    cluster.shutdown()
-
-
-@pytest.fixture(scope="session")
-def tiny_pi0(tmp_path_factory):
-    """A briefly trained π0 (quality irrelevant here), built once per session through the real builder."""
-    from rlhf_refiner import pi0
-    from rlhf_refiner.config import load
-
-    config = load(None, ["model.embedded.sft_steps=60", f"model.embedded.cache_dir={tmp_path_factory.mktemp('pi0')}"])
-    return str(pi0.ensure_built(config.model.embedded, config.task, config.refiner.template))
 
 
 def _config(tmp_path, model_path, *overrides, run="run"):
-    from rlhf_refiner.config import load
-
-    return load(
-        "configs/quickstart.yaml",
-        [
-            f"model.path={model_path}",
-            f"trainer.output_dir={tmp_path / run}",
-            "trainer.steps=3",
-            "data.prompts_per_step=4",
-            "generator.group_size=4",
-            "metrics.progress_bar=false",
-            "metrics.wandb_mode=offline",
-            "sync.verify=true",
-            *overrides,
-        ],
-    )
+    sizes = ["trainer.steps=3", "data.prompts_per_step=4", "generator.group_size=4", "metrics.wandb_mode=offline"]
+    return run_config(tmp_path, model_path, *sizes, *overrides, run=run)
 
 
 def _rows(run_dir):
@@ -719,3 +678,33 @@ def test_ray_job_submit_against_a_local_head_with_token_auth(tiny_pi0, tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert json.loads((out / "summary.json").read_text())["policy_version"] == 2
     assert (out / "final" / "config.json").exists()
+
+
+def test_a_dead_engine_is_reported_even_when_another_engines_receive_failed_first(ray_cluster):
+    """A generator dying mid-sync makes the other engines' receives fail too; `ray.get` may raise one of those
+    first. `sync_weights` reports the death (RayActorError), which is what Recovery recreates an engine for."""
+    from types import SimpleNamespace
+
+    from rlhf_refiner import loop
+    from rlhf_refiner.config import load
+
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0)
+    class Engine:
+        def receive_weights(self, version, verify, timeout_s):
+            raise RuntimeError("weight sync: vLLM worker rank 1 waited more than 1s for the learner")
+
+        def die(self):
+            import os
+
+            os._exit(1)
+
+    survivor, dying = Engine.remote(), Engine.remote()
+    dying.die.remote()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(dying.receive_weights.remote(0, False, 1), timeout=60)  # it is dead now
+    actors = SimpleNamespace(generators=[survivor, dying], learners=[])
+    with pytest.raises(ray.exceptions.RayActorError):  # not the survivor's task error, which comes first in order
+        loop.sync_weights(actors, 1, 2**20, load(None, ["sync.timeout_s=5"]))
+    ray.kill(survivor)

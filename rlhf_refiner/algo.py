@@ -308,6 +308,25 @@ def refined_ce(
     return ce, {"ce_refined": ce.item()}
 
 
+def lr_factor(update: int, total: int, schedule: str, warmup: int, min_ratio: float) -> float:
+    """The learning rate of optimizer update `update` (0-based, of `total`) as a fraction of the peak: a linear
+    warmup over the first `warmup` updates (1/warmup, 2/warmup, ... 1), then `constant` 1, or a `linear` or
+    `cosine` decay that reaches `min_ratio` at the last update."""
+    import math
+
+    if update < warmup:
+        return (update + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(total - 1 - warmup, 1)
+    progress = min(max(update - warmup, 0) / span, 1.0)  # 0 at the first update after warmup, 1 at the last
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown learning-rate schedule '{schedule}'")
+
+
 def model_flops(num_params: int, tokens: float) -> float:
     """Training FLOPs of `tokens` through a dense decoder: 6 per parameter per token (2 forward, 4 backward),
     the usual MFU numerator (attention and the no-grad reference pass are left out)."""

@@ -380,7 +380,14 @@ class AlgoConfig(_Strict):
 
 class LearnerConfig(_Strict):
     lr: float = Field(1e-4, gt=0)
-    """AdamW learning rate."""
+    """AdamW learning rate (the peak, when `lr_schedule` warms up or decays)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """After `warmup_steps`: `constant` stays at `lr`; `linear` and `cosine` decay to `lr · min_lr_ratio` at the
+    last update (`trainer.steps` × `updates_per_step` optimizer updates)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer updates of linear warmup from lr / warmup_steps to `lr` (0: none)."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """The decayed schedules' final learning rate, as a fraction of `lr`."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     grad_clip: float = Field(1.0, gt=0)

@@ -188,6 +188,15 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimi
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
 
 
+def make_lr_schedule(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """`learner.lr_schedule` with its warmup (algo.lr_factor) over the run's optimizer updates."""
+    cfg = config.learner
+    total = config.trainer.steps * cfg.updates_per_step
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda update: algo.lr_factor(update, total, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr_ratio)
+    )
+
+
 class Learner:
     """One data-parallel rank. Construction is cheap; `setup` joins the ranks' process group (rank 0 hosts its
     store at `master_addr:master_port`) and builds the DeepSpeed engine, so the driver can ask rank 0 for a port
@@ -246,7 +255,10 @@ class Learner:
             "steps_per_print": 10**9,
             **config.learner.deepspeed,
         }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, config), config=ds_config)
+        optimizer = make_optimizer(model, config)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=make_lr_schedule(optimizer, config), config=ds_config
+        )  # DeepSpeed steps the schedule once per optimizer update and keeps its state in checkpoints
         self.micro_batch_size = micro
         # π_θ is the distribution the generator samples from, softmax(logits / T), and vLLM reports its processed
         # log-probs likewise; greedy (T = 0) reports plain log-probs. (top_p < 1 is refused in config.)
@@ -371,6 +383,7 @@ class Learner:
         step's updates), and the new policy version."""
         started = time.perf_counter()
         self.engine.train()
+        lr = self.engine.get_lr()[0]  # this step's first update's (the schedule moves on at each update)
         updates = self.config.learner.updates_per_step
         samples = rank_share(list(batch.samples), updates, self.rank, self.world_size)
         per_update = len(samples) // updates
@@ -395,7 +408,7 @@ class Learner:
         metrics = {key: value / updates for key, value in sums.items()}  # shares: the mean over updates
         if grad_norms:
             metrics["learner/grad_norm"] = sum(grad_norms) / len(grad_norms)
-        metrics["learner/lr"] = self.engine.get_lr()[0]
+        metrics["learner/lr"] = lr
         metrics["learner/policy_version"] = self.policy_version
         metrics["learner/samples"] = len(samples)
         metrics["learner/staleness"] = batch.policy_version - min(s.policy_version for s in batch.samples)

@@ -301,3 +301,13 @@ def test_token_logprobs_saves_no_vocabulary_sized_copy_for_the_backward():
     assert sum(saved) <= 4 * 32 * 8  # the token ids (int64)
     logprobs.sum().backward()  # (recomputes one block at a time)
     assert logits.grad.abs().sum() > 0
+
+
+def test_lr_factor_warms_up_then_follows_the_schedule():
+    # 6 updates, 2 of warmup: 1/2, 2/2, then the decay over updates 2..5 (progress 0, 1/3, 2/3, 1) to min 0.1
+    factors = {s: [algo.lr_factor(u, 6, s, 2, 0.1) for u in range(6)] for s in ("constant", "linear", "cosine")}
+    assert factors["constant"] == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert factors["linear"] == pytest.approx([0.5, 1.0, 1.0, 1 - 0.9 / 3, 1 - 1.8 / 3, 0.1])
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)) for p in (0, 1 / 3, 2 / 3, 1)]
+    assert factors["cosine"] == pytest.approx([0.5, 1.0, *cosine])
+    assert algo.lr_factor(0, 6, "linear", 0, 0.0) == 1.0 and algo.lr_factor(5, 6, "linear", 0, 0.0) == 0.0

@@ -254,3 +254,16 @@ def test_rng_state_keeps_the_cuda_generators_too(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA RNG"):
         learner.set_rng_state(state)
+
+
+def test_learning_rate_warms_up_and_decays_per_optimizer_update(pi0_path):
+    """`learner.lr` 0.01 with 2 updates of warmup then a linear decay to 0 over a 3-step run of 2 updates each:
+    each step logs the learning rate its first update used."""
+    learner = _learner(
+        pi0_path, "algo.constraint=none", "learner.lr=0.01", "learner.updates_per_step=2", "trainer.steps=3",
+        "learner.lr_schedule=linear", "learner.warmup_steps=2",
+    )  # fmt: skip
+    batch = _batch(learner.tokenizer, PAIRS, advantage=1.0)
+    lrs = [learner.step(batch)["learner/lr"] for _ in range(3)]
+    # updates 0..5: 0.005, 0.01, then 0.01 · (1 - k/3) for k = 0..3 -> steps start at updates 0, 2, 4
+    assert lrs == pytest.approx([0.005, 0.01, 0.01 / 3])

@@ -24,8 +24,26 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from rlhf_refiner.config import Config
+from rlhf_refiner.config import Config, ConfigError
 from rlhf_refiner.metrics import truncate_after
+
+# Config fields a resume may change (prefixes): how long the run is and how often it saves, logs and times out,
+# and where it runs. Any other difference would make the resumed run a different experiment than its checkpoint.
+RESUMABLE_CHANGES = (
+    "trainer.steps",
+    "trainer.save_every",
+    "trainer.keep_checkpoints",
+    "trainer.save_final",
+    "trainer.resume",
+    "trainer.overwrite",
+    "trainer.allow_config_change",
+    "trainer.output_dir",
+    "trainer.run_name",
+    "metrics.",
+    "ray.",
+    "sync.timeout_s",
+    "sync.verify",
+)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 HASH_LIMIT = 64 * 2**20  # files smaller than this are hashed; larger ones (weights, optimizer) are size-checked
@@ -155,3 +173,62 @@ def find_resume(output_dir: Path, resume: str) -> tuple[Path, dict[str, Any]] | 
 def load_buffer(directory: Path) -> dict[str, Any]:
     with (directory / "buffer.pkl").open("rb") as f:
         return pickle.load(f)  # our own file, verified against the manifest
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config values by dotted key (`learner.deepspeed` and other free-form dicts are compared whole)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key not in ("deepspeed", "node_resources", "weights"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Every dotted field whose value differs between two dumped configs: {field: (old, new)}."""
+    before, after = _flat(old), _flat(new)
+    keys = sorted(before.keys() | after.keys())
+    return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
+
+
+def check_resume_config(directory: Path, state: dict[str, Any], config: Config) -> dict[str, tuple[Any, Any]]:
+    """Refuse to resume from `directory` with a config that differs from the one it was saved with, outside
+    `RESUMABLE_CHANGES`, unless `trainer.allow_config_change`; then the changes are appended to the run's
+    `config_changes.jsonl`. Returns the changes outside the allowed fields. A checkpoint from before configs were
+    saved in it is resumed unchecked (with a warning)."""
+    if "config" not in state:
+        warnings.warn(f"{directory} holds no config to compare with (an older checkpoint): not checked", stacklevel=2)
+        return {}
+    changes = config_changes(state["config"], config.model_dump(mode="json"))
+    refused = {k: v for k, v in changes.items() if not k.startswith(RESUMABLE_CHANGES)}
+    if refused and not config.trainer.allow_config_change:
+        lines = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+        raise ConfigError(
+            f"resuming {directory} with a different config:\n{lines}\nRun with the checkpoint's values, start "
+            "afresh elsewhere (another trainer.output_dir, or trainer.resume=none with trainer.overwrite=true), "
+            "or set trainer.allow_config_change=true to resume anyway and record the change"
+        )
+    if refused:
+        record = {"step": state["step"], "checkpoint": str(directory), "changes": refused}
+        with (Path(config.trainer.output_dir) / "config_changes.jsonl").open("a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+    return refused
+
+
+def finished_run(output_dir: Path, step: int, config: Config) -> dict[str, Any] | None:
+    """The summary of a run whose newest checkpoint is already at (or past) `trainer.steps`, and the one line that
+    says so on stderr; None when there is training left. A finished run is left untouched."""
+    if step < config.trainer.steps:
+        return None
+    import sys
+
+    print(
+        f"{output_dir}: complete at step {step} (trainer.steps={config.trainer.steps}); nothing to do. To train "
+        f"further, run the same command with trainer.steps greater than {step}.",
+        file=sys.stderr,
+    )
+    summary_file = output_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    return {**summary, "complete": True}

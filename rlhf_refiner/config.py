@@ -505,6 +505,9 @@ class TrainerConfig(_Strict):
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint in `output_dir` if there is one; `none`: start
     afresh; or the path of a checkpoint dir."""
+    allow_config_change: bool = False
+    """Resume although the config differs from the checkpoint's in fields other than the run's length, cadence,
+    logging and cluster (`checkpoint.RESUMABLE_CHANGES`); the changes are recorded in `config_changes.jsonl`."""
 
 
 class Config(_Strict):

@@ -227,6 +227,11 @@ def run(config: Config) -> dict[str, Any]:
     resume = checkpoint.find_resume(output_dir, config.trainer.resume)  # the newest complete checkpoint, if any
     if resume is None:
         checkpoint.check_output_dir(config)
+    else:
+        finished = checkpoint.finished_run(output_dir, resume[1]["step"], config)
+        if finished is not None:  # the same command again: nothing is started, nothing is written
+            return finished
+        checkpoint.check_resume_config(*resume, config)  # a resume is the same experiment, or says how it is not
     model_path = resolve_model_path(config)
     check_reloadable(model_path, config)  # bad input fails here, before any actor starts or file is written
     placement.plan(config)  # and so does impossible GPU arithmetic

@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from rlhf_refiner import loop  # heavy imports (ray, torch) only after the config is known to be valid
 
-    summary = loop.run(config)
+    try:
+        summary = loop.run(config)
+    except config_lib.ConfigError as e:  # found once the run's state is read (a resume with another config)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -89,3 +89,48 @@ def test_checkpoint_layout_imports_no_ray_or_torch():
 
     code = "import sys, rlhf_refiner.checkpoint; print(sorted({'ray', 'torch'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def _saved(config, step=3):
+    return {"step": step, "config": config.model_dump(mode="json")}
+
+
+def test_a_resume_with_a_different_experiment_is_refused_with_the_fields(tmp_path):
+    """Resuming a `dynamic` run as `static_kl` would splice two experiments into one run: refused, naming each
+    differing field; length, cadence and logging may change."""
+    from rlhf_refiner.config import ConfigError, load
+
+    base = [f"trainer.output_dir={tmp_path}"]
+    saved = _saved(load(None, [*base, "algo.constraint=dynamic"]))
+    longer = load(None, [*base, "algo.constraint=dynamic", "trainer.steps=200", "trainer.save_every=5"])
+    assert checkpoint.check_resume_config(tmp_path / "ck", saved, longer) == {}
+    other = load(None, [*base, "algo.constraint=static_kl", "learner.lr=0.5", "trainer.steps=200"])
+    with pytest.raises(ConfigError) as refused:
+        checkpoint.check_resume_config(tmp_path / "ck", saved, other)
+    message = str(refused.value)
+    assert "algo.constraint: 'dynamic' -> 'static_kl'" in message and "learner.lr: 0.0001 -> 0.5" in message
+    assert "trainer.steps" not in message and "trainer.allow_config_change=true" in message
+    assert not (tmp_path / "config_changes.jsonl").exists()
+
+
+def test_an_allowed_config_change_is_recorded_in_the_runs_history(tmp_path):
+    from rlhf_refiner.config import load
+
+    saved = _saved(load(None, [f"trainer.output_dir={tmp_path}"]), step=7)
+    allowed = load(None, [f"trainer.output_dir={tmp_path}", "learner.lr=0.5", "trainer.allow_config_change=true"])
+    assert checkpoint.check_resume_config(tmp_path / "ck", saved, allowed) == {"learner.lr": (1e-4, 0.5)}
+    record = json.loads((tmp_path / "config_changes.jsonl").read_text())
+    assert record["step"] == 7 and record["changes"] == {"learner.lr": [1e-4, 0.5]}
+
+
+def test_a_finished_run_is_reported_complete_and_left_untouched(tmp_path, capsys):
+    from rlhf_refiner.config import load
+
+    (tmp_path / "summary.json").write_text(json.dumps({"policy_version": 3, "seconds": 12.5}))
+    before = (tmp_path / "summary.json").read_text()
+    config = load(None, [f"trainer.output_dir={tmp_path}", "trainer.steps=3"])
+    assert checkpoint.finished_run(tmp_path, 3, config) == {"policy_version": 3, "seconds": 12.5, "complete": True}
+    err = capsys.readouterr().err
+    assert "complete at step 3" in err and "trainer.steps greater than 3" in err
+    assert (tmp_path / "summary.json").read_text() == before
+    assert checkpoint.finished_run(tmp_path, 2, config) is None  # steps left: a resume

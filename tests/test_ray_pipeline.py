@@ -515,6 +515,19 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_identical(ray_cluster, tiny_p
 
     assert comparable("stopped") == comparable("straight")
 
+    # The same command once more: complete, nothing started and nothing rewritten. Extending it as another
+    # experiment is refused, naming the field, before anything starts.
+    run_dir = tmp_path / "stopped"
+    before = {name: (run_dir / name).stat().st_mtime_ns for name in ("summary.json", "config.yaml", "final")}
+    again = loop.run(interrupted)
+    assert again["complete"] and again["policy_version"] == 4
+    assert before == {name: (run_dir / name).stat().st_mtime_ns for name in before}
+    from rlhf_refiner.config import ConfigError
+
+    other = _config(tmp_path, tiny_pi0, "trainer.steps=6", "algo.constraint=static_kl", run="stopped")
+    with pytest.raises(ConfigError, match="algo.constraint: 'dynamic' -> 'static_kl'"):
+        loop.run(other)
+
     # scripts/export_hf.py turns the last checkpoint (ZeRO-1: fp32 master weights) into the same weights as final/
     sys.path.insert(0, "scripts")
     from export_hf import export

@@ -58,12 +58,27 @@ def root(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
 
 
+START_FILES = {"metrics.jsonl", "samples.jsonl", "config.yaml", "summary.json", "wandb", "checkpoints"}
+
+
+def trained_nothing(out: Path) -> bool:
+    """Whether a run dir holds only a start that failed before its first step: nothing but the run's own files
+    (`START_FILES`), no metrics row and no checkpoint. Such a dir may be started in again."""
+    metrics = out / "metrics.jsonl"
+    has_rows = metrics.exists() and metrics.stat().st_size > 0
+    has_checkpoint = root(out).exists() and any(root(out).iterdir())
+    foreign = any(entry.name not in START_FILES for entry in out.iterdir())
+    return not (has_rows or has_checkpoint or foreign)
+
+
 def check_output_dir(config: Config) -> Path:
-    """Refuse a non-empty output dir unless `trainer.overwrite`; nothing is written here."""
+    """Refuse a non-empty output dir unless `trainer.overwrite`, or it holds only a failed start; nothing is
+    written here."""
     out = Path(config.trainer.output_dir)
-    if out.exists() and any(out.iterdir()) and not config.trainer.overwrite:
-        raise FileExistsError(
-            f"trainer.output_dir '{out}' exists and is not empty; choose another or set trainer.overwrite=true"
+    if out.exists() and any(out.iterdir()) and not config.trainer.overwrite and not trained_nothing(out):
+        raise ConfigError(
+            f"trainer.output_dir '{out}' holds a run (metrics, checkpoints or a final policy); choose another "
+            "dir, or set trainer.overwrite=true to replace it"
         )
     return out
 

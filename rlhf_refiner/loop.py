@@ -31,7 +31,7 @@ from rlhf_refiner import checkpoint, placement, run_state
 from rlhf_refiner.config import Config
 from rlhf_refiner.data import PromptSource
 from rlhf_refiner.generator import check_reloadable
-from rlhf_refiner.metrics import MetricsLogger
+from rlhf_refiner.metrics import MetricsLogger, check_wandb_login
 from rlhf_refiner.records import Sample
 from rlhf_refiner.rollout import assemble_samples, rollout_phase, wait
 
@@ -235,6 +235,7 @@ def run(config: Config) -> dict[str, Any]:
     model_path = resolve_model_path(config)
     check_reloadable(model_path, config)  # bad input fails here, before any actor starts or file is written
     placement.plan(config)  # and so does impossible GPU arithmetic
+    check_wandb_login(config)  # and a missing W&B login
     checkpoint.prepare_output_dir(output_dir, resume[1]["step"] if resume else None)
     from transformers import AutoTokenizer
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
-from rlhf_refiner.config import Config, dump
+from rlhf_refiner.config import Config, ConfigError, dump
 
 CONSOLE_KEYS = [
     ("reward/mean", "reward"),
@@ -69,6 +70,26 @@ def truncate_after(output_dir: Path, step: int) -> None:
         tmp = path.with_name(name + ".tmp")
         tmp.write_text("".join(kept))
         tmp.replace(path)
+
+
+def check_wandb_login(config: Config) -> None:
+    """`metrics.wandb_mode=online` needs an API key (WANDB_API_KEY, or `wandb login`'s netrc entry): checked
+    before the run writes anything, so that a missing login is one clear error, not a failure after start-up."""
+    if config.metrics.wandb_mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc().authenticators(host):
+            return
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    raise ConfigError(
+        f"metrics.wandb_mode=online, but there is no W&B login for {host}: run `wandb login` or set "
+        "WANDB_API_KEY, or use metrics.wandb_mode=offline (sync later with `wandb sync`) or disabled"
+    )
 
 
 class MetricsLogger:

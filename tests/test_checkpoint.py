@@ -65,7 +65,7 @@ def test_truncate_after_keeps_steps_up_to_the_checkpoint(tmp_path):
 
 
 def test_output_dir_is_refused_when_not_empty_and_reset_or_truncated(tmp_path):
-    from rlhf_refiner.config import load
+    from rlhf_refiner.config import ConfigError, load
 
     out = tmp_path / "run"
     config = load(None, [f"trainer.output_dir={out}"])
@@ -73,7 +73,7 @@ def test_output_dir_is_refused_when_not_empty_and_reset_or_truncated(tmp_path):
     assert not out.exists()
     _save(out, 2)
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
-    with pytest.raises(FileExistsError, match="trainer.overwrite=true"):
+    with pytest.raises(ConfigError, match="trainer.overwrite=true"):
         checkpoint.check_output_dir(config)
     checkpoint.check_output_dir(load(None, [f"trainer.output_dir={out}", "trainer.overwrite=true"]))
     checkpoint.prepare_output_dir(out, resume_step=2)  # resumed: logs kept up to the checkpoint, which stays
@@ -134,3 +134,39 @@ def test_a_finished_run_is_reported_complete_and_left_untouched(tmp_path, capsys
     assert "complete at step 3" in err and "trainer.steps greater than 3" in err
     assert (tmp_path / "summary.json").read_text() == before
     assert checkpoint.finished_run(tmp_path, 2, config) is None  # steps left: a resume
+
+
+def test_a_start_that_failed_before_its_first_step_can_be_retried(tmp_path):
+    """A run that failed during start-up (say, W&B online without a login) left empty logs, its config and
+    W&B's files: the retry may start there. A user's own file, a metrics row or a checkpoint still refuse it."""
+    from rlhf_refiner.config import ConfigError, load
+
+    config = load(None, [f"trainer.output_dir={tmp_path}"])
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "config.yaml").write_text("trainer: {}\n")
+    (tmp_path / "wandb").mkdir()
+    assert checkpoint.check_output_dir(config) == tmp_path
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds a run"):
+        checkpoint.check_output_dir(config)
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError):
+        checkpoint.check_output_dir(config)
+
+
+def test_wandb_online_without_a_login_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from rlhf_refiner.config import ConfigError, load
+    from rlhf_refiner.metrics import check_wandb_login
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    online = load(None, ["metrics.wandb_mode=online"])
+    with pytest.raises(ConfigError, match="wandb login"):
+        check_wandb_login(online)
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password k3y\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    check_wandb_login(online)  # `wandb login` wrote this
+    check_wandb_login(load(None, ["metrics.wandb_mode=offline"]))

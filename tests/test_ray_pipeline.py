@@ -262,7 +262,9 @@ def test_nonempty_output_dir_is_not_overwritten(tiny_pi0, tmp_path):
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="trainer.overwrite"):
+    from rlhf_refiner.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.overwrite"):
         loop.run(_config(tmp_path, tiny_pi0))
     assert (tmp_path / "run" / "keep.txt").read_text() == "precious"
 

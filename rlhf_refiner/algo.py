@@ -270,7 +270,10 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: K
     | k1 | E[∇ log π_θ] = 0 | no: no expected gradient on-policy |
     | k2 | E[(log π_θ − log π0) ∇ log π_θ] = ∇ KL(π_θ ‖ π0) | yes: the reverse KL's gradient (the default) |
     | k3 | E[(1 − π0/π_θ) ∇ log π_θ] = ∇ KL(π0 ‖ π_θ) | no: the forward KL's gradient, not the reverse one |
-    """
+
+    Per token, with its prefix held fixed (as every PPO-style learner treats the sampled context): the
+    sequence-level reverse KL's gradient also has a score-function term through later tokens, which none of the
+    three carries."""
     log_ratio = ref_logprobs - logprobs
     if estimator == "k1":
         return -log_ratio

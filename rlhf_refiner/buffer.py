@@ -37,10 +37,12 @@ class Buffer:
                 dropped += 1
                 continue
             taken.append(sample)
+        # Stale samples stay dropped (and counted) even when the take fails: the learner's version only grows, so
+        # they could never be taken again. The usable ones go back, in order.
+        self.dropped_stale += dropped
         if len(taken) < n:
             self.samples.extendleft(reversed(taken))
             raise ValueError(f"buffer holds {len(taken)} usable samples, {n} requested (dropped {dropped} stale)")
-        self.dropped_stale += dropped
         return Batch(samples=tuple(taken), policy_version=learner_version, dropped_stale=dropped)
 
     def metrics(self) -> dict[str, float]:

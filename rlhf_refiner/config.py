@@ -510,6 +510,18 @@ class TrainerConfig(_Strict):
     logging and cluster (`checkpoint.RESUMABLE_CHANGES`); the changes are recorded in `config_changes.jsonl`."""
 
 
+# DeepSpeed keys the learner sets or relies on: batch geometry, clipping, and gradient scaling (its loss undoes
+# DeepSpeed's default averaging exactly; a predivide factor would scale the gradients again under ZeRO-3).
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "gradient_predivide_factor",
+    "prescale_gradients",
+}
+
+
 class Config(_Strict):
     trainer: TrainerConfig = TrainerConfig()
     model: ModelConfig = ModelConfig()
@@ -543,6 +555,14 @@ class Config(_Strict):
             raise ValueError(
                 f"algo.overlong_buffer ({self.algo.overlong_buffer}) exceeds generator.sampling.max_new_tokens "
                 f"({self.generator.sampling.max_new_tokens})"
+            )
+        owned = sorted(DEEPSPEED_OWNED_KEYS & self.learner.deepspeed.keys())
+        if owned:
+            raise ValueError(
+                f"learner.deepspeed sets {', '.join(owned)}: the learner derives the batch and accumulation sizes "
+                "from data.prompts_per_step, generator.group_size, learner.updates_per_step, learner.num_ranks and "
+                "learner.micro_batch_size, the clip from learner.grad_clip, and scales gradients itself (every "
+                "loss term is over the update's global counts); set those fields instead"
             )
         if self.sync.backend == "nccl" and not (self.learner.num_gpus > 0 and self.generator.engine.num_gpus > 0):
             raise ValueError("sync.backend=nccl needs learner.num_gpus > 0 and generator.engine.num_gpus > 0")

@@ -62,8 +62,7 @@ class Generator:
         completions = engines.complete(self.llm, [list(p.prompt_token_ids) for p, _ in requests], params)
         seconds = time.perf_counter() - started
         if self.config.generator.engine.enable_sleep_mode:  # colocated: give the GPU to the learner until the sync
-            engines.sleep(self.llm)
-            self.asleep = True
+            self.sleep()
         rollouts = [
             Rollout(
                 sample_id=f"{step}-{prompt.prompt_id}-{k}",
@@ -84,6 +83,12 @@ class Generator:
             "generator/policy_version": self.policy_version,
             "time/generate": seconds,
         }
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (colocated: at start-up, before its learner rank allocates, and after each
+        rollout round); `generate` and `receive_weights` wake it."""
+        engines.sleep(self.llm)
+        self.asleep = True
 
     def _wake(self) -> None:
         """Level-1 sleep keeps the weights in host memory, so a woken engine holds the weights it slept with."""

@@ -71,13 +71,42 @@ class _Rows:
         )
 
 
+def _pad(sequences: list[tuple[tuple[int, ...], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token ids, prompt length) sequences -> right-padded ids, attention mask, and the target mask (N, T-1): 1
+    where the next token is a response token."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    target = torch.zeros((len(sequences), width - 1))
+    for row, (ids, prompt_len) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention[row, : len(ids)] = 1
+        target[row, prompt_len - 1 : len(ids) - 1] = 1.0  # logits at t predict token t+1
+    return input_ids, attention, target
+
+
 def _copied(sample: Sample) -> bool:
     """a' == a token for token (a fallback's placeholder too): the CE reuses the policy row."""
     return sample.refinement.refined_token_ids == sample.rollout.response_token_ids
 
 
-def build_rows(samples: list[Sample], pad_id: int, with_refined: bool) -> _Rows:
+def build_rows(samples: list[Sample], pad_id: int, with_refined: bool, refined_only: bool = False) -> _Rows:
+    """Padded rows: the policy's sequences, then (`with_refined`) the refined ones that differ from theirs.
+    `refined_only`: the refined rows of samples whose a' all differ from a, and nothing else (`ce_mask` is then
+    every row's target; `policy_rows` 0)."""
     sequences: list[tuple[tuple[int, ...], int]] = []  # (token ids, prompt length)
+    if refined_only and with_refined:
+        for s in samples:
+            assert not _copied(s), f"sample {s.sample_id}: a' == a has no refined row of its own"
+            sequences.append(
+                (
+                    s.rollout.prompt.prompt_token_ids + s.refinement.refined_token_ids,
+                    len(s.rollout.prompt.prompt_token_ids),
+                )
+            )
+        rows = _pad(sequences, pad_id)
+        ce = torch.stack([rows[2][i] * (not s.refinement.fallback) for i, s in enumerate(samples)])
+        return _Rows(rows[0], rows[1], rows[2], 0, list(range(len(samples))), ce)
     for s in samples:
         sequences.append(
             (s.rollout.prompt.prompt_token_ids + s.rollout.response_token_ids, len(s.rollout.prompt.prompt_token_ids))
@@ -92,14 +121,7 @@ def build_rows(samples: list[Sample], pad_id: int, with_refined: bool) -> _Rows:
                 refined_index.append(len(sequences))
                 prompt = s.rollout.prompt.prompt_token_ids
                 sequences.append((prompt + s.refinement.refined_token_ids, len(prompt)))
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    target = torch.zeros((len(sequences), width - 1))
-    for row, (ids, prompt_len) in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-        target[row, prompt_len - 1 : len(ids) - 1] = 1.0  # logits at t predict token t+1
+    input_ids, attention, target = _pad(sequences, pad_id)
     # A fallback's a' = a is only a placeholder (π0's output was unusable): no constraint on that sample, so it
     # leaves the CE and its normaliser, while its policy row keeps its RL targets.
     ce_rows = [target[row] * (not s.refinement.fallback) for row, s in zip(refined_index, samples)]
@@ -314,8 +336,10 @@ class Learner:
             ce, _ = algo.refined_ce(logprobs[index], rows.ce_mask, norm)
             metrics["learner/ce_refined"] = ce.item()
             loss = loss + cfg.ce_coef * ce
-        elif samples[0].refinement is not None:  # `refiner.monitor`: the CE as a metric, out of the autograd graph
-            metrics["learner/ce_refined"] = self._monitor_ce(samples, policy_lp.detach(), rows.target_mask[:B], norm)
+        monitor = not dynamic and samples[0].refinement is not None  # `refiner.monitor`: the CE as a metric only
+        if monitor:  # the copies' share now, from this graph's log-probs; the changed a' after the backward
+            copies = [i for i, s in enumerate(samples) if _copied(s) and not s.refinement.fallback]
+            copied_lp = (policy_lp[copies].detach() * policy_mask[copies]).sum().item()
         if self.ref_model is not None and (cfg.constraint == "static_kl" or kl_metric):
             policy_only = _Rows(rows.input_ids[:B], rows.attention_mask[:B], policy_mask, B, [], rows.ce_mask[:0])
             with torch.no_grad():
@@ -328,6 +352,11 @@ class Learner:
         # steps (not here: scale_wrt_gas=False) and average the gradients over ranks (undone by the factor), so
         # the update's gradient is that of Σ over micro-batches and ranks: the loss of the update taken whole.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        del logprobs, policy_lp
+        if monitor:  # out of the autograd graph, and after it is freed: a no-grad forward of the changed a' only
+            metrics["learner/ce_refined"] = -(copied_lp + self._changed_refined_lp(samples)) / max(
+                norm.refined_tokens, 1.0
+            )
         boundary = self.engine.is_gradient_accumulation_boundary()
         # ZeRO 1-3 report the (pre-clip) norm after the step; stage 0 does not, so take it from the grads first.
         stage0_norm = self._grad_norm() if boundary and self.zero_stage == 0 else None
@@ -340,19 +369,14 @@ class Learner:
         return metrics
 
     @torch.no_grad()
-    def _monitor_ce(
-        self, samples: list[Sample], policy_lp: torch.Tensor, policy_mask: torch.Tensor, norm: algo.Normaliser
-    ) -> float:
-        """The CE's share without a gradient: a' = a reuse the policy rows' log-probs, and only the changed a' get
-        a forward pass (fallbacks carry no CE)."""
-        copies = [i for i, s in enumerate(samples) if _copied(s) and not s.refinement.fallback]
-        total = (policy_lp[copies] * policy_mask[copies]).sum().item()
+    def _changed_refined_lp(self, samples: list[Sample]) -> float:
+        """Σ log π_θ over the refined tokens of the a' that differ from a (fallbacks carry no CE), from a no-grad
+        forward of those rows alone. Every rank runs exactly one forward here per micro-batch, a row of its own
+        batch when none of its a' changed: under ZeRO-3 a forward gathers parameters, a collective of all ranks."""
         changed = [s for s in samples if not _copied(s)]
-        if changed:
-            rows = build_rows(changed, self.pad_id, with_refined=True).to(self.engine.device)
-            logprobs, _ = self._logprobs(self.engine, rows)
-            total += (logprobs[torch.tensor(rows.refined_index)] * rows.ce_mask).sum().item()
-        return -total / max(norm.refined_tokens, 1.0)
+        rows = build_rows(changed or samples[:1], self.pad_id, with_refined=bool(changed), refined_only=True)
+        logprobs, _ = self._logprobs(self.engine, rows.to(self.engine.device))
+        return (logprobs.cpu() * rows.ce_mask).sum().item() if changed else 0.0
 
     def _grad_norm(self) -> float:
         grads = [p.grad.detach().norm() for p in self.engine.module.parameters() if p.grad is not None]

@@ -99,6 +99,7 @@ def step_metrics(samples: list[Sample]) -> tuple[dict[str, float], list[dict[str
             "reward": s.reward.reward,
             "accuracy": s.reward.accuracy,
             "advantage": s.advantage,
+            "error": s.reward.error,  # a failed reward source's message (infra errors), else None
         }
         for s in samples
     ]
@@ -136,6 +137,9 @@ def connect_weight_sync(actors: placement.Actors, config: Config) -> int:
     return bucket_bytes
 
 
+DEATH_NOTICE_S = 15.0  # how long a failed sync waits for word of an engine's death before reporting the failure
+
+
 def sync_weights(actors: placement.Actors, version: int, bucket_bytes: int, config: Config) -> dict[str, Any]:
     """Broadcast learner rank 0's weights (every rank joins: ZeRO-3 gathers) into every generator engine's vLLM
     workers, which become `version`."""
@@ -145,15 +149,16 @@ def sync_weights(actors: placement.Actors, version: int, bucket_bytes: int, conf
         results = wait([*receives, *broadcasts], "weight sync (learner-* -> generator-*)", config.sync.timeout_s + 30)
     except Exception as failure:
         # A dead engine (which Recovery handles) also makes rank 0's broadcast and the other engines' receives
-        # fail; report the death, whichever failure `ray.get` raised first.
-        for ref in receives:
-            if ray.wait([ref], timeout=0)[0]:
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayActorError as dead:
-                    raise dead from failure
-                except Exception:
-                    pass
+        # fail, often before the driver hears of the death: give every receive a moment to resolve, and report
+        # the death, whichever failure `ray.get` raised first.
+        done, _ = ray.wait(receives, num_returns=len(receives), timeout=DEATH_NOTICE_S)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as dead:
+                raise dead from failure
+            except Exception:
+                pass
         raise
     engines = len(actors.generators)
     received, sent = results[:engines], results[engines]  # ranks > 0 only gathered for rank 0

@@ -5,12 +5,19 @@ Each stage class is wrapped with `ray.remote` once, here. Actors are named (`lea
 run name), so operators (and tests) can find them, and two runs on one cluster do not collide. Every stage may
 fan out: learner ranks (`learner.num_ranks`), generator and refiner engines (`*.engine.num_engines`), reward
 workers and reward models (`reward.num_workers`, `reward.model.num_workers`).
+
+Before the group is created, `check_fits` compares its bundles with the cluster, so a cluster too small fails at
+once, naming the fields to change, instead of waiting out `ray.startup_timeout_s`. Colocated start-up follows
+OpenRLHF: the generator engines start and go to sleep before any learner rank allocates on their GPUs.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
 import ray
@@ -166,10 +173,145 @@ def plan(config: Config) -> Plan:
     return Plan(bundles, actors)
 
 
+# The config fields that size each stage's bundles: (CPUs per actor, GPUs per actor, actor count).
+STAGE_FIELDS = {
+    "learner": ("learner.num_cpus", "learner.num_gpus", "learner.num_ranks"),
+    "generator": ("generator.engine.num_cpus", "generator.engine.num_gpus", "generator.engine.num_engines"),
+    "refiner": ("refiner.engine.num_cpus", "refiner.engine.num_gpus", "refiner.engine.num_engines"),
+    "reward": ("reward.num_cpus", None, "reward.num_workers"),
+    "reward-model": ("reward.model.num_cpus", "reward.model.num_gpus", "reward.model.num_workers"),
+}
+RESOURCE_SLACK = 1e-6  # Ray counts resources in units of 1e-4; sums of fractions must not fail on rounding
+
+
+def _text(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items()) + "}"
+
+
+def _fields(config: Config, layout: Plan, resource: str) -> str:
+    """The config fields behind `resource` (CPU or GPU) in this plan's bundles, with their values."""
+
+    def value(field: str) -> float:
+        return reduce(getattr, field.split("."), config)
+
+    stages = [s for s in dict.fromkeys(name.rsplit("-", 1)[0] for name in layout.actors) if s in STAGE_FIELDS]
+    parts = []
+    if resource == "GPU" and config.placement.layout == "colocated":  # a pair's bundle holds one whole GPU
+        parts.append(f"learner.num_ranks={value('learner.num_ranks'):g} (one GPU per learner rank + generator pair)")
+        stages = [s for s in stages if s not in ("learner", "generator")]
+    for stage in stages:
+        field, count = STAGE_FIELDS[stage][resource == "GPU"], STAGE_FIELDS[stage][2]
+        if field is not None and value(field) > 0:
+            parts.append(f"{field}={value(field):g} (x {count}={value(count):g})")
+    return ", ".join(parts)
+
+
+def check_fits(config: Config, layout: Plan, nodes: list[dict[str, float]]) -> None:
+    """Fail at once if the cluster can never hold the plan's group, rather than wait out `ray.startup_timeout_s`.
+
+    `nodes`: each alive node's total resources (`ray.nodes()`; not what is free now, which other jobs give back).
+    Only necessary conditions, so a placeable group is never refused: every bundle fits some node; STRICT_PACK:
+    all fit one node; the sums fit the cluster's (custom `placement.node_resources` included); STRICT_SPREAD: a
+    node per bundle. A group that passes may still wait (bin packing, busy nodes) until the deadline. It assumes
+    a fixed cluster: `start_actors` skips it where an autoscaler may add nodes, and a launcher must let its fixed
+    nodes join before it submits."""
+    strategy, bundles = config.placement.strategy, layout.bundles
+    names = ["+".join(n for n, (index, _, _) in layout.actors.items() if index == i) for i in range(len(bundles))]
+    keys = list(dict.fromkeys(k for b in bundles for k in b))
+    demand = {k: sum(b.get(k, 0.0) for b in bundles) for k in keys}
+    supply = {k: sum(n.get(k, 0.0) for n in nodes) for k in keys}
+    largest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in keys}
+
+    def fits(need: dict[str, float], node: dict[str, float]) -> bool:
+        return all(node.get(k, 0.0) + RESOURCE_SLACK >= v for k, v in need.items())
+
+    def lacking(need: dict[str, float]) -> set[str]:  # what no node has enough of (else the combination)
+        return {k for k, v in need.items() if v > largest[k] + RESOURCE_SLACK} or set(need)
+
+    problems, short = [], set()
+    for name, bundle in zip(names, bundles):
+        if not any(fits(bundle, node) for node in nodes):
+            problems.append(f"bundle {name} {_text(bundle)} is larger than every node")
+            short |= lacking(bundle)
+    if strategy == "STRICT_PACK" and not any(fits(demand, node) for node in nodes):
+        problems.append(f"STRICT_PACK puts every bundle on one node, and no node holds {_text(demand)}")
+        short |= lacking(demand)
+    for k in keys:
+        if demand[k] > supply[k] + RESOURCE_SLACK:
+            problems.append(f"{k}: the bundles ask for {demand[k]:g} in all, the cluster has {supply[k]:g}")
+            short.add(k)
+    if strategy == "STRICT_SPREAD" and len(nodes) < len(bundles):
+        problems.append(f"STRICT_SPREAD puts each bundle on its own node: {len(bundles)} bundles, {len(nodes)} nodes")
+    if not problems:
+        return
+    pins = {resource: role for role, resource in config.placement.node_resources.items()}
+    fixes = []
+    for k in (k for k in keys if k in short):
+        if k == "CPU":
+            cpus = math.ceil(demand["CPU"] - RESOURCE_SLACK)
+            fixes.append(
+                f"CPU: lower {_fields(config, layout, 'CPU')}; or give Ray more (logical) CPUs: a head you start "
+                f"advertises only its cores unless told, `ray start --head --num-cpus {cpus}`; a local cluster "
+                f"that the run starts itself (no ray.address, no RAY_ADDRESS) takes ray.num_cpus={cpus}"
+            )
+        elif k == "GPU":
+            fixes.append(f"GPU: lower {_fields(config, layout, 'GPU')}; or add GPU nodes (`ray start --num-gpus N`)")
+        elif k in pins:
+            fixes.append(
+                f"placement.node_resources pins {pins[k]} to nodes that advertise '{k}': start them with "
+                f"`ray start --resources='{{\"{k}\": 1}}'`, or drop the pin"
+            )
+    if strategy.startswith("STRICT"):
+        fixes.append(f"or relax placement.strategy={strategy} (PACK and SPREAD may split the group over nodes)")
+    listed = ", ".join(f"{name} {_text(b)}" for name, b in zip(names, bundles))
+    per_node = ", ".join(_text({k: n.get(k, 0.0) for k in keys}) for n in nodes[:8])
+    raise PlacementError(
+        f"placement: this cluster can never hold the run's placement group ({len(bundles)} bundles, {strategy}), so "
+        f"start-up would only wait out ray.startup_timeout_s:\n  - " + "\n  - ".join(problems) + "\n"
+        f"demand: {_text(demand)}: {listed}\n"
+        f"supply: {_text(supply)} on {len(nodes)} node(s): {per_node}{' ...' if len(nodes) > 8 else ''}\n"
+        "to fix:\n  - " + "\n  - ".join(fixes)
+    )
+
+
+def autoscaler_may_add_nodes() -> bool:
+    """Whether an autoscaler may still add nodes (then what does not fit now may fit later, and only the startup
+    deadline applies). From what Ray's autoscalers publish in the GCS (internal APIs of the pinned Ray): v2
+    (KubeRay, `ray up` with v2) its node groups' min/max counts; v1 (`ray up`, KubeRay's in-tree autoscaler) a
+    status whose node types come from its config, where a cluster without one (`ray start`, `ray.init`) gets
+    the read-only provider's anonymous `node_<node id>`. No report at all: no autoscaler runs."""
+    try:
+        return _autoscaler_may_add_nodes()
+    except Exception:  # an internal API moved (a newer Ray): cannot tell, so keep the deadline behaviour
+        return True
+
+
+def _autoscaler_may_add_nodes() -> bool:
+    from ray._private import ray_constants
+    from ray._private.state import state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    cluster_config = state.get_cluster_config()
+    if cluster_config is not None:
+        return any(g.max_count < 0 or g.max_count > g.min_count for g in cluster_config.node_group_configs)
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    report = (json.loads(status).get("autoscaler_report") or {}) if status else {}
+    node_types = (report.get("node_type_mapping") or {}).items()
+    return any(node_type != f"node_{node_id}" for node_id, node_type in node_types)
+
+
 def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
     """Reserve resources for every stage and start its actor; returns once the learner ranks have formed their
-    process group and built their DeepSpeed engines (the engines may still be starting)."""
+    process group and built their DeepSpeed engines (disaggregated: the engines may still be starting).
+
+    Colocated, the order is OpenRLHF's (`create_vllm_engines` ends with every engine's `sleep`, and only then do
+    the actors build their DeepSpeed engines): vLLM sizes its weights + KV cache (`gpu_memory_utilization`)
+    against the memory free on the GPU when it starts, so each engine starts on an empty GPU and sleeps before
+    any learner rank allocates there; from then on the two take turns (the learner frees its cached blocks after
+    each step, `Learner.step`, before the engine wakes for the sync)."""
     layout = plan(config)
+    if not autoscaler_may_add_nodes():  # with an autoscaler, what is missing now may come: the deadline applies
+        check_fits(config, layout, [node["Resources"] for node in ray.nodes() if node["Alive"]])
     pg = placement_group(layout.bundles, strategy=config.placement.strategy, name=f"{config.run_name}-stages")
     try:
         ray.get(pg.ready(), timeout=timeout_s)
@@ -201,13 +343,22 @@ def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
     learners = [
         learner_cls.options(**options(f"learner-{rank}")).remote(model_path, config, rank, ranks)
         for rank in range(ranks)
-    ]
-    # The ranks' rendezvous: rank 0 hosts the store on its node (constructing a Learner is cheap, so rank 0
-    # answers before any rank blocks in `setup`); the setups run while the other stages start below.
+    ]  # constructing a Learner is cheap and allocates nothing on a device; `setup` builds the DeepSpeed engine
+    generator_options = [options(f"generator-{i}") for i in range(config.generator.engine.num_engines)]
+    generators: list[Any] = []
+    if config.placement.layout == "colocated":  # engines up and asleep first (see the docstring)
+        generators = [ray.remote(Generator).options(**o).remote(model_path, config) for o in generator_options]
+        asleep = [g.sleep.remote() for g in generators]
+        try:
+            ray.get(asleep, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"generator-* did not start and go to sleep within {timeout_s:.0f}s") from None
+    # The ranks' rendezvous: rank 0 hosts the store on its node (rank 0 answers before any rank blocks in
+    # `setup`); disaggregated, the setups run while the other stages start below.
     master = node_ip(learners[0], timeout_s), ray.get(learners[0].free_port.remote(), timeout=timeout_s)
     setups = [learner.setup.remote(*master) for learner in learners]
-    generator_options = [options(f"generator-{i}") for i in range(config.generator.engine.num_engines)]
-    generators = [ray.remote(Generator).options(**o).remote(model_path, config) for o in generator_options]
+    if not generators:
+        generators = [ray.remote(Generator).options(**o).remote(model_path, config) for o in generator_options]
     refiner_cls = ray.remote(Refiner)
     refiners = [
         refiner_cls.options(**options(f"refiner-{i}", restartable=True)).remote(

@@ -77,6 +77,7 @@ class Reward:
     policy_version: int = 0
     infra_error: bool = False  # a source failed for infrastructure reasons: `reward` is not a score, never train on it
     isolation: str | None = None  # code reward: the sandbox's isolation level
+    error: str | None = None  # with `infra_error`: what failed, "<source>: <message>" ("; " between sources)
 
 
 @dataclass(frozen=True)

@@ -280,8 +280,10 @@ class WeightReceiver:
 
     def rlhf_receive_weights(self, verify: bool) -> dict:
         """Receive and load every bucket (see `receive_weights`). The reload is finished even when a bucket fails,
-        so that every layer holds real weights (new where loaded, old elsewhere) rather than staying on the meta
-        device; the failed sync raises, and the loop re-syncs the engine (Recovery) or ends the run."""
+        so that no layer stays on the meta device; but vLLM materialises a partly loaded module with uninitialised
+        memory, so after a failed sync the engine's weights are unusable until a complete one: the failure raises,
+        and the loop re-syncs the engine (Recovery) or ends the run. On GPU the allocator's cached blocks are
+        returned afterwards (the layerwise reload builds each module anew), so a colocated learner gets them."""
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
@@ -297,4 +299,6 @@ class WeightReceiver:
         runner.reset_lora_state()
         runner.reset_encoder_cache()
         runner.reset_mm_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return result

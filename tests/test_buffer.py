@@ -49,3 +49,15 @@ def test_state_dict_round_trip():
     restored = Buffer(max_staleness=0, capacity=10)
     restored.load_state_dict(buf.state_dict())
     assert [s.sample_id for s in restored.take(2, 0).samples] == ["0-1-0", "0-2-0"]
+
+
+def test_failed_take_counts_the_stale_samples_it_popped():
+    buf = Buffer(max_staleness=0, capacity=10)
+    buf.add([_sample(0, 0), _sample(1, 0), _sample(2, 1)])  # at version 1, the two version-0 samples are stale
+    with pytest.raises(ValueError, match="1 usable samples, 2 requested \\(dropped 2 stale\\)"):
+        buf.take(2, learner_version=1)
+    # The stale ones can never be used again (the learner's version only grows): gone, and counted once.
+    assert buf.metrics()["buffer/dropped_stale_total"] == 2 and buf.metrics()["buffer/size"] == 1
+    batch = buf.take(1, learner_version=1)
+    assert [s.sample_id for s in batch.samples] == ["1-2-0"] and batch.dropped_stale == 0
+    assert buf.metrics()["buffer/dropped_stale_total"] == 2

@@ -101,3 +101,11 @@ def test_generator_temperature_below_vllms_floor_is_refused_and_named():
     with pytest.raises(config_lib.ConfigError, match=r"generator\.sampling\.temperature \(0\.005\)"):
         config_lib.load(None, ["generator.sampling.temperature=0.005"])
     assert config_lib.load(None, ["generator.sampling.temperature=0"]).generator.sampling.temperature == 0
+
+
+@pytest.mark.parametrize("key", ["gradient_accumulation_steps", "gradient_clipping", "gradient_predivide_factor"])
+def test_deepspeed_keys_the_learner_owns_are_refused(key):
+    """A passed-through accumulation count would break the update's normaliser and boundary, and a predivide
+    factor would scale gradients twice under ZeRO-3: refused, naming the key and the fields to set instead."""
+    with pytest.raises(config_lib.ConfigError, match=f"learner.deepspeed sets {key}.*learner.micro_batch_size"):
+        config_lib.load(None, [f"learner.deepspeed={{{key}: 2}}"])

@@ -707,18 +707,17 @@ def test_a_dead_engine_is_reported_even_when_another_engines_receive_failed_firs
 
     @ray.remote(num_cpus=0)
     class Engine:
+        def __init__(self, dies: bool):
+            self.dies = dies
+
         def receive_weights(self, version, verify, timeout_s):
+            if self.dies:  # the process ends mid-sync: the driver hears of it after the survivor's error
+                import os
+
+                os._exit(1)
             raise RuntimeError("weight sync: vLLM worker rank 1 waited more than 1s for the learner")
 
-        def die(self):
-            import os
-
-            os._exit(1)
-
-    survivor, dying = Engine.remote(), Engine.remote()
-    dying.die.remote()
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(dying.receive_weights.remote(0, False, 1), timeout=60)  # it is dead now
+    survivor, dying = Engine.remote(False), Engine.remote(True)
     actors = SimpleNamespace(generators=[survivor, dying], learners=[])
     with pytest.raises(ray.exceptions.RayActorError):  # not the survivor's task error, which comes first in order
         loop.sync_weights(actors, 1, 2**20, load(None, ["sync.timeout_s=5"]))

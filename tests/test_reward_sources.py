@@ -58,6 +58,7 @@ def test_reward_worker_flags_infra_errors(apps_prompts, monkeypatch):
     monkeypatch.setattr(worker.sandbox, "bwrap", "/nonexistent/bwrap")
     (reward,) = worker.score([_rollout(apps_prompts[0], "print(3)")])
     assert reward.infra_error and reward.components["code_status/infra_error"] == 1.0
+    assert reward.error.startswith("code: sandbox did not start:") and "/nonexistent/bwrap" in reward.error
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -98,9 +99,12 @@ def test_http_source_speaks_openrlhf_protocol_and_flags_failures(endpoint):
     rewards = worker.score([_rollout(prompt, "2"), _rollout(prompt, "22", 1)])
     assert [r.reward for r in rewards] == pytest.approx([2 * 0.5, 2 * 0.6])  # len("1+1=2") / 10, weighted
     assert _Handler.seen[0] == {"query": ["1+1=2", "1+1=22"], "prompts": ["1+1=", "1+1="], "labels": ["2", "2"]}
+    assert all(r.error is None for r in rewards)
     _Handler.fail = True
     rewards = worker.score([_rollout(prompt, "2")])
     assert rewards[0].infra_error and len(_Handler.seen) == 1 + 3  # one call, then three failed tries
+    # The endpoint's last error travels with the record, so the samples table and the logs can say what failed.
+    assert rewards[0].error == f"http: {endpoint}: HTTPError: HTTP Error 500: Internal Server Error"
 
 
 def test_reward_model_uses_its_own_chat_template_and_merges(tmp_path):
@@ -122,3 +126,15 @@ def test_reward_model_uses_its_own_chat_template_and_merges(tmp_path):
     assert merged[0].components == {"format": 1.0, "model": raw[0]} and merged[0].accuracy == 1.0
     with pytest.raises(ValueError, match="out of step"):
         merge([rule, scored[::-1]])
+
+
+def test_merge_keeps_every_scorers_error():
+    from rlhf_refiner.records import Reward
+
+    worker = [Reward("a", 0.0, None, infra_error=True, error="http: timed out"), Reward("b", 1.0, None)]
+    model = [Reward("a", 0.5, None), Reward("b", 0.0, None, infra_error=True, error="model: CUDA OOM")]
+    extra = [Reward("a", 0.0, None, infra_error=True, error="code: sandbox did not start"), Reward("b", 0.0, None)]
+    merged = merge([worker, model, extra])
+    assert [m.infra_error for m in merged] == [True, True]
+    assert [m.error for m in merged] == ["http: timed out; code: sandbox did not start", "model: CUDA OOM"]
+    assert merge([[Reward("c", 1.0, None)], [Reward("c", 1.0, None)]])[0].error is None

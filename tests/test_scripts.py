@@ -1,6 +1,7 @@
 """scripts/compare.py on synthetic run directories in the real output format; the sandbox benchmark's smoke run."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -112,18 +113,20 @@ def test_gpu_smoke_runs_the_learner_without_ray_or_vllm(tmp_path):
     """scripts/gpu_smoke.py, as the GPU machine runs it (no Ray, no vLLM importable), on CPU with a tiny model:
     ZeRO-1 and ZeRO-3 steps whose log-probs and first CE agree with a plain HF forward, and its results file."""
     out = tmp_path / "smoke.json"
-    argv = ["gpu_smoke.py", "--cpu", "--tiny", "--samples", "16", "--micro-batch-size", "4", "--prompt-len", "16",
-            "--max-response", "32", "--steps", "1", "--out", str(out)]  # fmt: skip
-    code = (
-        "import runpy, sys; sys.modules.update(ray=None, vllm=None); "  # any import of them fails
-        f"sys.argv = {argv!r}; runpy.run_path('scripts/gpu_smoke.py', run_name='__main__')"
-    )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    blocker = tmp_path / "site"  # every process of the run, the per-stage children too, cannot import them
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules.update(ray=None, vllm=None)\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    argv = [sys.executable, "scripts/gpu_smoke.py", "--cpu", "--tiny", "--samples", "16", "--micro-batch-size", "8",
+            "--prompt-len", "16", "--max-response", "32", "--steps", "1", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert [r["zero_stage"] for r in results] == [1, 3]
     for r in results:
         assert r["logprob_max_abs_error"] < 1e-4
         assert r["ce_first_step"] == pytest.approx(r["ce_hf_reference"], rel=1e-4)
+        assert r["loss_first_step"] == pytest.approx(r["loss_hf_reference"], rel=1e-4)
+        assert r["grad_norm_split"] == pytest.approx(r["grad_norm_first_step"], rel=1e-4)  # 8 vs 2 a micro-batch
         assert r["tokens_per_s"] > 0
     assert "| cpu | 3 | float32 |" in done.stdout

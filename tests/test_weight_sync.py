@@ -5,6 +5,7 @@ engines' peak extra bytes during a sync."""
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 
@@ -237,17 +238,18 @@ def test_a_timed_out_gloo_group_fails_fast_then_is_closed_and_re_formed():
     metas = [(m.name, m.dtype, list(m.shape)) for m in LAYERED]
     worker = WeightReceiver()  # the vLLM worker's extension on its own: sync rank 1 + its TP rank (0)
     port = free_port()
-    learner, _ = _in_threads(
-        lambda: SyncGroup("127.0.0.1", port, 0, 2, timeout_s=1, who="learner"),
-        lambda: worker.rlhf_init_sync("127.0.0.1", port, 1, 2, 1, metas, 64),
+    learner, _ = _in_threads(  # a generous deadline to form the group on a busy machine...
+        lambda: SyncGroup("127.0.0.1", port, 0, 2, timeout_s=10, who="learner"),
+        lambda: worker.rlhf_init_sync("127.0.0.1", port, 1, 2, 10, metas, 64),
     )
+    learner.timeout = datetime.timedelta(seconds=3)  # ...and a short one for the broadcast that times out
     old_worker_group = worker.rlhf_sync_group
     with pytest.raises(SyncTimeoutError, match="learner waited .* for the vLLM workers on bucket 1/1"):
         learner.broadcast(torch.zeros(4), "bucket 1/1")
     started = time.monotonic()
     with pytest.raises(SyncTimeoutError, match="learner cannot broadcast bucket 1/1: .*timed out on bucket 1/1"):
         learner.broadcast(torch.zeros(4), "bucket 1/1")
-    assert time.monotonic() - started < 0.5  # refused, not another wait for the deadline
+    assert time.monotonic() - started < 1.5  # refused, not another 3 s wait for the deadline
 
     learner.close()
     port = free_port()

@@ -4,7 +4,8 @@ RewardModel (model.py) scores them with a reward model in its own actors; `merge
 The reward is the weighted sum of the sources in `reward.weights`. A worker scores a shard of a step's rollouts
 (`shard` of `num_shards`), so several workers split one ObjectRef without the driver touching the data. An
 infrastructure failure (a sandbox that would not start, an endpoint that never answered) marks the `Reward`
-`infra_error`: it is counted, and the learner gives the sample no policy gradient; it is never scored as 0.
+`infra_error`, with the failure's message in `error`: it is counted, and the learner gives the sample no policy
+gradient; it is never scored as 0.
 Workers never log; they return `Reward` records that the loop aggregates.
 """
 
@@ -43,6 +44,7 @@ def merge(parts: list[list[Reward]]) -> list[Reward]:
             raise ValueError(f"reward parts out of step: {sorted(ids)}")
         accuracies = [r.accuracy for r in same_sample if r.accuracy is not None]
         isolations = [r.isolation for r in same_sample if r.isolation is not None]
+        errors = [r.error for r in same_sample if r.error is not None]
         merged.append(
             Reward(
                 sample_id=same_sample[0].sample_id,
@@ -52,6 +54,7 @@ def merge(parts: list[list[Reward]]) -> list[Reward]:
                 policy_version=same_sample[0].policy_version,
                 infra_error=any(r.infra_error for r in same_sample),
                 isolation=isolations[0] if isolations else None,
+                error="; ".join(errors) if errors else None,
             )
         )
     return merged
@@ -81,15 +84,16 @@ class RewardWorker:
         with ThreadPoolExecutor(self.config.code.max_concurrency) as pool:
             return list(pool.map(one, zip(rollouts, responses)))
 
-    def _http(self, rollouts: list[Rollout], responses: list[str]) -> list[float | None]:
-        values: list[float | None] = []
+    def _http(self, rollouts: list[Rollout], responses: list[str]) -> list[float | str]:
+        """Per sample: the endpoint's score, or the error of its batch (the last retry's) when the batch failed."""
+        values: list[float | str] = []
         size = self.config.http.batch_size
         for start in range(0, len(rollouts), size):
             chunk = rollouts[start : start + size]
-            scores, _ = self.http.scores(
+            scores, error = self.http.scores(
                 [r.prompt.query for r in chunk], responses[start : start + size], [r.prompt.answer or "" for r in chunk]
             )
-            values += scores if scores is not None else [None] * len(chunk)
+            values += scores if scores is not None else [error] * len(chunk)
         return values
 
     def _rewards(self, rollouts: list[Rollout], responses: list[str], ids: list[str]) -> list[Reward]:
@@ -97,7 +101,8 @@ class RewardWorker:
         http = self._http(rollouts, responses) if "http" in self.weights else None
         rewards = []
         for i, (rollout, response) in enumerate(zip(rollouts, responses)):
-            total, accuracy, components, infra, isolation = 0.0, None, {}, False, None
+            total, accuracy, components, isolation = 0.0, None, {}, None
+            errors: list[str] = []  # "<source>: <message>" of each source that failed for infrastructure reasons
             for source, weight in self.weights.items():
                 if source == "arithmetic":
                     value, accuracy, parts = rules.arithmetic(response, rollout.prompt.answer, self.task, ids[i])
@@ -108,17 +113,22 @@ class RewardWorker:
                 elif source == "code":
                     result = code[i]
                     failed = result.status == "infra_error"
-                    infra |= failed
+                    if failed:
+                        errors.append(f"code: {result.detail or 'infra_error'}")
                     value = 0.0 if failed else reward_of(result, self.config.code.mode)
                     accuracy, isolation = float(result.passed), result.isolation
                     components["code"] = value
                     components.update({f"code_status/{s}": float(result.status == s) for s in STATUSES})
                 else:  # http
-                    infra |= http[i] is None
-                    value = http[i] or 0.0
+                    if isinstance(http[i], str):
+                        errors.append(f"http: {http[i]}")
+                    value = 0.0 if isinstance(http[i], str) else http[i]
                     components["http"] = value
                 total += weight * value
-            rewards.append(Reward(ids[i], total, accuracy, components, rollout.policy_version, infra, isolation))
+            error = "; ".join(errors) if errors else None
+            rewards.append(
+                Reward(ids[i], total, accuracy, components, rollout.policy_version, bool(errors), isolation, error)
+            )
         return rewards
 
     def score(self, rollouts: list[Rollout], shard: int = 0, num_shards: int = 1) -> list[Reward]:

@@ -267,3 +267,12 @@ def test_learning_rate_warms_up_and_decays_per_optimizer_update(pi0_path):
     lrs = [learner.step(batch)["learner/lr"] for _ in range(3)]
     # updates 0..5: 0.005, 0.01, then 0.01 · (1 - k/3) for k = 0..3 -> steps start at updates 0, 2, 4
     assert lrs == pytest.approx([0.005, 0.01, 0.01 / 3])
+
+
+def test_kl_metric_outside_static_kl_runs_on_its_steps_only(pi0_path):
+    """Under `none` the π0 forward for `learner/kl_to_ref` runs on the first step, every `kl_metric_every`, and
+    the last: 1, 2, 4, 5 of 5 with every 2 (step 3 pays no π0 forward)."""
+    learner = _learner(pi0_path, "algo.constraint=none", "algo.kl_metric_every=2", "trainer.steps=5")
+    batch = _batch(learner.tokenizer, PAIRS, advantage=1.0)
+    logged = [("learner/kl_to_ref" in learner.step(batch)) for _ in range(5)]
+    assert logged == [True, True, False, True, True]

@@ -192,6 +192,7 @@ def test_dialogue_shaped_run_with_a_local_reward_model(ray_cluster, tiny_pi0, tm
         "data.prompts_per_step=2",
         "algo.constraint=static_kl",
         "algo.kl_coef=0.5",
+        "algo.kl_estimator=k3",  # the estimator `learner/kl_to_ref` reports, so the loss identity below holds
         "refiner.monitor=true",
         run="dialogue",
     )

@@ -1,16 +1,18 @@
-"""Compare runs: python scripts/compare.py RUN_DIR... --out fig.png
+"""Compare runs: python scripts/compare.py RUN_DIR... [--out fig.png]
 
 Reads each run's metrics.jsonl and config.yaml, groups runs into arms (constraint, β for static_kl, advantage
 estimator; runs that differ only in seed are one arm), and draws the paper's panels -- optimised reward, true task
 accuracy, degenerate rate, KL to π0, CE of refined responses, improved fraction -- one colour per arm, mean with
 a min/max band over seeds. Prints a table of final values (mean over the last `--last` steps of each run, then
-mean ± std over seeds).
+mean ± std over seeds), and warns on stderr when the runs' horizons differ, since the last steps of runs of
+different lengths are different points of training.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -35,7 +37,8 @@ TABLE_KEYS = [
 ]
 
 
-def load_run(run_dir: Path) -> tuple[str, list[dict]]:
+def load_run(run_dir: Path) -> tuple[str, list[dict], int | None]:
+    """(arm, metric rows, trainer.steps or None where the config does not say)."""
     metrics = run_dir / "metrics.jsonl"
     config_file = run_dir / "config.yaml"
     if not metrics.exists() or not config_file.exists():
@@ -46,7 +49,8 @@ def load_run(run_dir: Path) -> tuple[str, list[dict]]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise ValueError(f"{metrics}:{number}: not JSON ({e})") from None
-    algo = yaml.safe_load(config_file.read_text())["algo"]
+    config = yaml.safe_load(config_file.read_text())
+    algo = config["algo"]
     arm = algo["constraint"]
     if arm == "static_kl":  # runs at different β (or estimators) are different arms
         arm += f" β={algo.get('kl_coef', 0.05):g}"
@@ -56,7 +60,40 @@ def load_run(run_dir: Path) -> tuple[str, list[dict]]:
         arm += f" λ={algo['ce_coef']:g}"
     if algo.get("advantage", "grpo") != "grpo":
         arm += f"+{algo['advantage']}"
-    return arm, rows
+    return arm, rows, (config.get("trainer") or {}).get("steps")
+
+
+def horizon_warning(horizons: dict[Path, tuple[int, int | None]], last: int) -> str | None:
+    """A warning naming every run's (steps logged, trainer.steps) when they differ, else None."""
+    logged = {steps for steps, _ in horizons.values()}
+    planned = {steps for _, steps in horizons.values() if steps is not None}
+    if len(logged) <= 1 and len(planned) <= 1:
+        return None
+    lines = [
+        f"warning: runs of different horizons: the final values (last {last} steps) compare different training "
+        "lengths, and the curves stop at the shortest run of each arm"
+    ]
+    for run_dir, (steps, planned_steps) in horizons.items():
+        said = "" if planned_steps is None else f" (trainer.steps={planned_steps})"
+        lines.append(f"  {run_dir}: {steps} steps logged{said}")
+    return "\n".join(lines)
+
+
+def smoothing_said(window: int) -> str:
+    return "raw values (no smoothing)" if window == 1 else f"trailing moving average over {window} steps"
+
+
+def default_out(run_dirs: list[Path]) -> Path:
+    """compare.png in the runs' common parent (the current directory when that is the filesystem root), or the
+    first free compare-N.png there: a default never replaces an earlier figure."""
+    parent = Path(os.path.commonpath([run_dir.absolute().parent for run_dir in run_dirs]))
+    if parent == Path(parent.anchor):
+        parent = Path.cwd()
+    out, number = parent / "compare.png", 1
+    while out.exists():
+        number += 1
+        out = parent / f"compare-{number}.png"
+    return out
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -91,7 +128,7 @@ def final_table(arms: dict[str, list[list[dict]]], last: int) -> str:
     return "\n".join(lines)
 
 
-def plot(arms: dict[str, list[list[dict]]], out: Path, window: int) -> None:
+def figure(arms: dict[str, list[list[dict]]], window: int):  # -> matplotlib Figure, imported lazily for --help
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,8 +138,14 @@ def plot(arms: dict[str, list[list[dict]]], out: Path, window: int) -> None:
     rows_of_panels = -(-len(PANELS) // columns_per_row)
     fig, grid = plt.subplots(rows_of_panels, columns_per_row, figsize=(12.6, 3.2 * rows_of_panels), dpi=90)
     axes = list(grid.flat)
+    for ax, (key, title) in zip(axes, PANELS):  # every panel, those no arm logged too
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key, fontsize=8)
+        if not any(series(rows, key)[1] for runs in arms.values() for rows in runs):
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
     for colour, (arm, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], sorted(arms.items())):
-        for ax, (key, title) in zip(axes, PANELS):
+        for ax, (key, _) in zip(axes, PANELS):
             curves = [smooth(series(rows, key)[1], window) for rows in runs]
             curves = [c for c in curves if c]
             if not curves:
@@ -113,15 +156,23 @@ def plot(arms: dict[str, list[list[dict]]], out: Path, window: int) -> None:
             ax.plot(steps, [statistics.fmean(col) for col in columns], color=colour, label=f"{arm} (n={len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=colour, alpha=0.2)
-            ax.set_title(title, fontsize=10)
-            ax.set_xlabel("step")
-            ax.set_ylabel(key, fontsize=8)
             if key == "learner/kl_to_ref":  # a degenerating arm's KL dwarfs the tethered ones: linear below 0.1
                 ax.set_yscale("symlog", linthresh=0.1)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"mean over seeds, band = min-max over seeds; trailing moving average over {window} steps", fontsize=9)
+    fig.suptitle(f"mean over seeds, band = min-max over seeds; {smoothing_said(window)}", fontsize=9)
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp" + out.suffix)
+    return fig
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def write_figure(fig, out: Path) -> None:
+    tmp = out.with_suffix(".tmp" + out.suffix)  # a reader of `out` never sees half a PNG
     fig.savefig(tmp)
     tmp.replace(out)
 
@@ -129,21 +180,34 @@ def plot(arms: dict[str, list[list[dict]]], out: Path, window: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (trainer.output_dir of each run)")
-    parser.add_argument("--out", type=Path, required=True, help="figure to write (PNG)")
-    parser.add_argument("--smooth", type=int, default=5, help="moving-average window in steps")
-    parser.add_argument("--last", type=int, default=10, help="steps averaged for the final-value table")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="figure to write (PNG; replaced if it exists). Default: compare.png in the runs' common parent "
+        "directory, or compare-2.png, compare-3.png, ... there when that exists (never replaced)",
+    )
+    parser.add_argument(
+        "--smooth", type=positive_int, default=5, help="trailing moving-average window in steps (1: raw values)"
+    )
+    parser.add_argument("--last", type=positive_int, default=10, help="steps averaged for the final-value table")
     args = parser.parse_args(argv)
     arms: dict[str, list[list[dict]]] = {}
+    horizons: dict[Path, tuple[int, int | None]] = {}
     for run_dir in args.runs:
         try:
-            arm, rows = load_run(run_dir)
+            arm, rows, planned_steps = load_run(run_dir)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         arms.setdefault(arm, []).append(rows)
-    plot(arms, args.out, args.smooth)
+        horizons[run_dir] = (len({row["step"] for row in rows}), planned_steps)
+    warning = horizon_warning(horizons, args.last)
+    if warning:
+        print(warning, file=sys.stderr)
+    out = args.out or default_out(args.runs)
+    write_figure(figure(arms, args.smooth), out)
     print(final_table(arms, args.last))
-    print(f"figure: {args.out}")
+    print(f"figure: {out}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """scripts/compare.py on synthetic run directories in the real output format; the sandbox benchmark's smoke run."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -14,12 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_dir(
-    tmp_path: Path, name: str, constraint: str, rewards: list[float], kl_coef: float = 0.05, ce_coef: float = 1.0
+    tmp_path: Path,
+    name: str,
+    constraint: str,
+    rewards: list[float],
+    kl_coef: float = 0.05,
+    ce_coef: float = 1.0,
+    trainer_steps: int | None = None,
 ) -> Path:
     run = tmp_path / name
-    run.mkdir()
+    run.mkdir(parents=True)
     algo = {"constraint": constraint, "advantage": "grpo", "kl_coef": kl_coef, "ce_coef": ce_coef}
-    (run / "config.yaml").write_text(yaml.safe_dump({"algo": algo}))
+    config = {"algo": algo} if trainer_steps is None else {"algo": algo, "trainer": {"steps": trainer_steps}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
     rows = [{"step": i + 1, "reward/mean": r, "learner/kl_to_ref": 0.1 * i} for i, r in enumerate(rewards)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
@@ -63,6 +71,75 @@ def test_compare_names_a_bad_metrics_line(tmp_path):
     )
     assert result.returncode == 2
     assert "metrics.jsonl:2" in result.stderr
+
+
+def _compare_module():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "scripts/compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compare(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/compare.py"), *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
+def test_compare_figure_labels_every_panel_and_says_the_smoothing(tmp_path):
+    compare = _compare_module()
+    # the runs log only reward/mean and learner/kl_to_ref: the other four panels have no data, and still get labels
+    arms = {}
+    for name, rewards in [("a", [0.1, 0.5, 0.7]), ("b", [0.1, 0.3, 0.5])]:
+        arm, rows, _ = compare.load_run(_run_dir(tmp_path, name, "dynamic", rewards))
+        arms.setdefault(arm, []).append(rows)
+    fig = compare.figure(arms, window=3)
+    panels = fig.axes[: len(compare.PANELS)]
+    assert [ax.get_ylabel() for ax in panels] == [key for key, _ in compare.PANELS]
+    assert [ax.get_xlabel() for ax in panels] == ["step"] * len(compare.PANELS)
+    assert "moving average over 3 steps" in fig._suptitle.get_text()
+    raw = compare.figure(arms, window=1)._suptitle.get_text()
+    assert "no smoothing" in raw and "over 1 steps" not in raw
+
+
+def test_compare_refuses_a_smoothing_window_below_one(tmp_path):
+    run = _run_dir(tmp_path, "a", "none", [0.1, 0.2])
+    result = _compare(str(run), "--out", str(tmp_path / "f.png"), "--smooth", "0")
+    assert result.returncode == 2 and "--smooth" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_compare_writes_next_to_the_runs_by_default_and_never_over_an_earlier_figure(tmp_path):
+    runs = [_run_dir(tmp_path / "sweep", name, "none", [0.1, 0.2]) for name in ("s0", "s1")]
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    first = _compare(*map(str, runs), cwd=elsewhere)
+    assert first.returncode == 0, first.stderr
+    figure = tmp_path / "sweep" / "compare.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"figure: {figure}" in first.stdout
+    assert not list(elsewhere.iterdir())
+    before = figure.read_bytes()
+    second = _compare(*map(str, runs), cwd=elsewhere)
+    assert second.returncode == 0, second.stderr
+    assert f"figure: {tmp_path / 'sweep' / 'compare-2.png'}" in second.stdout
+    assert (tmp_path / "sweep" / "compare-2.png").exists() and figure.read_bytes() == before
+
+
+def test_compare_warns_when_the_runs_have_different_horizons(tmp_path):
+    short = _run_dir(tmp_path, "short", "dynamic", [0.1] * 5, trainer_steps=8)  # stopped after 5 of 8 steps
+    long = _run_dir(tmp_path, "long", "none", [0.2] * 8, trainer_steps=8)
+    result = _compare(str(short), str(long), "--out", str(tmp_path / "f.png"), "--last", "2")
+    assert result.returncode == 0, result.stderr
+    assert "warning" in result.stderr and "different horizons" in result.stderr
+    assert f"{short}: 5 steps logged (trainer.steps=8)" in result.stderr
+    assert f"{long}: 8 steps logged (trainer.steps=8)" in result.stderr
+    assert "| dynamic | 1 | 0.100 |" in result.stdout and "| none | 1 | 0.200 |" in result.stdout  # still tabulated
+    planned = _run_dir(tmp_path, "planned-10", "none", [0.2] * 8, trainer_steps=10)  # same length logged, not planned
+    result = _compare(str(long), str(planned), "--out", str(tmp_path / "g.png"))
+    assert "different horizons" in result.stderr and "trainer.steps=10" in result.stderr
+    same = _run_dir(tmp_path, "same", "dynamic", [0.3] * 8, trainer_steps=8)
+    result = _compare(str(long), str(same), "--out", str(tmp_path / "h.png"))
+    assert result.returncode == 0 and "warning" not in result.stderr
 
 
 @pytest.mark.parametrize("script", ["compare.py", "train.py"])

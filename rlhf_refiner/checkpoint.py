@@ -58,7 +58,7 @@ def root(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
 
 
-START_FILES = {"metrics.jsonl", "samples.jsonl", "config.yaml", "summary.json", "wandb", "checkpoints"}
+START_FILES = {"metrics.jsonl", "samples.jsonl", "config.yaml", "summary.json", "wandb", "checkpoints", "logs"}
 
 
 def trained_nothing(out: Path) -> bool:
@@ -69,6 +69,30 @@ def trained_nothing(out: Path) -> bool:
     has_checkpoint = root(out).exists() and any(root(out).iterdir())
     foreign = any(entry.name not in START_FILES for entry in out.iterdir())
     return not (has_rows or has_checkpoint or foreign)
+
+
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a `ray job submit` entrypoint
+
+
+def check_output_location(output_dir: str, environ: dict[str, str] | None = None) -> None:
+    """Refuse a relative output dir under `ray job submit --working-dir`: the job runs in Ray's temporary copy of
+    that dir, which Ray deletes with the session and hands, outputs and all, to the next identical submit (which
+    would then "resume" the old run). Outputs must go to storage that outlives the job."""
+    environ = os.environ if environ is None else environ
+    if os.path.isabs(os.path.expanduser(output_dir)) or RAY_JOB_ENV not in environ:
+        return
+    try:
+        runtime_env = json.loads(environ[RAY_JOB_ENV]).get("runtime_env") or {}
+    except (json.JSONDecodeError, AttributeError):
+        runtime_env = {}
+    if "working_dir" not in runtime_env:  # a job without --working-dir runs where it was started
+        return
+    raise ConfigError(
+        f"trainer.output_dir '{output_dir}' is relative, and this `ray job submit` runs in Ray's temporary copy of "
+        f"--working-dir ({os.getcwd()}), which Ray deletes and reuses for the next identical submit; give a path "
+        f"that outlives the job, e.g. trainer.output_dir=/shared/runs/{Path(output_dir).name} (on a multi-node "
+        "cluster, storage that the driver and the learner share)"
+    )
 
 
 def check_output_dir(config: Config) -> Path:
@@ -91,6 +115,7 @@ def prepare_output_dir(out: Path, resume_step: int | None) -> Path:
         return out
     for name in ("metrics.jsonl", "samples.jsonl", "summary.json"):
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "logs", ignore_errors=True)  # the actors' output of the run this one replaces
     if root(out).exists():  # never let a later `resume=auto` pick up the overwritten run's state
         shutil.rmtree(root(out))
     return out
@@ -142,6 +167,13 @@ def commit(tmp: Path, state: dict[str, Any], driver_state: dict[str, Any], keep:
 
 def verify(directory: Path) -> dict[str, Any]:
     """The checkpoint's state, after checking every file against the manifest."""
+    if not directory.is_dir():
+        saved = [p.name for p in complete_checkpoints(directory.parent)]
+        raise CorruptCheckpointError(
+            f"{directory}: no such checkpoint; "
+            + (f"saved here: {', '.join(saved)}" if saved else f"{directory.parent} holds none")
+            + " (a run saves at its end, every trainer.save_every steps, and on SIGTERM)"
+        )
     manifest_path = directory / MANIFEST
     if not manifest_path.exists():
         raise CorruptCheckpointError(f"{directory}: no {MANIFEST} (the save did not finish)")

@@ -6,12 +6,18 @@ actor starts, with the offending field named. This module imports no torch, ray 
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib.util
 import os
+import re
+import textwrap
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
@@ -306,15 +312,61 @@ class HttpRewardConfig(_Strict):
     """Samples per request."""
 
 
-RewardSource = Literal["arithmetic", "code", "model", "http", "format"]
+REWARD_FUNCTION_ARGUMENTS = ("query", "response", "answer", "sample_id")
+"""The keywords the reward worker calls `reward.function` with, once per sample (reward/function.py)."""
+
+
+def _read_reward_function(spec: str) -> str:
+    """The text of `reward.function`'s file ("path/to/file.py:name"), checked without running it: the file exists
+    (a relative path starts at the working directory, the job's working_dir under `ray job submit`), parses, and
+    defines `def name` at its top level that takes the worker's keyword arguments."""
+    path, _, name = spec.rpartition(":")
+    if not path.endswith(".py") or not name.isidentifier():
+        raise ValueError(f"reward.function must be 'path/to/file.py:function_name', not '{spec}'")
+    if not Path(path).is_file():
+        raise ValueError(f"reward.function: file not found: {path} (relative to the working directory {Path.cwd()})")
+    data = Path(path).read_bytes()
+    try:  # ast reports a syntax error as SyntaxError, which pydantic would not turn into a config error
+        tree = ast.parse(data, filename=path)
+    except SyntaxError as e:
+        raise ValueError(f"reward.function: {path}, line {e.lineno}: syntax error: {e.msg}") from None
+    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == name]
+    if not defs:
+        found = ", ".join(n.name for n in tree.body if isinstance(n, ast.FunctionDef)) or "none"
+        raise ValueError(f"reward.function: {path} defines no top-level function '{name}' (its functions: {found})")
+    node, where = defs[-1], f"reward.function: {path}:{name} (line {defs[-1].lineno})"
+    if isinstance(node, ast.AsyncFunctionDef):
+        raise ValueError(f"{where} is async; the reward worker calls it synchronously, so make it a plain def")
+    args = node.args
+    by_keyword = {a.arg for a in args.args + args.kwonlyargs}  # positional-only parameters cannot be passed so
+    lacks = [] if args.kwarg else [k for k in REWARD_FUNCTION_ARGUMENTS if k not in by_keyword]
+    positional = args.posonlyargs + args.args
+    required = [a.arg for a in positional[: len(positional) - len(args.defaults)]]
+    required += [a.arg for a, default in zip(args.kwonlyargs, args.kw_defaults) if default is None]
+    unfilled = [r for r in required if r not in REWARD_FUNCTION_ARGUMENTS or r not in by_keyword]
+    call = f"{name}({', '.join(f'{k}=...' for k in REWARD_FUNCTION_ARGUMENTS)})"
+    if lacks:
+        raise ValueError(f"{where} is called as {call} but takes no {', '.join(lacks)}; add them, or **kwargs")
+    if unfilled:
+        raise ValueError(f"{where} is called as {call} but requires {', '.join(unfilled)}")
+    return importlib.util.decode_source(data)  # honours a `# coding:` line, as an import would
+
+
+RewardSource = Literal["arithmetic", "code", "model", "http", "format", "function"]
 
 
 class RewardConfig(_Strict):
     weights: dict[RewardSource, float] = {"arithmetic": 1.0}
     """Reward = weighted sum of these sources: `arithmetic` (embedded task), `code` (unit tests in the sandbox),
-    `model` (reward-model actors), `http` (remote endpoint), `format` (1 if finished and non-empty)."""
+    `model` (reward-model actors), `http` (remote endpoint), `format` (1 if finished and non-empty), `function`
+    (your Python function, `reward.function`)."""
+    function: str | None = None
+    """`function` source: "path/to/file.py:name", called once per sample as name(query=, response=, answer=,
+    sample_id=) and returning a number or a dict with "score" (README, Rewards). Checked here without running it;
+    the file is read here, on the driver, and its text travels with this config to the workers."""
+    _function_source: str | None = PrivateAttr(None)  # not a field: never in the YAML dump or the resume check
     num_workers: int = Field(1, ge=1)
-    """RewardWorker actors (rule, code and http sources); samples are split evenly between them."""
+    """RewardWorker actors (rule, code, http and function sources); samples are split evenly between them."""
     num_cpus: float = Field(0.1, gt=0)
     """CPUs reserved per reward worker."""
     code: CodeRewardConfig = CodeRewardConfig()
@@ -332,7 +384,19 @@ class RewardConfig(_Strict):
             raise ValueError("reward.weights has 'model' but reward.model.path is not set")
         if "http" in self.weights and not self.http.url:
             raise ValueError("reward.weights has 'http' but reward.http.url is not set")
+        if "function" in self.weights and self.function is None:
+            raise ValueError("reward.weights has 'function' but reward.function is not set")
+        if self.function is not None and "function" not in self.weights:
+            raise ValueError("reward.function is set but reward.weights has no 'function' source to weight it")
+        if self.function is not None:
+            self._function_source = _read_reward_function(self.function)
         return self
+
+    @property
+    def function_source(self) -> str | None:
+        """The text of `function`'s file as read at validation, on the driver: workers run this text, so the file
+        need not exist on their nodes."""
+        return self._function_source
 
 
 class AlgoConfig(_Strict):
@@ -444,7 +508,11 @@ class MetricsConfig(_Strict):
     wandb_project: str = "rlhf_refiner"
     """W&B project."""
     samples_per_step: int = Field(4, ge=0)
-    """Samples written to samples.jsonl and the W&B table per step."""
+    """Samples written to samples.jsonl and the W&B table per step: the refiner's edits first, one per prompt
+    before a second of any prompt."""
+    actor_output: Literal["file", "console"] = "file"
+    """`file`: each actor's stdout and stderr (vLLM, DeepSpeed, warnings) go to `<output_dir>/logs/<actor>.log`, and
+    the console shows the run's own lines; `console`: Ray streams them to the driver's console, prefixed."""
     progress_bar: bool = True
     """Show a tqdm progress bar on the console."""
 
@@ -508,6 +576,31 @@ class TrainerConfig(_Strict):
     allow_config_change: bool = False
     """Resume although the config differs from the checkpoint's in fields other than the run's length, cadence,
     logging and cluster (`checkpoint.RESUMABLE_CHANGES`); the changes are recorded in `config_changes.jsonl`."""
+    eval_every: int = Field(0, ge=0)
+    """Held-out evaluation (`eval.*`, logged as `eval/*`) every this many steps, at the last step, and before the
+    first (step 0: π0 itself); 0: never. The embedded task's held-out problems are then never trained on."""
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation: during training (`trainer.eval_every`), and by `scripts/evaluate.py`."""
+
+    num_prompts: int = Field(200, ge=1)
+    """Held-out prompts. The embedded task: this many distinct problems, which training skips; a real dataset:
+    this many rows of `eval.split` (seeded sample; all when fewer)."""
+    path: str | None = None
+    """Dataset of the held-out prompts (hub name or local parquet/JSONL file or folder, in `data.source`'s
+    format); None: `data.path`'s `eval.split`."""
+    split: str = "test"
+    """Split of a real dataset to evaluate on (local folders: files whose name starts with it; a folder with none
+    is an error, never the training files)."""
+    samples_per_prompt: int = Field(1, ge=1)
+    """Responses per prompt; `eval/accuracy` is their mean."""
+    temperature: float = Field(0.0, ge=0)
+    """Sampling temperature of the held-out responses (0: greedy); top_p and stop strings are the generator's."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Longest held-out response; None: `generator.sampling.max_new_tokens`."""
+    seed: int = 0
+    """Seed of the held-out draw (which problems or rows) and of sampled responses."""
 
 
 # DeepSpeed keys the learner sets or relies on: batch geometry, clipping, and gradient scaling (its loss undoes
@@ -535,6 +628,7 @@ class Config(_Strict):
     buffer: BufferConfig = BufferConfig()
     sync: SyncConfig = SyncConfig()
     metrics: MetricsConfig = MetricsConfig()
+    eval: EvalConfig = EvalConfig()
     placement: PlacementConfig = PlacementConfig()
     ray: RayConfig = RayConfig()
 
@@ -608,6 +702,12 @@ class Config(_Strict):
             raise ValueError("task.style=natural needs a pretrained chat model.path; the embedded π0 knows `reversed`")
         if self.data.source != "arithmetic" and not self.data.path:
             raise ValueError(f"data.source={self.data.source} needs data.path (hub dataset name or local files)")
+        problems = 10 ** (2 * self.task.digits)
+        if self.trainer.eval_every and self.data.source == "arithmetic" and self.eval.num_prompts > problems // 4:
+            raise ValueError(
+                f"eval.num_prompts ({self.eval.num_prompts}) would hold out more than a quarter of the {problems} "
+                f"problems of task.digits={self.task.digits}; lower it or raise task.digits"
+            )
         if self.algo.constraint == "dynamic" and self.algo.ce_coef == 0:
             raise ValueError("algo.constraint=dynamic with algo.ce_coef=0 is constraint=none; say so explicitly")
         return self
@@ -642,12 +742,37 @@ def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _closest_key(name: str, valid: list[str], section: str) -> str:
+    """` (did you mean section.key?)`, or the section's valid keys when none is close."""
+    prefix = f"{section}." if section else ""
+    close = difflib.get_close_matches(name, valid, n=1)
+    if close:
+        return f" (did you mean {prefix}{close[0]}?)"
+    return f" (valid keys{f' of {section}' if section else ''}: {', '.join(valid)})"
+
+
+def _unknown_key_hint(loc: tuple[int | str, ...]) -> str:
+    """The closest field of the section holding the unknown key at `loc`; '' inside a free-form dict field
+    (`learner.deepspeed`), which has no field names to offer."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not _is_section(field.annotation):
+            return ""
+        model = field.annotation
+    return _closest_key(str(loc[-1]), list(model.model_fields), ".".join(str(part) for part in loc[:-1]))
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key")
+            lines.append(f"  {where}: unknown key{_unknown_key_hint(e['loc'])}")
         else:
             lines.append(f"  {where}: {e['msg']}")
     return "\n".join(lines)
@@ -683,3 +808,78 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
 def dump(config: Config) -> str:
     """The config as YAML, as written next to a run's outputs."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# `describe` renders the tree for `scripts/train.py --help`: every key's default as one would write it in YAML or an
+# override, its type and bounds, and its docstring (the field docstrings above are the documentation).
+_HELP_WIDTH = 110
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(arg) for arg in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in args)}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", "Any")
+
+
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=float("inf"))
+    return text.removesuffix("...\n").strip()  # a scalar document ends with `...`
+
+
+def _doc_lines(doc: str | None, indent: str, full: bool) -> list[str]:
+    text = " ".join((doc or "").split())
+    if not full:  # the first sentence; "e.g." and "i.e." do not end one
+        first = re.match(r"(.+?(?<!e\.g)(?<!i\.e)[.!?])(?:\s|$)", text)
+        if first and first.end(1) < len(text):
+            text = first.group(1) + " …"
+    return textwrap.wrap(text, _HELP_WIDTH, initial_indent=indent, subsequent_indent=indent) if text else []
+
+
+def _describe_key(key: str, field: Any, value: Any, depth: int, full: bool) -> list[str]:
+    bounds = [f"{sign}{getattr(m, name)}" for m in field.metadata for name, sign in _BOUNDS if hasattr(m, name)]
+    kind = ", ".join([_type_name(field.annotation), *bounds])
+    line = f"{'  ' * depth}{key}: {_yaml_value(value)}  ({kind})"
+    return [line, *_doc_lines(field.description, "  " * depth + "    ", full)]
+
+
+def _describe_section(section: BaseModel, prefix: str, depth: int, full: bool) -> list[str]:
+    lines: list[str] = []
+    values = section.model_dump(mode="json")
+    for name, field in type(section).model_fields.items():
+        key, value = f"{prefix}{name}", getattr(section, name)
+        if isinstance(value, BaseModel):
+            doc = type(value).__doc__ or field.description  # the class says more than "X settings." when it speaks
+            lines += ["", f"{'  ' * depth}[{key}]", *_doc_lines(doc, "  " * depth + "    ", full)]
+            lines += _describe_section(value, f"{key}.", depth + 1, full)
+        else:
+            lines += _describe_key(key, field, values[name], depth, full)
+    return lines
+
+
+def describe(section: str = "", full: bool = False) -> str:
+    """The defaults of the config tree, or of one `section` (`algo`, `generator.sampling`, or a single key): one
+    line `key: default  (type, bounds)` per key, then its docstring (only the first sentence unless `full`)."""
+    owner, node, field = None, Config(), None
+    parts = section.split(".") if section else []
+    for depth, part in enumerate(parts):
+        parent = ".".join(parts[:depth])
+        if not isinstance(node, BaseModel):
+            raise ConfigError(f"'{parent}' is a key, not a section")
+        fields = type(node).model_fields
+        if part not in fields:
+            raise ConfigError(f"unknown config section '{section}'{_closest_key(part, list(fields), parent)}")
+        owner, field, node = node, fields[part], getattr(node, part)
+    if not isinstance(node, BaseModel):  # a single key
+        return "\n".join(_describe_key(section, field, owner.model_dump(mode="json")[parts[-1]], 0, full))
+    if not section:
+        return "\n".join(_describe_section(node, "", 0, full)).lstrip("\n")
+    header = [f"[{section}]", *_doc_lines(type(node).__doc__ or field.description, "    ", full)]
+    return "\n".join(header + _describe_section(node, f"{section}.", 1, full))

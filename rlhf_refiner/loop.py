@@ -15,6 +15,7 @@ A checkpoint follows the step's sync, so it never splits a rollout from its weig
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import statistics
@@ -27,11 +28,11 @@ from typing import Any
 
 import ray
 
-from rlhf_refiner import checkpoint, placement, run_state
-from rlhf_refiner.config import Config
+from rlhf_refiner import checkpoint, evaluation, placement, run_state
+from rlhf_refiner.config import Config, ConfigError
 from rlhf_refiner.data import PromptSource
 from rlhf_refiner.generator import check_reloadable
-from rlhf_refiner.metrics import MetricsLogger, check_wandb_login
+from rlhf_refiner.metrics import MetricsLogger, check_wandb_login, spread_samples
 from rlhf_refiner.records import Sample
 from rlhf_refiner.rollout import assemble_samples, rollout_phase, wait
 
@@ -63,16 +64,30 @@ class StopRequest:
 
 
 def resolve_model_path(config: Config) -> str:
-    """`model.path` as a local dir or hub id; `embedded` builds (or reuses) the tiny CPU π0."""
+    """`model.path` as a local dir or hub id; `embedded` builds (or reuses) the tiny CPU π0. A path that is not a
+    directory, or a hub id the hub cannot provide (offline, gated, misspelt), is a ConfigError naming the field."""
     if config.model.path == "embedded":
         from rlhf_refiner import pi0
 
         return str(pi0.ensure_built(config.model.embedded, config.task, config.refiner.template))
     path = config.model.path
     looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise FileNotFoundError(f"model.path '{path}' is not a directory (nor an HF hub id of the form org/name)")
-    return os.path.expanduser(path) if looks_local else path
+    if looks_local:
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ConfigError(f"model.path '{path}' is not a directory (nor an HF hub id of the form org/name)")
+        return os.path.expanduser(path)
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)  # from the local HF cache when there is one, else the hub
+    except OSError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model.path '{path}' is not a local directory, and the HF hub could not provide it ({reason}); "
+            f"download it where the hub is reachable (`huggingface-cli download {path} --local-dir DIR`) and give "
+            "model.path=DIR"
+        ) from None
+    return path
 
 
 def step_metrics(samples: list[Sample]) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -219,15 +234,18 @@ def init_ray(config: Config) -> bool:
     if ray.is_initialized():
         return False
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    # metrics.actor_output=file: the actors write to the run's logs/, and Ray's own start-up lines stay quiet
+    quiet = {"log_to_driver": config.metrics.actor_output == "console", "logging_level": logging.WARNING}
     namespace = config.ray.namespace or config.run_name
     if address:
-        ray.init(address=address, namespace=namespace)
+        ray.init(address=address, namespace=namespace, **quiet)
     else:  # "local": a new cluster, never an unrelated one that `ray start` left running on this machine
-        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, namespace=namespace)
+        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, namespace=namespace, **quiet)
     return True
 
 
 def run(config: Config) -> dict[str, Any]:
+    checkpoint.check_output_location(config.trainer.output_dir)  # not into a `ray job submit` package dir
     output_dir = Path(config.trainer.output_dir)
     resume = checkpoint.find_resume(output_dir, config.trainer.resume)  # the newest complete checkpoint, if any
     if resume is None:
@@ -239,12 +257,13 @@ def run(config: Config) -> dict[str, Any]:
         checkpoint.check_resume_config(*resume, config)  # a resume is the same experiment, or says how it is not
     model_path = resolve_model_path(config)
     check_reloadable(model_path, config)  # bad input fails here, before any actor starts or file is written
-    placement.plan(config)  # and so does impossible GPU arithmetic
+    stages = ", ".join(placement.plan(config).actors)  # impossible GPU arithmetic fails here too
     check_wandb_login(config)  # and a missing W&B login
     checkpoint.prepare_output_dir(output_dir, resume[1]["step"] if resume else None)
     from transformers import AutoTokenizer
 
-    source = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(model_path))
+    held_out = config.eval if config.trainer.eval_every else None  # the embedded task's are then never trained on
+    source = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(model_path), held_out)
     summary: dict[str, Any] = {"model_path": model_path, "run_name": config.run_name}
     if source.stats:  # a real dataset: what was loaded, and every row dropped, by reason
         summary["data"] = source.stats
@@ -259,7 +278,9 @@ def run(config: Config) -> dict[str, Any]:
         config, output_dir, config.trainer.steps, start_step, resume[1]["wandb_id"] if resume else None
     )
     try:
+        logger.phase(f"starting the actors: {stages}")
         actors = placement.start_actors(config, model_path, config.ray.startup_timeout_s)
+        logger.phase("waiting for the vLLM engines; forming the weight-sync group")
         bucket_bytes = connect_weight_sync(actors, config)  # waits for every engine's start-up first
         summary["nodes"] = placement.actor_nodes(actors, config.ray.startup_timeout_s)  # where each stage runs
         version, samples_per_step = 0, config.data.prompts_per_step * config.generator.group_size
@@ -269,6 +290,9 @@ def run(config: Config) -> dict[str, Any]:
             sync_weights(actors, version, bucket_bytes, config)  # the generator samples from the restored weights
             summary["resumed_from"] = str(resume[0])
         recovery = Recovery(actors, model_path, config)
+        logger.begin_training()
+        if start_step == 0 and evaluation.due(0, config):  # the baseline: π0's own held-out score, as step 0
+            logger.log(0, recovery.run(partial(evaluation.evaluate, actors, source.held_out, 0, config)), advance=False)
         run_started = time.perf_counter()
         pending = restored_rollouts  # async: the next step's rollouts, generated while this step learns
         with StopRequest() as stop:
@@ -302,6 +326,8 @@ def run(config: Config) -> dict[str, Any]:
                 t_synced = time.perf_counter()
                 metrics.update(recovery.run(partial(sync_weights, actors, version, bucket_bytes, config)))
                 metrics["recovery/generator_restarts"] = recovery.generator_restarts
+                if evaluation.due(step, config):  # held out, on the weights just synced (version `step`)
+                    metrics.update(recovery.run(partial(evaluation.evaluate, actors, source.held_out, step, config)))
                 t3 = time.perf_counter()
                 sample_metrics, rows = step_metrics(samples)
                 metrics.update(sample_metrics)
@@ -317,7 +343,7 @@ def run(config: Config) -> dict[str, Any]:
                     }
                 )
                 logger.log(step, metrics)
-                logger.log_samples(step, rows[: config.metrics.samples_per_step])
+                logger.log_samples(step, spread_samples(rows, config.metrics.samples_per_step))
                 summary.setdefault("first", {k: metrics[k] for k in SUMMARY_KEYS if k in metrics})
                 summary["last"] = {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
                 every = config.trainer.save_every

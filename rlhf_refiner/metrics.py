@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,42 @@ CONSOLE_KEYS = [
     ("refiner/unchanged_frac", "unchanged"),
     ("learner/ce_refined", "ce"),
     ("learner/kl_to_ref", "kl"),
+    ("eval/accuracy", "eval_acc"),
     ("time/step", "s"),
 ]
+
+
+ACTOR_LOG_DIR = "RLHF_REFINER_ACTOR_LOG_DIR"  # set in an actor's env when `metrics.actor_output=file`
+
+
+def actor_log_dir(config: Config) -> str | None:
+    """Where the actors' output goes (`<output_dir>/logs`, absolute: actors may run elsewhere), or None when
+    Ray streams it to the driver's console."""
+    return str(Path(config.trainer.output_dir).resolve() / "logs") if config.metrics.actor_output == "file" else None
+
+
+def redirect_actor_output() -> None:
+    """First thing in an actor's `__init__`: point this process's stdout and stderr (file descriptors 1 and 2, so
+    C extensions and child processes such as vLLM's engine core follow) at `<output_dir>/logs/<actor name>.log`,
+    when the driver asked for it. Exceptions still reach the driver through Ray."""
+    log_dir = os.environ.get(ACTOR_LOG_DIR)
+    if not log_dir:
+        return
+    import sys
+
+    import ray
+
+    name = ray.get_runtime_context().get_actor_name() or f"worker-{os.getpid()}"
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(log_dir) / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+EVAL_SUMMARY_KEYS = ("eval/accuracy", "eval/reward", "eval/task/degenerate_rate")
 
 
 def _clean(value: Any) -> Any:
@@ -50,6 +85,21 @@ def merge_calls(calls: list[tuple[str, int, dict[str, float]]], time_key: str) -
             reported = [(n, m[key]) for _, n, m in calls if key in m]
             merged[key] = sum(n * value for n, value in reported) / sum(n for n, _ in reported)
     return merged
+
+
+def spread_samples(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """`n` of a step's sample rows for samples.jsonl / the W&B table: the refiner's edits (a' != a) first, and
+    each pick from the prompt shown least so far, so the table shows different queries rather than one prompt's G
+    samples. Ties go to the earlier row."""
+    edited = [r.get("refined") is not None and r["refined"] != r["response"] for r in rows]
+    shown: dict[str, int] = {}
+    left, picked = list(range(len(rows))), []
+    for _ in range(min(n, len(rows))):
+        best = min(left, key=lambda i: (not edited[i], shown.get(rows[i]["query"], 0), i))
+        left.remove(best)
+        shown[rows[best]["query"]] = shown.get(rows[best]["query"], 0) + 1
+        picked.append(rows[best])
+    return picked
 
 
 def truncate_after(output_dir: Path, step: int) -> None:
@@ -104,6 +154,7 @@ class MetricsLogger:
         if config.metrics.wandb_mode != "disabled":
             import wandb
 
+            online = config.metrics.wandb_mode == "online"
             self.wandb = wandb.init(
                 project=config.metrics.wandb_project,
                 name=config.run_name,
@@ -112,19 +163,37 @@ class MetricsLogger:
                 config=config.model_dump(mode="json"),
                 id=wandb_id,  # a resumed run continues its W&B run
                 resume="allow",
+                # online: W&B's own lines name the run's page; offline: one line of ours says where it is
+                settings=wandb.Settings(quiet=True) if online else wandb.Settings(silent=True),
             )
+            if not online:
+                run_dir = Path(self.wandb.dir).parent
+                print(f"W&B offline run: {run_dir} (`wandb sync {run_dir}` uploads it)", flush=True)
         self.wandb_id = self.wandb.id if self.wandb is not None else None
         self.progress = None
-        if config.metrics.progress_bar:
-            from tqdm import tqdm
-
-            self.progress = tqdm(
-                total=total_steps, initial=start_step, desc=config.run_name, unit="step", dynamic_ncols=True
-            )
+        self.bar = (total_steps, start_step, config.run_name) if config.metrics.progress_bar else None
+        self.started = time.perf_counter()
+        self.evals: dict[str, dict[str, float]] = {}
         (output_dir / "config.yaml").write_text(dump(config))
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def phase(self, what: str) -> None:
+        """A start-up phase, one console line each (before the progress bar, whose rates count training only)."""
+        print(f"[{time.perf_counter() - self.started:6.1f}s] {what}", flush=True)
+
+    def begin_training(self) -> None:
+        """Start-up is over: from here the progress bar counts steps, its rate and ETA over training steps only."""
+        self.phase("training")
+        if self.bar is not None:
+            from tqdm import tqdm
+
+            total, initial, name = self.bar
+            self.progress = tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float], advance: bool = True) -> None:
+        """One metrics row; `advance` moves the progress bar (not for step 0's held-out baseline)."""
         row = {"step": step, **{k: _clean(v) for k, v in sorted(metrics.items())}}
+        if "eval/reward" in metrics:  # summary.json keeps each held-out evaluation's headline
+            self.evals[str(step)] = {k: metrics[k] for k in EVAL_SUMMARY_KEYS if k in metrics}
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
         if self.wandb is not None:
@@ -134,7 +203,7 @@ class MetricsLogger:
         )
         if self.progress is not None:
             self.progress.write(line)
-            self.progress.update(1)
+            self.progress.update(int(advance))
         else:
             print(line, flush=True)
 
@@ -150,13 +219,15 @@ class MetricsLogger:
             self.wandb.log({"samples": table}, step=step)
 
     def close(self, summary: dict[str, Any]) -> None:
+        if self.evals:
+            summary["eval"] = self.evals
         tmp = self.output_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=str))
         tmp.replace(self.output_dir / "summary.json")
+        if self.progress is not None:  # before W&B's closing lines, which would land inside the bar
+            self.progress.close()
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             self.wandb.finish()
-        if self.progress is not None:
-            self.progress.close()
         self.metrics_file.close()
         self.samples_file.close()

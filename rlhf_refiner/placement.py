@@ -28,6 +28,7 @@ from rlhf_refiner.buffer import Buffer
 from rlhf_refiner.config import Config
 from rlhf_refiner.generator import Generator
 from rlhf_refiner.learner import Learner
+from rlhf_refiner.metrics import ACTOR_LOG_DIR, actor_log_dir
 from rlhf_refiner.refiner import Refiner
 from rlhf_refiner.reward import WORKER_SOURCES, RewardWorker
 from rlhf_refiner.reward.model import RewardModel
@@ -322,6 +323,9 @@ def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
             "settings, or start nodes with the resources named in placement.node_resources"
         ) from None
 
+    log_dir = actor_log_dir(config)
+    env = {**ACTOR_ENV, **({ACTOR_LOG_DIR: log_dir} if log_dir else {})}
+
     def options(name: str, restartable: bool = False) -> dict[str, Any]:
         """Stateless stages (reward, refiner: frozen π0) are restarted by Ray, which retries their pending calls;
         the generator (it holds synced weights) is recreated by the loop; the learner is never restarted."""
@@ -333,7 +337,7 @@ def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
             "num_cpus": cpus,
             "num_gpus": gpus,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
-            "runtime_env": {"env_vars": ACTOR_ENV},
+            "runtime_env": {"env_vars": env},
             "max_restarts": restarts,
             "max_task_retries": restarts,
         }

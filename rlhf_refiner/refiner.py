@@ -22,6 +22,7 @@ import time
 from rlhf_refiner import engines
 from rlhf_refiner.config import RefinerConfig
 from rlhf_refiner.data import render_user_turn
+from rlhf_refiner.metrics import redirect_actor_output
 from rlhf_refiner.records import Refinement, Rollout, shard_slice
 from rlhf_refiner.reward.code_eval import last_group_span
 
@@ -121,6 +122,7 @@ def make_refinement(
 
 class Refiner:
     def __init__(self, model_path: str, config: RefinerConfig, dtype: str, seed: int) -> None:
+        redirect_actor_output()  # metrics.actor_output=file: into the run's logs/
         from transformers import AutoTokenizer
 
         self.config = config

@@ -1,7 +1,7 @@
 """Export a training checkpoint as an HF model dir (weights + config + tokenizer) that vLLM, transformers and TRL
 load by path. (`final/` is written this way at the end of every run; this is for the checkpoints in between.)
 
-    python scripts/export_hf.py RUN_DIR/checkpoints/step-00000040 --out exported/ [--base MODEL_PATH]
+    python scripts/export_hf.py RUN_DIR/checkpoints/step-00000080 --out exported/ [--base MODEL_PATH]
 
 The checkpoint is verified against its manifest first. Under ZeRO 1-3 the fp32 master weights are gathered from
 the optimizer shards (DeepSpeed's zero_to_fp32); under ZeRO 0 the module state is used as saved. `--base` (the
@@ -69,7 +69,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--base", default=None, help="model path the run started from (default: from summary.json)")
     args = parser.parse_args()
-    print(f"exported {args.checkpoint} to {export(args.checkpoint, args.out, args.base)}")
+    from rlhf_refiner.checkpoint import CorruptCheckpointError
+
+    try:
+        out = export(args.checkpoint, args.out, args.base)
+    except CorruptCheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"exported {args.checkpoint} to {out}")
 
 
 if __name__ == "__main__":

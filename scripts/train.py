@@ -8,12 +8,33 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="RL fine-tuning with an online refiner (dynamic constraints).")
-    parser.add_argument("--config", required=True, help="YAML config file, e.g. configs/quickstart.yaml")
+    from rlhf_refiner import config as config_lib  # pydantic and yaml only: --help stays fast
+
+    parser = argparse.ArgumentParser(
+        description="RL fine-tuning with an online refiner (dynamic constraints).",
+        epilog="Config keys (defaults); `--help-config SECTION` shows one section with full docs:\n\n"
+        + config_lib.describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file, e.g. configs/quickstart.yaml (required to train)")
+    parser.add_argument(
+        "--help-config",
+        nargs="?",
+        const="",
+        metavar="SECTION",
+        help="print the config keys with defaults and full docs, only SECTION's if given (e.g. algo, "
+        "generator.sampling), and exit",
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.steps=5")
     args = parser.parse_args(argv)
-
-    from rlhf_refiner import config as config_lib
+    if args.help_config is not None:
+        try:
+            print(config_lib.describe(args.help_config, full=True))
+        except config_lib.ConfigError as e:
+            parser.error(str(e))
+        return 0
+    if args.config is None:
+        parser.error("the following arguments are required: --config")
 
     try:
         config = config_lib.load(args.config, args.overrides)

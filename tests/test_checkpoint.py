@@ -170,3 +170,37 @@ def test_wandb_online_without_a_login_is_refused_before_anything_is_written(tmp_
     (tmp_path / ".netrc").chmod(0o600)
     check_wandb_login(online)  # `wandb login` wrote this
     check_wandb_login(load(None, ["metrics.wandb_mode=offline"]))
+
+
+def test_a_relative_output_dir_under_a_ray_job_working_dir_is_refused():
+    job = {checkpoint.RAY_JOB_ENV: json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}})}
+    with pytest.raises(checkpoint.ConfigError, match=r"trainer.output_dir 'runs/q' is relative.*/shared/runs/q"):
+        checkpoint.check_output_location("runs/q", job)
+    checkpoint.check_output_location("/shared/runs/q", job)  # absolute: outlives the job
+    checkpoint.check_output_location("runs/q", {})  # a plain `python scripts/train.py`: where it was started
+    no_working_dir = {checkpoint.RAY_JOB_ENV: json.dumps({"runtime_env": {}})}
+    checkpoint.check_output_location("runs/q", no_working_dir)  # a job run in place, without --working-dir
+
+
+def test_a_checkpoint_that_was_never_saved_is_named_with_the_ones_that_were(tmp_path):
+    _save(tmp_path, 2)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"step-00000040: no such checkpoint; saved here: "
+                       r"step-00000002 \(a run saves at its end, every trainer.save_every steps"):  # fmt: skip
+        checkpoint.verify(checkpoint.root(tmp_path) / "step-00000040")
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="holds none"):
+        checkpoint.verify(tmp_path / "elsewhere" / "checkpoints" / "step-00000040")
+
+
+def test_the_readmes_export_example_names_a_checkpoint_its_run_saves():
+    import re
+    from pathlib import Path
+
+    from rlhf_refiner.config import load
+
+    root = Path(__file__).resolve().parents[1]
+    line = next(x for x in (root / "README.md").read_text().splitlines() if x.startswith("python scripts/export_hf.py"))
+    run, step = re.search(r"export_hf\.py (runs/\w+)/checkpoints/step-(\d{8}) ", line).groups()
+    trainer = load(root / "configs" / f"{Path(run).name}.yaml").trainer
+    assert trainer.output_dir == run
+    saved = int(step) == trainer.steps or (trainer.save_every and int(step) % trainer.save_every == 0)
+    assert saved, f"README exports step {int(step)} of {run}, which saves only at step {trainer.steps}"

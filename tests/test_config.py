@@ -1,8 +1,11 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from rlhf_refiner import config as config_lib
 
@@ -23,6 +26,9 @@ def test_every_config_loads_and_opens_with_its_command(path):
         assert first_line.startswith(f"# bash scripts/reproduce_cpu.sh {own} "), first_line
         return
     assert first_line.startswith(launcher), first_line
+    if gpu:  # a job runs in Ray's temporary copy of --working-dir: its outputs go to an absolute path
+        first_line, _, output_dir = first_line.rpartition(" trainer.output_dir=")
+        assert output_dir.startswith("/"), output_dir
     assert first_line.endswith(f"python scripts/train.py --config {own}"), first_line
 
 
@@ -109,3 +115,94 @@ def test_deepspeed_keys_the_learner_owns_are_refused(key):
     factor would scale gradients twice under ZeRO-3: refused, naming the key and the fields to set instead."""
     with pytest.raises(config_lib.ConfigError, match=f"learner.deepspeed sets {key}.*learner.micro_batch_size"):
         config_lib.load(None, [f"learner.deepspeed={{{key}: 2}}"])
+
+
+def test_unknown_key_is_answered_with_the_closest_key(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match=r"algo\.kl_coeff: unknown key \(did you mean algo\.kl_coef\?\)"):
+        config_lib.load(None, ["algo.kl_coeff=1"])
+    nested = tmp_path / "nested.yaml"  # the loc is walked through nested sections, also from a file
+    nested.write_text("generator:\n  sampling:\n    tempreature: 0.5\n")
+    with pytest.raises(config_lib.ConfigError, match=r"\(did you mean generator\.sampling\.temperature\?\)"):
+        config_lib.load(nested)
+
+
+def test_unknown_section_is_answered_with_the_closest_section():
+    with pytest.raises(config_lib.ConfigError, match=r"\n  algoo: unknown key \(did you mean algo\?\)"):
+        config_lib.load(None, ["algoo.kl_coef=1"])
+
+
+def test_unknown_key_without_a_close_one_lists_the_sections_keys():
+    with pytest.raises(config_lib.ConfigError) as info:
+        config_lib.load(None, ["buffer.zzz=1"])
+    assert "buffer.zzz: unknown key (valid keys of buffer: max_staleness, capacity)" in str(info.value)
+
+
+def _leaf_keys(section, prefix=""):
+    for name, value in section:
+        if isinstance(value, BaseModel):
+            yield from _leaf_keys(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def test_describe_lists_every_key_with_its_default():
+    lines = [line.strip() for line in config_lib.describe().splitlines()]
+    defaults = config_lib.Config().model_dump(mode="json")
+    keys = list(_leaf_keys(config_lib.Config()))
+    assert len(keys) > 100
+    for key in keys:
+        shown = [line for line in lines if line.startswith(f"{key}: ")]
+        assert len(shown) == 1, key
+        rendered = shown[0].removeprefix(f"{key}: ").rsplit("  (", 1)[0]
+        default = defaults
+        for part in key.split("."):
+            default = default[part]
+        # the shown default is what one would write in YAML or an override: it parses back to the default
+        assert yaml.safe_load(rendered) == default, (key, rendered)
+    # the instance default of a nested section, not its class's: the refiner decodes greedily
+    assert "refiner.sampling.temperature: 0.0  (float, >=0)" in lines
+    assert "generator.sampling.temperature: 1.0  (float, >=0)" in lines
+    assert "learner.deepspeed: {zero_optimization: {stage: 0}}  (dict[str, Any])" in lines
+
+
+def test_describe_shows_docstrings_first_sentence_or_in_full():
+    brief, full = config_lib.describe("algo"), config_lib.describe("algo", full=True)
+    assert "Estimator of KL(π_θ‖π0) in the `static_kl` loss. …" in brief
+    assert "k1's expected gradient" not in brief and "k1's expected gradient" in full
+    assert "      β, weight of the KL to π0 (`static_kl`)." in brief.splitlines()
+    with pytest.raises(config_lib.ConfigError, match=r"unknown config section 'algo\.kl_coeff' \(did you mean"):
+        config_lib.describe("algo.kl_coeff")
+
+
+def _train(*args, python_flags=()):
+    cmd = [sys.executable, *python_flags, str(ROOT / "scripts/train.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_train_help_lists_the_config_tree_without_config_or_torch():
+    result = _train("--help", python_flags=("-X", "importtime"))  # stderr: one line per imported module
+    assert result.returncode == 0, result.stderr
+    assert "usage: train.py" in result.stdout and "--help-config" in result.stdout
+    assert "\nConfig keys (defaults)" in result.stdout
+    assert "  algo.kl_coef: 0.05  (float, >=0)\n" in result.stdout
+    assert "  generator.sampling.max_new_tokens: 16  (int, >=1)\n" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in result.stderr.splitlines()}
+    assert "yaml" in imported and not imported & {"torch", "ray", "vllm"}
+
+
+def test_train_help_config_prints_one_section():
+    result = _train("--help-config", "algo")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("[algo]\n") and "  algo.kl_coef: 0.05  (float, >=0)\n" in result.stdout
+    assert "k1's expected gradient" in result.stdout  # full docstrings
+    keys = [line.split(":")[0].strip() for line in result.stdout.splitlines() if re.match(r"  \S", line)]
+    assert "algo.tis_cap" in keys and not [key for key in keys if key.startswith("trainer.")]
+    assert "usage" not in result.stdout
+
+
+def test_train_help_config_refuses_an_unknown_section_and_train_needs_config():
+    result = _train("--help-config", "algoo")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "error: unknown config section 'algoo' (did you mean algo?)" in result.stderr
+    result = _train()
+    assert result.returncode == 2 and "the following arguments are required: --config" in result.stderr

@@ -99,3 +99,64 @@ def test_code_reward_needs_a_code_source_and_dataset_needs_a_path():
         load(None, ["data.source=apps", "reward.weights={code: 1.0}"])
     with pytest.raises(ValueError, match="reward.model.path is not set"):
         load(None, ["reward.weights={model: 1.0}", "data.source=prompt_collection", "data.path=x"])
+
+
+def test_held_out_problems_are_distinct_and_never_trained_on(tokenizer):
+    from rlhf_refiner.config import EvalConfig
+
+    data = DataConfig(prompts_per_step=2)
+    plain = PromptSource(data, TaskConfig(), tokenizer)
+    evaluated = PromptSource(data, TaskConfig(), tokenizer, EvalConfig(num_prompts=200))
+    held_out = {p.query for p in evaluated.held_out}
+    assert len(evaluated.held_out) == len(held_out) == 200
+    assert [p.prompt_id for p in evaluated.held_out] == list(range(200))
+    assert all(p.prompt_token_ids == tuple(pi0_prompt(tokenizer, p.query)) for p in evaluated.held_out[:3])
+    redrawn = 0
+    for index in range(3000):  # 3000 draws from 10,000 problems: ~60 would land on the 200 held out
+        before, after = plain.prompt(index, 0), evaluated.prompt(index, 0)
+        assert after.query not in held_out
+        if before.query in held_out:
+            redrawn += 1
+        else:  # the stream is otherwise the one a run without evaluation trains on
+            assert after == before
+    assert redrawn > 20
+    assert plain.held_out == []
+
+
+def pi0_prompt(tokenizer, query):
+    from rlhf_refiner.data import render_user_turn
+
+    return render_user_turn(tokenizer, query)
+
+
+def test_held_out_rows_come_from_another_split_never_the_training_files(tokenizer, tmp_path):
+    import shutil
+
+    from rlhf_refiner.config import ConfigError, EvalConfig
+
+    folder = tmp_path / "pc"
+    folder.mkdir()
+    parquet = FIXTURES / "prompt_collection" / "train-00000-of-00001.parquet"
+    shutil.copy(parquet, folder / "train-00000-of-00001.parquet")
+    data = DataConfig(prompts_per_step=2, source="prompt_collection", path=str(folder))
+    with pytest.raises(ConfigError, match="eval.split 'test': no file in .* starts with it"):
+        PromptSource(data, TaskConfig(), tokenizer, EvalConfig())
+    shutil.copy(parquet, folder / "test-00000-of-00001.parquet")
+    src = PromptSource(data, TaskConfig(), tokenizer, EvalConfig(num_prompts=3))
+    assert [p.prompt_id for p in src.held_out] == [0, 1, 2]  # a seeded sample of the 4 test rows, renumbered
+    assert src.stats["rows"] == 4  # training read only its own split
+    one_file = DataConfig(
+        prompts_per_step=2, source="prompt_collection", path=str(folder / "train-00000-of-00001.parquet")
+    )
+    with pytest.raises(ConfigError, match="give the held-out rows as eval.path"):
+        PromptSource(one_file, TaskConfig(), tokenizer, EvalConfig())
+    elsewhere = EvalConfig(path=str(folder / "test-00000-of-00001.parquet"), num_prompts=10)
+    assert len(PromptSource(one_file, TaskConfig(), tokenizer, elsewhere).held_out) == 4  # all, when fewer
+
+
+def test_held_out_share_of_a_small_task_is_capped():
+    from rlhf_refiner.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"eval.num_prompts \(200\) would hold out more than a quarter of the 100"):
+        load(None, ["task.digits=1", "trainer.eval_every=5"])
+    load(None, ["task.digits=1"])  # no evaluation, nothing held out

@@ -353,3 +353,49 @@ def test_recovery_stamps_the_weights_with_the_learners_own_version(monkeypatch):
     recovery = loop.Recovery(SimpleNamespace(learners=[learner], generators=[generator]), "model", config)
     assert recovery.run(rollouts_from_version_0) == "rollouts"
     assert recreated == [0] and synced == [1] and recovery.generator_restarts == 1
+
+
+def test_a_missing_model_dir_or_an_unreachable_hub_id_is_a_config_error(tmp_path, monkeypatch):
+    from rlhf_refiner.config import ConfigError
+    from rlhf_refiner.loop import resolve_model_path
+
+    with pytest.raises(ConfigError, match=f"model.path '{tmp_path}/absent' is not a directory"):
+        resolve_model_path(load(None, [f"model.path={tmp_path}/absent"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: as on a node without network
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # and an empty cache
+    with pytest.raises(ConfigError, match="model.path 'no-such-org/no-such-model' is not a local directory.*hub"):
+        resolve_model_path(load(None, ["model.path=no-such-org/no-such-model"]))
+
+
+def test_logged_samples_are_spread_over_prompts_with_the_refiners_edits_first():
+    from rlhf_refiner.metrics import spread_samples
+
+    # a step's rows come one prompt's G samples at a time; q1's second sample is the only edit
+    rows = [
+        {"query": q, "response": f"{q}{k}", "refined": f"{q}{k}" if (q, k) != ("q1", 1) else "fixed"}
+        for q in ("q0", "q1", "q2")
+        for k in range(3)
+    ]
+    picked = [(r["query"], r["response"]) for r in spread_samples(rows, 4)]
+    assert picked == [("q1", "q11"), ("q0", "q00"), ("q2", "q20"), ("q0", "q01")]
+    assert spread_samples(rows, 0) == []
+    no_refiner = [{**r, "refined": None} for r in rows]  # constraint=none: no a' at all
+    assert [r["query"] for r in spread_samples(no_refiner, 3)] == ["q0", "q1", "q2"]
+
+
+def test_start_up_is_its_own_phase_and_the_progress_bar_counts_training_only(tmp_path, capsys):
+    from rlhf_refiner.metrics import MetricsLogger
+
+    config = load(None, [f"trainer.output_dir={tmp_path}", "metrics.wandb_mode=disabled", "metrics.progress_bar=true"])
+    logger = MetricsLogger(config, tmp_path, total_steps=10, start_step=4)
+    logger.phase("starting the actors: learner-0")
+    assert logger.progress is None  # no bar (and no rate, no ETA) while the actors start
+    logger.begin_training()
+    assert (logger.progress.n, logger.progress.total) == (4, 10)  # a resumed run's bar starts at its checkpoint
+    logger.log(5, {"reward/mean": 0.5})
+    logger.close({"steps": 10})
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert lines[0].endswith("] starting the actors: learner-0") and lines[1].endswith("] training")
+    assert "step 5: reward 0.500" in out.out + out.err
+    assert "5/10" in out.err  # the bar: 4 restored steps plus the one trained

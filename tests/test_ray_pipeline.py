@@ -80,6 +80,9 @@ def _check_run(run_dir, summary, config, start_model: str, refiner: bool, requir
     start = AutoModelForCausalLM.from_pretrained(start_model)
     moved = sum((a - b).abs().sum().item() for a, b in zip(final.parameters(), start.parameters(), strict=True))
     assert moved > 0, f"{steps} learner steps left the policy unchanged"
+    # metrics.actor_output=file: each stage's own output (vLLM, DeepSpeed) is in the run's logs/, one file per actor
+    staged = [name for name in summary["nodes"] if name.startswith(("learner-", "generator-", "refiner-", "reward-"))]
+    assert staged and all((run_dir / "logs" / f"{name}.log").is_file() for name in staged), sorted(staged)
     return rows
 
 
@@ -272,9 +275,11 @@ def test_nonempty_output_dir_is_not_overwritten(tiny_pi0, tmp_path):
 
 def test_missing_model_path_is_named(tmp_path):
     from rlhf_refiner import loop
+    from rlhf_refiner.config import ConfigError
 
-    with pytest.raises(FileNotFoundError, match="does/not/exist"):
+    with pytest.raises(ConfigError, match="model.path './does/not/exist' is not a directory"):
         loop.run(_config(tmp_path, "./does/not/exist"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
@@ -583,9 +588,12 @@ def test_killed_reward_refiner_and_generator_recover_without_losing_samples(ray_
 
 def test_async_one_step_overlap_trains_on_one_version_old_rollouts(ray_cluster, tiny_pi0, tmp_path):
     """trainer.async_steps=1: step k's rollouts are made with version k-2 while step k-1 learns; the buffer
-    admits them at staleness 1 and the learner weights each token by its truncated importance ratio."""
+    admits them at staleness 1 and the learner weights each token by its truncated importance ratio. Held-out
+    evaluation runs beside it (π0 at step 0, then every 2 steps on the weights just synced), and
+    scripts/evaluate.py, with transformers instead of vLLM, scores π0 and final/ as the run did."""
     from rlhf_refiner import loop
 
+    held_out = ["trainer.eval_every=2", "eval.num_prompts=24"]
     config = _config(
         tmp_path,
         tiny_pi0,
@@ -594,10 +602,27 @@ def test_async_one_step_overlap_trains_on_one_version_old_rollouts(ray_cluster, 
         "algo.tis_cap=2.0",
         "trainer.steps=4",
         "metrics.wandb_mode=disabled",
+        *held_out,
         run="async",
     )
     summary = loop.run(config)
-    rows = _rows(tmp_path / "async")
+    evals = [r for r in _rows(tmp_path / "async") if "eval/reward" in r]
+    rows = [r for r in _rows(tmp_path / "async") if r["step"] > 0]
+    assert [r["step"] for r in evals] == [0, 2, 4] and sorted(summary["eval"]) == ["0", "2", "4"]
+    assert all(r["eval/prompts"] == 24 and 0.0 <= r["eval/accuracy"] <= 1.0 for r in evals)
+    assert "reward/mean" not in evals[0]  # step 0 is π0's baseline only
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import evaluate
+
+    pi0 = [tiny_pi0, "--config", "configs/quickstart.yaml", *held_out]  # a model dir: the task from --config
+    for args, row in ((pi0, evals[0]), ([str(tmp_path / "async")], evals[-1])):  # a run: its final/ and config
+        out = tmp_path / f"eval-{row['step']}.json"
+        assert evaluate.main([*args, "--out", str(out)]) == 0
+        offline = json.loads(out.read_text())
+        # the same prompts, template and scorer; greedy decoding by transformers instead of vLLM
+        assert offline["eval/prompts"] == 24
+        assert offline["eval/reward"] == pytest.approx(row["eval/reward"], abs=0.03), (args, offline, row)
+        assert offline["eval/response_tokens_mean"] == pytest.approx(row["eval/response_tokens_mean"], abs=0.25)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and summary["policy_version"] == 4
     assert [r["generator/policy_version"] for r in rows] == [0, 0, 1, 2]
     assert [r["learner/staleness"] for r in rows] == [0, 1, 1, 1]
@@ -647,7 +672,7 @@ def test_smollm2_config_runs_two_steps(ray_cluster, tmp_path):
 def test_ray_job_submit_against_a_local_head_with_token_auth(tiny_pi0, tmp_path):
     """What users do on a cluster: `ray start --head` (token auth on, as Ray 2.60 does), then `ray job submit
     --working-dir .` of the quickstart with RAY_AUTH_MODE=token on the client; the job succeeds and writes its
-    outputs. A client without the token is refused."""
+    outputs. A client without the token is refused, and so is a relative output dir (Ray's package dir)."""
     import os
     import shutil
     import tempfile
@@ -686,6 +711,11 @@ def test_ray_job_submit_against_a_local_head_with_token_auth(tiny_pi0, tmp_path)
             time.sleep(2)  # a bounded retry of a transient refusal, not synchronisation
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "succeeded" in done.stdout
+        # a relative output dir would land in Ray's temporary package dir: refused before anything starts
+        relative = [a if not a.startswith("trainer.output_dir=") else "trainer.output_dir=runs/job" for a in submit]
+        refused = subprocess.run(relative, env=env, capture_output=True, text=True, timeout=300)
+        assert refused.returncode != 0, refused.stdout[-3000:]
+        assert "trainer.output_dir 'runs/job' is relative" in refused.stdout + refused.stderr
     finally:
         process.terminate()
         process.wait(timeout=120)

@@ -1,7 +1,9 @@
 """Reward sources in the worker and the reward-model actor class: code (sandbox), HTTP endpoint, reward model,
-their weighted sum, and infrastructure errors that are flagged instead of scored."""
+user function, their weighted sum, and infrastructure errors that are flagged instead of scored."""
 
 import json
+import pickle
+import re
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,7 +13,7 @@ import pytest
 from conftest import build_tiny_reward_model
 
 from rlhf_refiner import pi0
-from rlhf_refiner.config import DataConfig, RewardConfig, RewardModelConfig, TaskConfig
+from rlhf_refiner.config import ConfigError, DataConfig, RewardConfig, RewardModelConfig, TaskConfig, load
 from rlhf_refiner.data import PromptSource
 from rlhf_refiner.records import Prompt, Rollout
 from rlhf_refiner.reward import RewardWorker, merge
@@ -138,3 +140,134 @@ def test_merge_keeps_every_scorers_error():
     assert [m.infra_error for m in merged] == [True, True]
     assert [m.error for m in merged] == ["http: timed out; code: sandbox did not start", "model: CUDA OOM"]
     assert merge([[Reward("c", 1.0, None)], [Reward("c", 1.0, None)]])[0].error is None
+
+
+FUNCTION = FIXTURES / "reward_function.py"
+
+
+def _function_config(name: str, weights: dict[str, float] | None = None) -> RewardConfig:
+    return RewardConfig(weights=weights or {"function": 1.0}, function=f"{FUNCTION}:{name}")
+
+
+def test_function_source_scores_numbers_and_dicts():
+    prompt = Prompt(0, "6*7=", (1,), "42", 0)
+    rollouts = [_rollout(prompt, "42"), _rollout(prompt, "41!", 1)]
+    rewards = RewardWorker(_function_config("exact"), TaskConfig()).score(rollouts)
+    # `exact`: "42" is the answer -> 1; "41!" is not -> -0.1 * 3 characters; a bare number reports no accuracy
+    assert [r.reward for r in rewards] == pytest.approx([1.0, -0.3])
+    assert [r.components for r in rewards] == [{"function": 1.0}, {"function": pytest.approx(-0.3)}]
+    assert [r.accuracy for r in rewards] == [None, None]
+    rewards = RewardWorker(_function_config("graded", {"function": 2.0}), TaskConfig()).score(rollouts)
+    # `graded`: weight 2 x score 1 (answer found) or 0.5; its accuracy; its other key as a part
+    assert [r.reward for r in rewards] == [2.0, 1.0]
+    assert [r.accuracy for r in rewards] == [1.0, 0.0]
+    assert rewards[1].components == {"function": 0.5, "function/length": 3.0}
+    assert not any(r.infra_error or r.error for r in rewards)
+
+
+@pytest.mark.parametrize("order", [("arithmetic", "function"), ("function", "arithmetic")])
+def test_function_source_sums_with_arithmetic_and_its_accuracy_wins(order):
+    prompt = Prompt(0, "100+134=", (1,), "432", 0)
+    rollouts = [_rollout(prompt, "432."), _rollout(prompt, "400", 1)]
+    weights = {"arithmetic": 1.0, "function": 0.5}
+    graded = RewardWorker(_function_config("graded", {k: weights[k] for k in order}), TaskConfig())
+    rewards = graded.score(rollouts)
+    # arithmetic: "432." -> digits 1 + flaw 0.05 for ".", not exact; "400" -> 1 of 3 digits. graded: 1; 0.5
+    assert [r.reward for r in rewards] == pytest.approx([1.05 + 0.5 * 1.0, 1 / 3 + 0.5 * 0.5])
+    assert rewards[0].components == {
+        "digits": 1.0,
+        "verbosity": pytest.approx(0.05),
+        "task/degenerate_rate": 1.0,
+        "function": 1.0,
+        "function/length": 4.0,
+    }
+    assert [r.accuracy for r in rewards] == [1.0, 0.0]  # the function's (laxer) verdict, not the rule's 0
+    exact = RewardWorker(_function_config("exact", {k: weights[k] for k in order}), TaskConfig())
+    rewards = exact.score(rollouts)
+    # exact: -0.1 * 4 and -0.1 * 3 characters; a bare number leaves the rule's accuracy alone
+    assert [r.reward for r in rewards] == pytest.approx([1.05 - 0.5 * 0.4, 1 / 3 - 0.5 * 0.3])
+    assert [r.accuracy for r in rewards] == [0.0, 0.0]
+
+
+def test_function_text_travels_with_the_config(tmp_path, monkeypatch):
+    file = tmp_path / "my_reward.py"
+    file.write_text("def fn(query, response, answer, sample_id):\n    return len(response)\n")
+    monkeypatch.chdir(tmp_path)  # a relative path starts at the working directory
+    config = RewardConfig(weights={"function": 1.0}, function="my_reward.py:fn")
+    assert config.model_dump()["function"] == "my_reward.py:fn" and "def fn" not in str(config.model_dump())
+    file.write_text("def fn(**kwargs):\n    return -1.0\n")  # edited after validation...
+    shipped = pickle.loads(pickle.dumps(config))  # ...what an actor on another node receives...
+    file.unlink()  # ...where the file does not exist
+    monkeypatch.chdir(FIXTURES)
+    (reward,) = RewardWorker(shipped, TaskConfig()).score([_rollout(Prompt(0, "q", (1,), None, 0), "abc")])
+    assert reward.reward == 3.0  # len("abc"), the validated text
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        ("as_text", ": the return value '1.0' is a str, not a number"),
+        ("no_score", ": returned a dict without 'score' (its keys: accuracy)"),
+        ("nan_part", ": 'confidence' is nan, not a finite number"),
+        ("broken", " raised KeyError: 'abc'"),
+    ],
+)
+def test_function_bugs_stop_the_run_naming_function_and_sample(name, error):
+    worker = RewardWorker(_function_config(name), TaskConfig())
+    prompt = Prompt(0, "q", (1,), "a", 0)
+    with pytest.raises((TypeError, ValueError, RuntimeError)) as raised:  # raised: not scored 0, not an infra error
+        worker.score([_rollout(prompt, "abc", 1)])
+    assert str(raised.value) == f"reward.function {FUNCTION}:{name} on sample 1-0-1{error}"
+
+
+def _line_of(text: str) -> int:
+    return FUNCTION.read_text().splitlines().index(text) + 1
+
+
+CALL = "(query=..., response=..., answer=..., sample_id=...)"
+
+
+@pytest.mark.parametrize(
+    ("function", "error"),
+    [
+        ("reward_function.py", "reward.function must be 'path/to/file.py:function_name', not 'reward_function.py'"),
+        ("reward_function:exact", "reward.function must be 'path/to/file.py:function_name', not 'reward_function:ex"),
+        ("reward_function.py:2x", "reward.function must be 'path/to/file.py:function_name', not 'reward_function.py"),
+        (
+            "missing.py:exact",
+            f"reward.function: file not found: missing.py (relative to the working directory {FIXTURES})",
+        ),
+        (
+            "reward_function.py:absent",
+            "reward.function: reward_function.py defines no top-level function 'absent' (its functions: exact, graded,",
+        ),
+        ("reward_function.py:_Verdict", "defines no top-level function '_Verdict'"),
+        (
+            "reward_function.py:narrow",
+            f"reward.function: reward_function.py:narrow (line {_line_of('def narrow(response, answer):')}) is called "
+            f"as narrow{CALL} but takes no query, sample_id; add them, or **kwargs",
+        ),
+        ("reward_function.py:wants_more", f"wants_more{CALL} but requires tokenizer"),
+        ("reward_function.py:later", f"later (line {_line_of('async def later(**kwargs):')}) is async"),
+    ],
+)
+def test_function_config_errors_name_the_field_and_file(function, error, monkeypatch):
+    monkeypatch.chdir(FIXTURES)
+    with pytest.raises(ValueError, match=re.escape(error)):
+        RewardConfig(weights={"function": 1.0}, function=function)
+
+
+def test_function_syntax_error_names_file_and_line(tmp_path):
+    file = tmp_path / "bad.py"
+    file.write_text("def fn(**kwargs):\n    return 1.0\n\nif fn\n")
+    overrides = ["reward.weights={function: 1.0}", f"reward.function={file}:fn"]
+    with pytest.raises(ConfigError, match=re.escape(f"reward: Value error, reward.function: {file}, line 4: syntax")):
+        load(overrides=overrides)
+
+
+def test_function_weight_and_path_go_together():
+    with pytest.raises(ConfigError, match=re.escape("reward.weights has 'function' but reward.function is not set")):
+        load(overrides=["reward.weights={function: 1.0}"])
+    with pytest.raises(ConfigError, match=re.escape("reward.function is set but reward.weights has no 'function'")):
+        load(overrides=[f"reward.function={FUNCTION}:exact"])
+    assert load(overrides=["reward.weights={function: 1.0}", f"reward.function={FUNCTION}:exact"]).reward.function

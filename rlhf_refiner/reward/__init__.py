@@ -1,11 +1,13 @@
-"""Rewards: RewardWorker scores responses from rule, code (sandboxed unit tests) and remote-HTTP sources;
-RewardModel (model.py) scores them with a reward model in its own actors; `merge` sums the two per sample.
+"""Rewards: RewardWorker scores responses from rule, code (sandboxed unit tests), remote-HTTP and user-function
+(function.py) sources; RewardModel (model.py) scores them with a reward model in its own actors; `merge` sums the
+two per sample.
 
 The reward is the weighted sum of the sources in `reward.weights`. A worker scores a shard of a step's rollouts
 (`shard` of `num_shards`), so several workers split one ObjectRef without the driver touching the data. An
 infrastructure failure (a sandbox that would not start, an endpoint that never answered) marks the `Reward`
 `infra_error`, with the failure's message in `error`: it is counted, and the learner gives the sample no policy
-gradient; it is never scored as 0.
+gradient; it is never scored as 0. A user function that raises or returns a non-number is a bug, not an
+infrastructure failure: the worker raises, naming the function and the sample.
 Workers never log; they return `Reward` records that the loop aggregates.
 """
 
@@ -14,12 +16,14 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from rlhf_refiner.config import RewardConfig, TaskConfig
+from rlhf_refiner.metrics import redirect_actor_output
 from rlhf_refiner.records import Refinement, Reward, Rollout, shard_slice
 from rlhf_refiner.reward import rules
 from rlhf_refiner.reward.code_eval import CodeResult, evaluate, reward_of
+from rlhf_refiner.reward.function import RewardFunction
 from rlhf_refiner.reward.sandbox import STATUSES, Sandbox
 
-WORKER_SOURCES = ("arithmetic", "code", "http", "format")  # `model` runs in RewardModel actors
+WORKER_SOURCES = ("arithmetic", "code", "http", "format", "function")  # `model` runs in RewardModel actors
 
 
 def shard_inputs(
@@ -62,17 +66,21 @@ def merge(parts: list[list[Reward]]) -> list[Reward]:
 
 class RewardWorker:
     def __init__(self, config: RewardConfig, task_config: TaskConfig) -> None:
+        redirect_actor_output()  # metrics.actor_output=file: into the run's logs/
         self.config = config
         self.task = task_config
         self.weights = {k: w for k, w in config.weights.items() if k in WORKER_SOURCES}
         self.sandbox = None
         self.http = None
+        self.function = None
         if "code" in self.weights:
             self.sandbox = Sandbox(config.code)  # fails closed here, at startup, without bubblewrap
         if "http" in self.weights:
             from rlhf_refiner.reward.model import HttpReward
 
             self.http = HttpReward(config.http)
+        if "function" in self.weights:
+            self.function = RewardFunction(config.function, config.function_source)
 
     def _code(self, rollouts: list[Rollout], responses: list[str]) -> list[CodeResult]:
         def one(item: tuple[Rollout, str]) -> CodeResult:
@@ -102,6 +110,7 @@ class RewardWorker:
         rewards = []
         for i, (rollout, response) in enumerate(zip(rollouts, responses)):
             total, accuracy, components, isolation = 0.0, None, {}, None
+            function_accuracy = None  # the user's "accuracy", when it returns one, wins over a rule's
             errors: list[str] = []  # "<source>: <message>" of each source that failed for infrastructure reasons
             for source, weight in self.weights.items():
                 if source == "arithmetic":
@@ -119,12 +128,17 @@ class RewardWorker:
                     accuracy, isolation = float(result.passed), result.isolation
                     components["code"] = value
                     components.update({f"code_status/{s}": float(result.status == s) for s in STATUSES})
+                elif source == "function":
+                    prompt = rollout.prompt
+                    value, function_accuracy, parts = self.function(prompt.query, response, prompt.answer, ids[i])
+                    components.update(parts)
                 else:  # http
                     if isinstance(http[i], str):
                         errors.append(f"http: {http[i]}")
                     value = 0.0 if isinstance(http[i], str) else http[i]
                     components["http"] = value
                 total += weight * value
+            accuracy = accuracy if function_accuracy is None else function_accuracy
             error = "; ".join(errors) if errors else None
             rewards.append(
                 Reward(ids[i], total, accuracy, components, rollout.policy_version, bool(errors), isolation, error)

@@ -15,11 +15,13 @@ import urllib.error
 import urllib.request
 
 from rlhf_refiner.config import HttpRewardConfig, RewardModelConfig
+from rlhf_refiner.metrics import redirect_actor_output
 from rlhf_refiner.records import Refinement, Reward, Rollout
 
 
 class RewardModel:
     def __init__(self, config: RewardModelConfig, weight: float, seed: int = 0) -> None:
+        redirect_actor_output()  # metrics.actor_output=file: into the run's logs/
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -43,6 +43,9 @@ RESUMABLE_CHANGES = (
     "ray.",
     "sync.timeout_s",
     "sync.verify",
+    "eval.temperature",  # how held-out responses are drawn; never which prompts training sees
+    "eval.samples_per_prompt",
+    "eval.max_new_tokens",
 )
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -58,40 +61,51 @@ def root(output_dir: Path) -> Path:
     return output_dir / "checkpoints"
 
 
-START_FILES = {"metrics.jsonl", "samples.jsonl", "config.yaml", "summary.json", "wandb", "checkpoints", "logs"}
+START_FILES = {
+    "metrics.jsonl",
+    "samples.jsonl",
+    "config.yaml",
+    "summary.json",
+    "wandb",
+    "checkpoints",
+    "logs",
+    "reward_function.py",
+}
+
+
+def _trained_row(line: str) -> bool:
+    """A metrics row of a training step (step 0 is the held-out baseline, before any training)."""
+    try:
+        return json.loads(line).get("step", 0) >= 1
+    except ValueError:
+        return False
 
 
 def trained_nothing(out: Path) -> bool:
     """Whether a run dir holds only a start that failed before its first step: nothing but the run's own files
     (`START_FILES`), no metrics row and no checkpoint. Such a dir may be started in again."""
     metrics = out / "metrics.jsonl"
-    has_rows = metrics.exists() and metrics.stat().st_size > 0
+    has_rows = metrics.exists() and any(_trained_row(line) for line in metrics.read_text().splitlines())
     has_checkpoint = root(out).exists() and any(root(out).iterdir())
     foreign = any(entry.name not in START_FILES for entry in out.iterdir())
     return not (has_rows or has_checkpoint or foreign)
 
 
-RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor in a `ray job submit` entrypoint
+RAY_PACKAGE_DIR = "working_dir_files"  # <session>/runtime_resources/working_dir_files/_ray_pkg_<hash>/
 
 
-def check_output_location(output_dir: str, environ: dict[str, str] | None = None) -> None:
-    """Refuse a relative output dir under `ray job submit --working-dir`: the job runs in Ray's temporary copy of
-    that dir, which Ray deletes with the session and hands, outputs and all, to the next identical submit (which
-    would then "resume" the old run). Outputs must go to storage that outlives the job."""
-    environ = os.environ if environ is None else environ
-    if os.path.isabs(os.path.expanduser(output_dir)) or RAY_JOB_ENV not in environ:
-        return
-    try:
-        runtime_env = json.loads(environ[RAY_JOB_ENV]).get("runtime_env") or {}
-    except (json.JSONDecodeError, AttributeError):
-        runtime_env = {}
-    if "working_dir" not in runtime_env:  # a job without --working-dir runs where it was started
+def check_output_location(output_dir: str) -> None:
+    """Refuse an output dir inside Ray's temporary copy of `ray job submit --working-dir`: Ray deletes it with the
+    session and hands it, outputs and all, to the next identical submit (which would then "resume" the old run).
+    Outputs must go to storage that outlives the job."""
+    resolved = Path(output_dir).expanduser().resolve()
+    if RAY_PACKAGE_DIR not in resolved.parts:
         return
     raise ConfigError(
-        f"trainer.output_dir '{output_dir}' is relative, and this `ray job submit` runs in Ray's temporary copy of "
-        f"--working-dir ({os.getcwd()}), which Ray deletes and reuses for the next identical submit; give a path "
-        f"that outlives the job, e.g. trainer.output_dir=/shared/runs/{Path(output_dir).name} (on a multi-node "
-        "cluster, storage that the driver and the learner share)"
+        f"trainer.output_dir '{output_dir}' resolves into Ray's temporary copy of --working-dir ({resolved}), "
+        "which Ray deletes and reuses for the next identical submit; give a path that outlives the job, e.g. "
+        f"trainer.output_dir=/shared/runs/{resolved.name} (on a multi-node cluster, storage that the driver and "
+        "the learner share)"
     )
 
 
@@ -233,9 +247,20 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def saved_config(config: Config) -> dict[str, Any]:
+    """The config as a checkpoint keeps it: its dump, and the hash of `reward.function`'s text (the dump holds only
+    its path), so that a resume after the file changed is a different experiment."""
+    tree = config.model_dump(mode="json")
+    source = config.reward.function_source
+    tree["reward"]["function_sha256"] = hashlib.sha256(source.encode()).hexdigest() if source is not None else None
+    return tree
+
+
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Every dotted field whose value differs between two dumped configs: {field: (old, new)}."""
-    before, after = _flat(old), _flat(new)
+    """Every dotted field whose value differs between two dumped configs: {field: (old, new)}. A field the old
+    dump lacks (a checkpoint from before the field existed) counts as its default."""
+    defaults = _flat(saved_config(Config()))
+    before, after = {**defaults, **_flat(old)}, _flat(new)
     keys = sorted(before.keys() | after.keys())
     return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)}
 
@@ -248,7 +273,7 @@ def check_resume_config(directory: Path, state: dict[str, Any], config: Config) 
     if "config" not in state:
         warnings.warn(f"{directory} holds no config to compare with (an older checkpoint): not checked", stacklevel=2)
         return {}
-    changes = config_changes(state["config"], config.model_dump(mode="json"))
+    changes = config_changes(state["config"], saved_config(config))
     refused = {k: v for k, v in changes.items() if not k.startswith(RESUMABLE_CHANGES)}
     if refused and not config.trainer.allow_config_change:
         lines = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())

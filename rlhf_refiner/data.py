@@ -221,11 +221,23 @@ class PromptSource:
     def _held_out(self, ev: EvalConfig) -> list[Prompt]:
         rng = random.Random(f"{ev.seed}-eval")
         if self.data.source == "arithmetic":
+            space = 10 ** (2 * self.task.digits)
+            if ev.num_prompts > space // 4:
+                raise ConfigError(
+                    f"eval.num_prompts ({ev.num_prompts}) would hold out more than a quarter of the {space} "
+                    f"problems of task.digits={self.task.digits}; lower it or raise task.digits"
+                )
             problems: dict[str, task.Problem] = {}
-            while len(problems) < ev.num_prompts:  # the config caps it at a quarter of the problems
+            while len(problems) < ev.num_prompts:
                 problem = task.make_problem(rng, self.task.digits, self.task.style)
                 problems.setdefault(problem.query, problem)
             return [self._arithmetic_prompt(i, p, 0) for i, p in enumerate(problems.values())]
+        local = Path(self.data.path).expanduser()
+        if local.is_dir() and not any(f.name.startswith(self.data.split) for f in local.iterdir()):
+            raise ConfigError(  # load_rows would train on every file, the held-out split's among them
+                f"data.split '{self.data.split}': no file in '{local}' starts with it, so training would read every "
+                "file, the held-out ones too; name the training files after data.split"
+            )
         held_out = held_out_data(self.data, ev)
         try:
             rows, label = load_rows(held_out)

@@ -65,14 +65,14 @@ def evaluate(actors: Actors, prompts: list[Prompt], step: int, config: Config) -
     deadline = config.ray.call_timeout_s
     params, n = sampling(config), config.eval.samples_per_prompt
     engines = len(actors.generators)
+    shards = [(i, prompts[shard_slice(len(prompts), i, engines)]) for i in range(engines)]
+    shards = [(i, shard) for i, shard in shards if shard]  # fewer held-out prompts than engines
     generated = [
-        generator.generate.options(num_returns=2).remote(
-            prompts[shard_slice(len(prompts), i, engines)], step, params, n, "eval-"
-        )
-        for i, generator in enumerate(actors.generators)
+        actors.generators[i].generate.options(num_returns=2).remote(shard, step, params, n, "eval-")
+        for i, shard in shards
     ]
     refs = [rollouts_ref for rollouts_ref, _ in generated]
-    names = [f"generator-{i}" for i in range(engines)]
+    names = [f"generator-{i}" for i, _ in shards]
     rollouts, _ = gather_stage(generated, names, "eval generate (generator-*)", "time/generate", deadline)
     reward_refs = [
         [scorer.score.remote(ref, i, len(group)) for ref in refs for i, scorer in enumerate(group)]

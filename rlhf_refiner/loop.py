@@ -259,11 +259,13 @@ def run(config: Config) -> dict[str, Any]:
     check_reloadable(model_path, config)  # bad input fails here, before any actor starts or file is written
     stages = ", ".join(placement.plan(config).actors)  # impossible GPU arithmetic fails here too
     check_wandb_login(config)  # and a missing W&B login
-    checkpoint.prepare_output_dir(output_dir, resume[1]["step"] if resume else None)
     from transformers import AutoTokenizer
 
     held_out = config.eval if config.trainer.eval_every else None  # the embedded task's are then never trained on
     source = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(model_path), held_out)
+    checkpoint.prepare_output_dir(output_dir, resume[1]["step"] if resume else None)  # the first write
+    if config.reward.function_source is not None:  # the text the workers run, beside the config naming its path
+        (output_dir / "reward_function.py").write_text(config.reward.function_source)
     summary: dict[str, Any] = {"model_path": model_path, "run_name": config.run_name}
     if source.stats:  # a real dataset: what was loaded, and every row dropped, by reason
         summary["data"] = source.stats
@@ -326,9 +328,9 @@ def run(config: Config) -> dict[str, Any]:
                 t_synced = time.perf_counter()
                 metrics.update(recovery.run(partial(sync_weights, actors, version, bucket_bytes, config)))
                 metrics["recovery/generator_restarts"] = recovery.generator_restarts
+                t3 = time.perf_counter()
                 if evaluation.due(step, config):  # held out, on the weights just synced (version `step`)
                     metrics.update(recovery.run(partial(evaluation.evaluate, actors, source.held_out, step, config)))
-                t3 = time.perf_counter()
                 sample_metrics, rows = step_metrics(samples)
                 metrics.update(sample_metrics)
                 metrics.update(wait([actors.buffer.metrics.remote()], "buffer", deadline)[0])

@@ -47,8 +47,12 @@ def redirect_actor_output() -> None:
     import ray
 
     name = ray.get_runtime_context().get_actor_name() or f"worker-{os.getpid()}"
-    Path(log_dir).mkdir(parents=True, exist_ok=True)
-    fd = os.open(Path(log_dir) / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        fd = os.open(Path(log_dir) / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as e:  # the output dir is not writable from this node: keep Ray's own log files
+        print(f"{name}: cannot write {log_dir} ({e}); output stays in Ray's worker logs", file=sys.stderr)
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
@@ -173,7 +177,11 @@ class MetricsLogger:
         self.progress = None
         self.bar = (total_steps, start_step, config.run_name) if config.metrics.progress_bar else None
         self.started = time.perf_counter()
-        self.evals: dict[str, dict[str, float]] = {}
+        self.evals: dict[str, dict[str, float]] = {}  # a resumed run's earlier evaluations too
+        for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)  # already cut back to the checkpoint's step, torn lines dropped
+            if "eval/reward" in row:
+                self.evals[str(row["step"])] = {k: row[k] for k in EVAL_SUMMARY_KEYS if k in row}
         (output_dir / "config.yaml").write_text(dump(config))
 
     def phase(self, what: str) -> None:

@@ -52,7 +52,7 @@ def save(
             "data": config.data.seed,
         },
         "wandb_id": wandb_id,
-        "config": config.model_dump(mode="json"),  # what a resume compares its own config with
+        "config": checkpoint.saved_config(config),  # what a resume compares its own config with
     }
     driver_state = {"buffer": buffer_state, "rollouts_ahead": ahead}
     return checkpoint.commit(tmp, state, driver_state, config.trainer.keep_checkpoints)

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         arms.setdefault(arm, []).append(rows)
-        horizons[run_dir] = (len({row["step"] for row in rows}), planned_steps)
+        horizons[run_dir] = (len({row["step"] for row in rows if row["step"] >= 1}), planned_steps)  # 0: eval baseline
     warning = horizon_warning(horizons, args.last)
     if warning:
         print(warning, file=sys.stderr)

@@ -33,37 +33,48 @@ def resolve(target: Path, config_path: str | None) -> tuple[Path, str | None]:
     raise SystemExit(f"error: {target} is neither a run dir with final/ nor an HF model dir (no config.json)")
 
 
-def generate(model, tokenizer, prompts, sampling, n: int, batch_size: int) -> list[tuple[int, list[int], bool]]:
-    """(prompt index, response token ids, finished) for n responses per prompt, left-padded batches."""
+def generate(model, tokenizer, prompts, sampling, n: int, batch_size: int, stop_ids: tuple[int, ...]):
+    """(prompt index, response token ids, finished) for n responses per prompt, in left-padded batches, decoded as
+    the generator's vLLM engine decodes: only these sampling settings (none of the model's generation_config.json
+    defaults, such as a repetition penalty), stopping on any of `stop_ids` or a stop string."""
     import torch
+    from transformers import GenerationConfig
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    greedy = sampling.temperature == 0
+    settings = GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else sampling.temperature,
+        top_p=None if greedy else sampling.top_p,
+        top_k=None,
+        pad_token_id=pad,
+        eos_token_id=list(stop_ids),
+        stop_strings=list(sampling.stop) or None,
+    )
     requests = [(i, list(p.prompt_token_ids)) for i, p in enumerate(prompts) for _ in range(n)]
     torch.manual_seed(sampling.seed)
     out = []
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
         width = max(len(ids) for _, ids in chunk)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in chunk])
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in chunk])
-        greedy = sampling.temperature == 0
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in chunk], device=model.device)
         with torch.no_grad():
             generated = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                max_new_tokens=sampling.max_new_tokens,
-                do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p,
-                top_k=None,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
+                input_ids=input_ids, attention_mask=mask, generation_config=settings, tokenizer=tokenizer
             )
         for (index, _), row in zip(chunk, generated[:, width:].tolist()):
-            finished = tokenizer.eos_token_id in row
-            ids = row[: row.index(tokenizer.eos_token_id) + 1] if finished else row  # with its EOS, as vLLM's
-            out.append((index, ids, finished))
+            ends = [k for k, token in enumerate(row) if token in stop_ids]
+            ids = row[: ends[0] + 1] if ends else [t for t in row if t != pad]  # with its end token, as vLLM's
+            out.append((index, ids, bool(ends)))
     return out
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """The text up to the first stop string (vLLM drops it from the output), and whether one was found."""
+    cuts = [text.index(s) for s in stop if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def score(config, rollouts):
@@ -86,22 +97,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML config (default: the run's config.yaml, else defaults)")
     parser.add_argument("--out", type=Path, default=None, help="where to write the metrics (run dir: RUN/eval.json)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.num_prompts=50")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
+    import yaml
 
     from rlhf_refiner import config as config_lib
 
     model_dir, config_path = resolve(args.target, args.config)
+    overrides = list(args.overrides)
+    saved_function = args.target / "reward_function.py"  # the text the run's workers ran, not today's file
+    if model_dir != args.target and saved_function.is_file():
+        spec = (yaml.safe_load(Path(config_path).read_text()).get("reward") or {}).get("function") or ""
+        name = spec.rpartition(":")[2]
+        overrides.insert(0, f"reward.function={saved_function}:{name}")
     try:
-        config = config_lib.load(config_path, args.overrides)
+        config = config_lib.load(config_path, overrides)
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if model_dir != args.target and config.data.source == "arithmetic" and not config.trainer.eval_every:
+        print(
+            f"warning: {args.target} trained with trainer.eval_every=0, so its training prompts were not kept apart "
+            "from these problems; the score is not a held-out one",
+            file=sys.stderr,
+        )
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_refiner.data import PromptSource
     from rlhf_refiner.evaluation import sampling, summarize
     from rlhf_refiner.records import Rollout
+    from rlhf_refiner.refiner import stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     try:
@@ -109,15 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, config.model.dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
     params = sampling(config)
-    outputs = generate(model, tokenizer, prompts, params, config.eval.samples_per_prompt, args.batch_size)
+    stop_ids = stop_token_ids(str(model_dir), tokenizer)
+    outputs = generate(model, tokenizer, prompts, params, config.eval.samples_per_prompt, args.batch_size, stop_ids)
     rollouts, seen = [], {}
     for index, ids, finished in outputs:
         k = seen[index] = seen.get(index, -1) + 1
         prompt = prompts[index]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        rollouts.append(Rollout(f"eval-{prompt.prompt_id}-{k}", prompt, text, tuple(ids), (), finished, 0))
+        text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text, stopped = cut_at_stop(text, list(params.stop))
+        rollouts.append(Rollout(f"eval-{prompt.prompt_id}-{k}", prompt, text, tuple(ids), (), finished or stopped, 0))
     metrics = {"model": str(model_dir), **summarize(rollouts, score(config, rollouts))}
     out = args.out or (args.target / "eval.json" if model_dir != args.target else None)
     text = json.dumps(metrics, indent=2)

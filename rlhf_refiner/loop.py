@@ -51,6 +51,7 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: stopping after this step, with a checkpoint (Ctrl-C again: at once)", flush=True)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -291,6 +292,7 @@ def run(config: Config) -> dict[str, Any]:
             version, restored_rollouts = run_state.restore(actors, source, resume[0], resume[1], config)
             sync_weights(actors, version, bucket_bytes, config)  # the generator samples from the restored weights
             summary["resumed_from"] = str(resume[0])
+            logger.phase(f"resumed from {resume[0]} (step {start_step})")
         recovery = Recovery(actors, model_path, config)
         logger.begin_training()
         if start_step == 0 and evaluation.due(0, config):  # the baseline: π0's own held-out score, as step 0

@@ -17,7 +17,9 @@ prefix π0 agrees with, which is again exactly what greedy decoding writes. Deco
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 
 from rlhf_refiner import engines
 from rlhf_refiner.config import RefinerConfig
@@ -120,6 +122,91 @@ def make_refinement(
     )
 
 
+def accepted_prefix(ranks: list[int], logprobs: list[float], gate_rank: int, gate_tau: float) -> int:
+    """Leading tokens of a that π0 keeps under the gate: each ranked within `gate_rank` by π0 (1: its argmax) or
+    given probability >= `gate_tau`, each given everything before it."""
+    floor = math.log(gate_tau)
+    for i, (rank, logprob) in enumerate(zip(ranks, logprobs)):
+        if rank > gate_rank and logprob < floor:
+            return i
+    return len(ranks)
+
+
+def rejoin_point(decoded: list[int], response: list[int], start: int, n: int) -> tuple[int, int] | None:
+    """Where π0's edit ends: the first i at which π0's decoded tokens end with n consecutive tokens of the rest of
+    a, `response[j-n:j]` with j - n >= start; then (i, j), and copying goes on from `response[j]`. None: π0 never
+    rejoined a (or n = 0: no rejoining)."""
+    if n <= 0:
+        return None
+    first: dict[tuple[int, ...], int] = {}
+    for j in range(start + n, len(response) + 1):
+        first.setdefault(tuple(response[j - n : j]), j)
+    for i in range(n, len(decoded) + 1):
+        j = first.get(tuple(decoded[i - n : i]))
+        if j is not None:
+            return i, j
+    return None
+
+
+def gated_copy(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    ends: list[int | None],
+    limit: int,
+    accept: Callable[[list[int], list[float]], int],
+    score: Callable[[list[list[int]], list[list[int]]], list[tuple[list[int], list[float], int]]],
+    decode: Callable[[list[list[int]], list[int]], list[tuple[list[int], bool]]],
+    stop_ids: tuple[int, ...],
+    rejoin: int,
+    rounds: int,
+) -> list[tuple[list[int], bool, bool]]:
+    """The gated copy (`refiner.mode=gated`), batched over samples: per sample (a' token ids, finished, copied).
+
+    Each round, one prefill of prompt + a' so far + the rest of a (and a's end token, when it had one) scores the
+    rest of a (`score`: ranks, log-probs); the tokens `accept` keeps are copied into a'. From the first token π0
+    rejects, π0 decodes greedily (`decode`), and once its output repeats `rejoin` consecutive tokens of the rest of
+    a, a' takes the decoded tokens up to there and copying resumes after them in the next round; the last round
+    keeps whatever π0 decodes. `copied`: a' is a without a decoded token. With `accept` = π0's argmax every kept
+    token is greedy decoding's, so a' is exactly what greedy decoding writes (tested)."""
+    outs: list[list[int]] = [[] for _ in prompts]
+    positions = [0] * len(prompts)
+    results: list[tuple[list[int], bool, bool] | None] = [None] * len(prompts)
+    decoded_any = [False] * len(prompts)
+    pending = list(range(len(prompts)))
+    for round_no in range(rounds):
+        tails = [responses[i][positions[i] :] + ([ends[i]] if ends[i] is not None else []) for i in pending]
+        scores = score([prompts[i] + outs[i] for i in pending], tails) if pending else []
+        to_decode = []
+        for i, (ranks, logprobs, _) in zip(pending, scores):
+            rest = len(responses[i]) - positions[i]
+            kept = accept(ranks, logprobs)
+            take = min(kept, rest, limit - len(outs[i]))
+            outs[i] += responses[i][positions[i] : positions[i] + take]
+            positions[i] += take
+            if len(outs[i]) >= limit:  # as greedy decoding stops at max_new_tokens, unfinished
+                results[i] = (outs[i], False, not decoded_any[i])
+            elif take == rest and kept > rest:  # all of a, and its end: π0 keeps a's ending
+                results[i] = (outs[i] + [ends[i]], True, not decoded_any[i])
+            else:
+                to_decode.append(i)
+        if not to_decode:
+            break
+        budgets = [limit - len(outs[i]) for i in to_decode]
+        decoded = decode([prompts[i] + outs[i] for i in to_decode], budgets)
+        pending = []
+        for i, (ids, finished) in zip(to_decode, decoded):
+            decoded_any[i] = True
+            content = ids[:-1] if finished and ids and ids[-1] in stop_ids else ids
+            joined = rejoin_point(content, responses[i], positions[i], rejoin) if round_no < rounds - 1 else None
+            if joined is None:
+                results[i] = (outs[i] + list(ids), finished, False)
+            else:
+                outs[i] += content[: joined[0]]
+                positions[i] = joined[1]
+                pending.append(i)
+    return results  # type: ignore[return-value]
+
+
 class Refiner:
     def __init__(self, model_path: str, config: RefinerConfig, dtype: str, seed: int) -> None:
         redirect_actor_output()  # metrics.actor_output=file: into the run's logs/
@@ -203,6 +290,38 @@ class Refiner:
         decoded_indices = {i for i, _ in resume}
         return outputs, [i not in decoded_indices for i in range(len(rollouts))]
 
+    def _complete_gated(self, prompts: list[list[int]], rollouts: list[Rollout]) -> tuple[list, list[bool]]:
+        """`refiner.mode=gated` (see `gated_copy`) on the engine: outputs as (text, finished), and which were
+        copies of a that needed no decoding."""
+        cfg, sampling = self.config, self.config.sampling
+        split = [split_end(r.response_token_ids, self.stop_ids) for r in rollouts]
+
+        def decode(prefixes: list[list[int]], budgets: list[int]) -> list[tuple[list[int], bool]]:
+            params = [
+                engines.sampling_params(sampling.model_copy(update={"max_new_tokens": b}), sampling.seed, False)
+                for b in budgets
+            ]
+            return [(list(c.token_ids), c.finished) for c in engines.complete(self.llm, prefixes, params)]
+
+        results = gated_copy(
+            prompts,
+            [list(content) for content, _ in split],
+            [end[0] if end else None for _, end in split],
+            sampling.max_new_tokens,
+            lambda ranks, logprobs: accepted_prefix(ranks, logprobs, cfg.gate_rank, cfg.gate_tau),
+            lambda prefixes, candidates: engines.continuation_scores(self.llm, prefixes, candidates),
+            decode,
+            self.stop_ids,
+            cfg.rejoin_tokens,
+            cfg.gate_rounds,
+        )
+        outputs = []
+        for rollout, (ids, finished, _) in zip(rollouts, results):
+            same = tuple(ids) == rollout.response_token_ids  # a itself: its own text, never a re-decoding of it
+            text = rollout.response if same else self.tokenizer.decode(ids, skip_special_tokens=True)
+            outputs.append((text, finished))
+        return outputs, [copied for _, _, copied in results]
+
     def _distinct(self, rollouts: list[Rollout]) -> tuple[list[Rollout], list[int]]:
         """The rollouts to send, and each rollout's index among them. A greedy π0 writes the same a' for the same
         (query, a), and the G samples of a prompt often agree, so each distinct pair is refined once (an exact
@@ -234,7 +353,9 @@ class Refiner:
         drafted0, accepted0 = engines.speculative_counters(self.llm) if self.llm is not None else (0, 0)
         started = time.perf_counter()
         verified = [False] * len(firsts)
-        if self.copy_verify:
+        if self.config.mode == "gated":
+            unique_outputs, verified = self._complete_gated(prompts, firsts)
+        elif self.copy_verify:
             unique_outputs, verified = self._complete_verified(prompts, firsts)
         else:
             unique_outputs = self._complete(prompts)

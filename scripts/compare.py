@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         arms.setdefault(arm, []).append(rows)
+        if (run_dir / "config_changes.jsonl").exists():  # trainer.allow_config_change: more than one experiment
+            print(f"warning: {run_dir} changed its config on a resume (config_changes.jsonl); it is drawn as its "
+                  f"last config's arm, '{arm}', though earlier steps ran under another", file=sys.stderr)  # fmt: skip
         horizons[run_dir] = (len({row["step"] for row in rows if row["step"] >= 1}), planned_steps)  # 0: eval baseline
     warning = horizon_warning(horizons, args.last)
     if warning:

@@ -283,8 +283,9 @@ def test_missing_model_path_is_named(tmp_path):
 
 
 def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
-    """Copy-verify (one prefill, decode only past the agreed prefix) gives the same a' as plain greedy decoding on
-    a mix of right, corrupted, empty and over-long responses, and skips decoding exactly for the copies.
+    """Copy-verify (one prefill, decode only past the agreed prefix) and the gated copy with its argmax gate give
+    the same a' as plain greedy decoding on a mix of right, corrupted, empty and over-long responses, and skip
+    decoding for the copies; a looser gate (τ = 0.05) keeps every copy.
     (The briefly trained test π0 rarely copies; the benchmark's refine_copy measures copies on the quickstart π0.)"""
     import dataclasses
     import random
@@ -322,6 +323,17 @@ def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
     copies = sum(not f.fallback and f.refined_token_ids == r.response_token_ids for f, r in zip(plain, rollouts))
     copies /= len(plain)
     assert verified_metrics["refiner/verified_copy_frac"] == copies
+    # refiner.mode=gated with the argmax gate: the same a' again, a copy of a without a decode step
+    refiner.config = refiner.config.model_copy(update={"mode": "gated"})
+    gated, gated_metrics = refiner.refine(rollouts)
+    assert [(f.refined, f.fallback) for f in gated] == [(f.refined, f.fallback) for f in plain]
+    assert gated_metrics["refiner/verified_copy_frac"] >= copies
+    # a looser gate keeps every copy greedy decoding keeps (each of its tokens, and its end, was π0's argmax)
+    refiner.config = refiner.config.model_copy(update={"gate_tau": 0.05})
+    loose, loose_metrics = refiner.refine(rollouts)
+    assert all(g.unchanged for f, g in zip(plain, loose) if f.unchanged)
+    assert loose_metrics["refiner/unchanged_frac"] >= gated_metrics["refiner/unchanged_frac"]
+    refiner.config = refiner.config.model_copy(update={"mode": "decode", "gate_tau": 1.0})
     shard, shard_metrics = refiner.refine(rollouts, 1, 3)  # engine 1 of 3: rollouts 10..19
     assert [f.sample_id for f in shard] == [r.sample_id for r in rollouts[10:20]]
     assert [f.refined for f in shard] == [f.refined for f in plain[10:20]]
@@ -715,7 +727,7 @@ def test_ray_job_submit_against_a_local_head_with_token_auth(tiny_pi0, tmp_path)
         relative = [a if not a.startswith("trainer.output_dir=") else "trainer.output_dir=runs/job" for a in submit]
         refused = subprocess.run(relative, env=env, capture_output=True, text=True, timeout=300)
         assert refused.returncode != 0, refused.stdout[-3000:]
-        assert "trainer.output_dir 'runs/job' is relative" in refused.stdout + refused.stderr
+        assert "trainer.output_dir 'runs/job' resolves into Ray's temporary copy" in refused.stdout + refused.stderr
     finally:
         process.terminate()
         process.wait(timeout=120)

@@ -322,3 +322,118 @@ def test_a_match_whose_group_took_no_part_is_no_match():
     pattern = r"<a>(.*?)</a>|zzz"
     assert extract_refined("<a>1</a>", True, pattern, response="zzz") == ("1", False)  # a has no program: bare
     assert extract_refined("zzz", True, pattern, response="so <a>63</a>") is None  # π0 wrote none: fallback
+
+
+# ---- the gated copy (refiner.mode=gated) on a bigram stand-in for π0 -------------------------------------------
+END = 0  # the stand-in's stop token
+
+
+class BigramPi0:
+    """π0 as a next-token table on the last token: `score` and `decode` with the contract of the engine calls."""
+
+    def __init__(self, table: dict[int, dict[int, float]]):
+        self.table = table
+        self.decoded_tokens = 0
+
+    def _dist(self, prefix):
+        return self.table[prefix[-1]]
+
+    def _rank(self, dist, token):
+        return 1 + sum(p > dist.get(token, 0.0) for p in dist.values())
+
+    def score(self, prefixes, candidates):
+        import math
+
+        out = []
+        for prefix, candidate in zip(prefixes, candidates):
+            seq, ranks, logprobs = list(prefix), [], []
+            for token in candidate:
+                dist = self._dist(seq)
+                ranks.append(self._rank(dist, token))
+                logprobs.append(math.log(dist.get(token, 1e-12)))
+                seq.append(token)
+            dist = self._dist(seq)
+            out.append((ranks, logprobs, max(dist, key=dist.get)))
+        return out
+
+    def decode(self, prefixes, budgets):
+        out = []
+        for prefix, budget in zip(prefixes, budgets):
+            seq, ids = list(prefix), []
+            while len(ids) < budget and (not ids or ids[-1] != END):
+                dist = self._dist(seq)
+                ids.append(max(dist, key=dist.get))
+                seq.append(ids[-1])
+                self.decoded_tokens += 1
+            out.append((ids, ids[-1] == END))
+        return out
+
+
+def _gated(pi0, prompts, responses, ends, limit=8, rank=1, tau=1.0, rejoin=2, rounds=4):
+    def accept(ranks, logprobs):
+        return refiner.accepted_prefix(ranks, logprobs, rank, tau)
+
+    return refiner.gated_copy(prompts, responses, ends, limit, accept, pi0.score, pi0.decode, (END,), rejoin, rounds)
+
+
+def test_gated_copy_with_the_argmax_gate_writes_exactly_greedy_decoding():
+    import random
+
+    rng = random.Random(0)
+    vocab = list(range(7))  # 0 is the end token
+    for trial in range(40):  # random π0s, and responses that are copies, edits, truncations and empty
+        table = {}
+        for token in vocab:
+            weights = [rng.random() ** 3 for _ in vocab]
+            table[token] = {t: w / sum(weights) for t, w in zip(vocab, weights)}
+        pi0 = BigramPi0(table)
+        prompts, responses, ends = [], [], []
+        for _ in range(12):
+            prompt = [rng.randrange(1, 7)]
+            greedy, finished = pi0.decode([prompt], [8])[0]
+            content = greedy[:-1] if finished else list(greedy)
+            kind = rng.randrange(4)
+            if kind == 1 and content:
+                content[rng.randrange(len(content))] = rng.randrange(1, 7)
+            elif kind == 2:
+                content = [rng.randrange(1, 7) for _ in range(rng.randrange(0, 10))]
+            prompts.append(prompt)
+            responses.append(content[:9])
+            ends.append(END if rng.random() < 0.8 else None)
+        expected = pi0.decode(prompts, [8] * len(prompts))
+        got = _gated(pi0, prompts, responses, ends)
+        assert [(ids, fin) for ids, fin, _ in got] == [(list(ids), fin) for ids, fin in expected], trial
+
+
+def test_gated_copy_keeps_what_pi0_accepts_and_rejoins_after_an_edit():
+    # a = 1 2 3 4 5 <end>. π0 finds 2 -> 3 implausible (0.01) and would write 2 -> 6 -> 4, then 4 -> 5; after 5 it
+    # prefers 1 (0.5) but gives a's end 0.3.
+    table = {
+        9: {1: 0.9, 0: 0.1},
+        1: {2: 0.9, 0: 0.1},
+        2: {6: 0.9, 3: 0.01, 0: 0.09},
+        3: {4: 0.9, 0: 0.1},
+        4: {5: 0.9, 0: 0.1},
+        5: {1: 0.5, 0: 0.3, 4: 0.2},
+        6: {4: 0.9, 0: 0.1},
+        0: {0: 1.0},  # after the end (scored, never decoded)
+    }
+    pi0 = BigramPi0(table)
+    a = [1, 2, 3, 4, 5]
+    gated = _gated(pi0, [[9]], [a], [END], limit=12, tau=0.05)
+    assert gated == [([1, 2, 6, 4, 5, END], True, False)]  # one substitution; a's end kept (0.3 >= tau)
+    assert edit_distance(tuple(a), (1, 2, 6, 4, 5)) == 1
+    no_rejoin = _gated(pi0, [[9]], [a], [END], limit=12, tau=0.05, rejoin=0)[0][0]
+    assert edit_distance(tuple(a), tuple(no_rejoin[:-1])) > 1  # π0 rewrites everything after its first edit
+    pi0.decoded_tokens = 0
+    copy = _gated(pi0, [[9]], [[1, 2, 6, 4, 5]], [END], limit=12, tau=0.05)
+    assert copy == [([1, 2, 6, 4, 5, END], True, True)] and pi0.decoded_tokens == 0  # a copy costs one prefill
+    assert _gated(pi0, [[9]], [a], [END], limit=3, tau=0.05) == [([1, 2, 6], False, False)]  # max_new_tokens holds
+
+
+def test_gated_mode_is_refused_where_it_cannot_run():
+    from rlhf_refiner.config import ConfigError
+
+    for bad in ("refiner.sampling.temperature=0.7", "refiner.base_url=http://x:8000/v1", "refiner.sampling.stop=[x]"):
+        with pytest.raises(ConfigError, match="refiner.mode=gated scores a with the refiner's own engine"):
+            load(None, ["refiner.mode=gated", bad])

@@ -140,6 +140,9 @@ def test_compare_warns_when_the_runs_have_different_horizons(tmp_path):
     same = _run_dir(tmp_path, "same", "dynamic", [0.3] * 8, trainer_steps=8)
     result = _compare(str(long), str(same), "--out", str(tmp_path / "h.png"))
     assert result.returncode == 0 and "warning" not in result.stderr
+    (same / "config_changes.jsonl").write_text('{"step": 4, "changes": {"algo.constraint": ["none", "dynamic"]}}\n')
+    result = _compare(str(long), str(same), "--out", str(tmp_path / "i.png"))
+    assert f"warning: {same} changed its config on a resume" in result.stderr  # one run, two experiments
 
 
 @pytest.mark.parametrize("script", ["compare.py", "train.py"])

@@ -180,7 +180,7 @@ def test_benchmarks_quick_runs_every_figure(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     figures = {f["name"]: f for f in map(json.loads, done.stdout.splitlines())}
-    expected = {"refine_copy", "refine_mixed", "dynamic_overhead", "orchestration", "sync", "vs_trl",
+    expected = {"refine_copy", "refine_mixed", "refine_gate", "dynamic_overhead", "orchestration", "sync", "vs_trl",
                 "vs_trl_dynamic", "sandbox"}  # fmt: skip
     assert set(figures) == expected
     assert all(f["value"] is None or f["value"] > -1 for f in figures.values())

@@ -488,6 +488,15 @@ class LearnerConfig(_Strict):
     `offload_param` to CPU), `bf16`, ...; batch sizes and gradient clipping are filled in from this section."""
     torch_threads: int = Field(1, ge=1)
     """torch intra-op threads in the learner process (CPU)."""
+    length_groups: int = Field(4, ge=1)
+    """Each forward pass runs its rows in up to this many groups of similar length, each padded only to its own
+    longest row (the split of the length-sorted rows that pads the fewest tokens); 1: one batch padded to the
+    longest. Logits are computed only from the first position any row of a group has a target."""
+    shared_prompts: bool = True
+    """Each distinct prompt of a forward pass runs once, and its rows (its G responses, their refinements)
+    continue from its key/value cache, so a prompt's tokens cost one forward, not one per row; `length_groups`
+    then groups the responses. Off under `gradient_checkpointing` (HF drops the cache there) and for models whose
+    forward takes no `logits_to_keep`."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (HF gradient checkpointing): less memory, ~1/3 more compute."""
     peak_tflops: float | None = Field(None, gt=0)

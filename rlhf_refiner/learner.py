@@ -10,8 +10,10 @@ to the sampled response reuse the policy forward pass, so the dynamic constraint
 the responses the refiner changed; under `static_kl`/`none` the CE is a monitor, computed without autograd.
 Every term is normalised by the whole update's counts (all micro-batches, all ranks, `algo.Normaliser`), and
 the backward undoes DeepSpeed's averaging over accumulation steps and ranks, so an update's gradient is the same
-however it is split. Log-probs and entropy are computed in vocabulary blocks (algo.token_logprobs). π0 (the
-reference) is loaded only when the KL is in the loss or `algo.log_kl_to_ref` asks for the metric.
+however it is split. Log-probs and entropy are computed in vocabulary blocks (algo.token_logprobs), from a
+forward that runs each distinct prompt once (its rows continue from its key/value cache) and the rest in length
+groups, with logits only where a target is. π0 (the reference) is loaded only when the KL is in the loss or
+`algo.log_kl_to_ref` asks for the metric.
 The only module that touches DeepSpeed.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 import shutil
 import time
@@ -60,6 +63,7 @@ class _Rows:
     policy_rows: int  # the first B rows are the policy's sequences
     refined_index: list[int]  # row of each refined sequence (a policy row when a' == a); empty without refiner
     ce_mask: torch.Tensor  # (R, T-1): the CE's tokens, refined row by refined row; all 0 for a refiner fallback
+    prompt_lengths: list[int]  # each row's prompt tokens (its response starts there)
 
     def to(self, device: torch.device) -> _Rows:
         return _Rows(
@@ -69,6 +73,19 @@ class _Rows:
             self.policy_rows,
             self.refined_index,
             self.ce_mask.to(device),
+            self.prompt_lengths,
+        )
+
+    def head(self, rows: int) -> _Rows:
+        """The first `rows` rows alone (the policy's), without refined rows or CE."""
+        return _Rows(
+            self.input_ids[:rows],
+            self.attention_mask[:rows],
+            self.target_mask[:rows],
+            rows,
+            [],
+            self.ce_mask[:0],
+            self.prompt_lengths[:rows],
         )
 
 
@@ -107,7 +124,7 @@ def build_rows(samples: list[Sample], pad_id: int, with_refined: bool, refined_o
             )
         rows = _pad(sequences, pad_id)
         ce = torch.stack([rows[2][i] * (not s.refinement.fallback) for i, s in enumerate(samples)])
-        return _Rows(rows[0], rows[1], rows[2], 0, list(range(len(samples))), ce)
+        return _Rows(rows[0], rows[1], rows[2], 0, list(range(len(samples))), ce, [n for _, n in sequences])
     for s in samples:
         sequences.append(
             (s.rollout.prompt.prompt_token_ids + s.rollout.response_token_ids, len(s.rollout.prompt.prompt_token_ids))
@@ -127,7 +144,58 @@ def build_rows(samples: list[Sample], pad_id: int, with_refined: bool, refined_o
     # leaves the CE and its normaliser, while its policy row keeps its RL targets.
     ce_rows = [target[row] * (not s.refinement.fallback) for row, s in zip(refined_index, samples)]
     ce_mask = torch.stack(ce_rows) if ce_rows else target[:0]
-    return _Rows(input_ids, attention, target, len(samples), refined_index, ce_mask)
+    return _Rows(input_ids, attention, target, len(samples), refined_index, ce_mask, [n for _, n in sequences])
+
+
+def target_starts(target_mask: torch.Tensor) -> list[int]:
+    """Each row's first target position (where the logits predict its first response token); a row without
+    targets gets its last position."""
+    has = target_mask > 0
+    first = has.float().argmax(-1)
+    last = torch.full_like(first, target_mask.shape[1] - 1)
+    return torch.where(has.any(-1), first, last).tolist()
+
+
+def length_groups(lengths: list[int], max_groups: int, exact: bool = False) -> list[list[int]]:
+    """Rows (by index) split into at most `max_groups` groups, each to be padded to its own longest row: of the
+    splits of the rows sorted by length, the one with the fewest padded tokens (Σ over groups of rows × longest),
+    by dynamic programming over the distinct lengths. `exact`: exactly min(max_groups, rows) groups (the largest
+    split in halves, which pads no more). Each group lists its rows in increasing index order."""
+    widths = sorted(set(lengths))
+    count = [0]  # count[j]: rows no longer than widths[j - 1]
+    for width in widths:
+        count.append(count[-1] + lengths.count(width))
+    k = min(max_groups, len(widths))
+    inf = float("inf")
+    # cost[g][j]: fewest padded tokens for the rows of the j shortest widths in g groups; cut[g][j]: where the
+    # last of those groups starts
+    cost = [[0.0] + [inf] * len(widths)] + [[inf] * (len(widths) + 1) for _ in range(k)]
+    cut = [[0] * (len(widths) + 1) for _ in range(k + 1)]
+    for g in range(1, k + 1):
+        for j in range(1, len(widths) + 1):
+            for i in range(g - 1, j):
+                value = cost[g - 1][i] + (count[j] - count[i]) * widths[j - 1]
+                if value < cost[g][j]:
+                    cost[g][j], cut[g][j] = value, i
+    best = min(range(1, k + 1), key=lambda g: (cost[g][len(widths)], g))
+    bounds, j = [], len(widths)
+    for g in range(best, 0, -1):  # the last group covers widths[cut:j]
+        bounds.append((widths[cut[g][j]], widths[j - 1]))
+        j = cut[g][j]
+    groups = [[i for i, n in enumerate(lengths) if low <= n <= high] for low, high in bounds]
+    if exact:
+        while len(groups) < min(max_groups, len(lengths)):
+            largest = max(groups, key=len)
+            groups.remove(largest)
+            groups += [largest[: len(largest) // 2], largest[len(largest) // 2 :]]
+    return groups
+
+
+def at_columns(values: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
+    """(n, width) rows holding values[r, j] at column columns[r, j] and 0 elsewhere (differentiable in `values`);
+    columns may run past `width` (a short row's padding), where values are dropped."""
+    spread = torch.zeros(values.shape[0], width + values.shape[1], dtype=values.dtype, device=values.device)
+    return spread.scatter(1, columns, values)[:, :width]
 
 
 def rank_share(samples: list[Sample], updates: int, rank: int, world_size: int) -> list[Sample]:
@@ -288,17 +356,135 @@ class Learner:
         # log-probs likewise; greedy (T = 0) reports plain log-probs. (top_p < 1 is refused in config.)
         self.temperature = config.generator.sampling.temperature or 1.0
         self.zero_stage = self.engine.zero_optimization_stage()
+        # HF causal LMs compute logits only for the last k positions when asked (not the prompt's)
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # HF turns the key/value cache off under gradient checkpointing, and the shared pass needs it
+        self.shares_prompts = (
+            config.learner.shared_prompts and self.keeps_logits and not config.learner.gradient_checkpointing
+        )
         self.ref_model = None
         if config.algo.constraint == "static_kl" or config.algo.log_kl_to_ref:  # every rank: π0 on its own rows
             self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False)
             self.ref_model.to(self.engine.device)
 
     # ---- training -------------------------------------------------------------------------------------------
-    def _logprobs(self, model, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs (N, T-1) of each next token at the sampling temperature, and the logits (N, T, V): the PPO
-        ratio, the CE on a', the entropy and the KL to π0 (π0 tempered alike) all see the sampled π_θ."""
-        logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits  # (N, T, V)
-        return algo.token_logprobs(logits, rows.input_ids[:, 1:], self.temperature), logits
+    def _forward(
+        self, model, rows: _Rows, entropy_rows: int = 0, groups: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (N, T-1) of each next token at the sampling temperature, and the entropy (entropy_rows, T-1)
+        of the first `entropy_rows` rows (None for 0): the PPO ratio, the CE on a', the entropy and the KL to π0
+        (π0 tempered alike) all see the sampled π_θ. Positions that are no row's target are 0.
+        With `learner.shared_prompts`, each distinct prompt runs once and its rows continue from its key/value
+        cache; the rest of each row runs in `length_groups` (default `learner.length_groups`; exactly that many
+        under ZeRO-3, where every forward is a collective), each cut to its own longest and scored from its
+        first target position on."""
+        device = rows.input_ids.device
+        width = rows.input_ids.shape[1]
+        lengths = rows.attention_mask.sum(-1).tolist()
+        out = torch.zeros(len(lengths), width - 1, device=device)
+        entropy = torch.zeros(entropy_rows, width - 1, device=device) if entropy_rows else None
+        exact = self.zero_stage == 3 and model is self.engine
+        max_groups = groups or self.config.learner.length_groups
+        if exact and rows.policy_rows:  # as many forwards on every rank: its policy rows (not its a') count
+            max_groups = min(max_groups, rows.policy_rows)
+        if self.shares_prompts:
+            self._shared_prompt_forward(model, rows, lengths, out, entropy, max_groups, exact)
+            return out, entropy
+        starts = target_starts(rows.target_mask)
+        for group in length_groups(lengths, max_groups, exact=exact):
+            index = torch.tensor(group, device=device)
+            end = max(lengths[i] for i in group)
+            start = min(starts[i] for i in group) if self.keeps_logits else 0
+            kwargs = {"logits_to_keep": end - start} if self.keeps_logits else {}
+            ids = rows.input_ids[index, :end]
+            logits = model(input_ids=ids, attention_mask=rows.attention_mask[index, :end], **kwargs).logits
+            out[index, start : end - 1] = algo.token_logprobs(logits, ids[:, start + 1 :], self.temperature)
+            scored = sum(i < entropy_rows for i in group)  # groups list their rows in order: these come first
+            if scored:
+                entropy[index[:scored], start : end - 1] = algo.entropy_from_logits(
+                    logits[:scored], end - 1 - start, self.temperature
+                )
+            del logits  # token_logprobs keeps what its backward needs
+        return out, entropy
+
+    def _shared_prompt_forward(
+        self,
+        model,
+        rows: _Rows,
+        lengths: list[int],
+        out: torch.Tensor,
+        entropy: torch.Tensor | None,
+        max_groups: int,
+        exact: bool,
+    ) -> None:
+        """`_forward` with one pass over the distinct prompts (left-padded, so each one's last token is the last
+        column), whose key/value cache each row's response then extends. A row's first response token is scored
+        from its prompt's last logits, the rest from its own; both scatter into `out` at the row's positions."""
+        from transformers import DynamicCache
+
+        device, temperature = rows.input_ids.device, self.temperature
+        ids = rows.input_ids.tolist()
+        prompts: dict[tuple[int, ...], int] = {}
+        owner = [prompts.setdefault(tuple(ids[i][:n]), len(prompts)) for i, n in enumerate(rows.prompt_lengths)]
+        longest = max(len(p) for p in prompts)
+        prompt_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for prompt, j in prompts.items():
+            prompt_ids[j, longest - len(prompt) :] = torch.tensor(prompt)
+            prompt_mask[j, longest - len(prompt) :] = 1
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        first = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = [(layer.keys, layer.values) for layer in first.past_key_values.layers]
+        model_config = getattr(model, "module", model).config  # the DeepSpeed engine wraps the HF model
+        last_logits = first.logits  # (P, 1, V): each prompt's prediction of its rows' first response token
+        del first
+        width = out.shape[1]
+        responses = [n - p for n, p in zip(lengths, rows.prompt_lengths)]
+        for group in length_groups(responses, max_groups, exact=exact):
+            index = torch.tensor(group, device=device)
+            own = torch.tensor([owner[i] for i in group], device=device)
+            span = max(1, max(responses[i] for i in group))  # a forward even for empty responses (ZeRO-3 counts)
+            response_ids = torch.full((len(group), span), self.pad_id, dtype=torch.long)
+            response_mask = torch.zeros((len(group), span))
+            for r, i in enumerate(group):
+                p = rows.prompt_lengths[i]
+                response_ids[r, : responses[i]] = torch.tensor(ids[i][p : p + responses[i]], dtype=torch.long)
+                response_mask[r, : responses[i]] = 1.0
+            response_ids, response_mask = response_ids.to(device), response_mask.to(device)
+            starts = torch.tensor([rows.prompt_lengths[i] for i in group], device=device)
+            logits = model(
+                input_ids=response_ids,
+                attention_mask=torch.cat([prompt_mask[own], response_mask.long()], -1),
+                position_ids=starts[:, None] + torch.arange(span, device=device),
+                past_key_values=DynamicCache([(k[own], v[own]) for k, v in cache], config=model_config),
+                use_cache=True,
+            ).logits  # (g, span, V)
+            # response token j of row i sits at position p_i + j and is predicted at p_i + j - 1
+            columns = starts[:, None] - 1 + torch.arange(span, device=device)
+
+            head = last_logits[own]
+            logprobs = torch.cat(
+                [
+                    algo.token_logprobs(head, response_ids[:, :1], temperature),
+                    algo.token_logprobs(logits, response_ids[:, 1:], temperature),
+                ],
+                -1,
+            )
+            out[index] = at_columns(logprobs * response_mask, columns, width)
+            scored = sum(i < (0 if entropy is None else len(entropy)) for i in group)  # listed first (in order)
+            if scored:
+                parts = [algo.entropy_from_logits(head[:scored], 1, temperature)]
+                if span > 1:
+                    parts.append(algo.entropy_from_logits(logits[:scored], span - 1, temperature))
+                values = torch.cat(parts, -1) * response_mask[:scored]
+                entropy[index[:scored]] = at_columns(values, columns[:scored], width)
+            del logits, head
 
     def _micro_step(
         self, samples: list[Sample], old_logprobs: torch.Tensor | None, norm: algo.Normaliser, kl_metric: bool
@@ -310,8 +496,8 @@ class Learner:
         dynamic = cfg.constraint == "dynamic"
         device = self.engine.device
         rows = build_rows(samples, self.pad_id, with_refined=dynamic).to(device)
-        logprobs, logits = self._logprobs(self.engine, rows)  # (N, T-1)
         B = rows.policy_rows
+        logprobs, entropy = self._forward(self.engine, rows, entropy_rows=B)  # (N, T-1), (B, T-1)
         policy_lp, policy_mask = logprobs[:B], rows.target_mask[:B]
         advantages = torch.tensor([s.advantage for s in samples], device=device)
         if old_logprobs is None:
@@ -330,9 +516,7 @@ class Learner:
         )
         loss = loss_rl
         metrics.update({"learner/loss_rl": loss_rl.item(), "learner/clip_frac": rl_metrics["clip_frac"] * share})
-        entropy = algo.entropy_from_logits(logits[:B], policy_mask.shape[1], self.temperature)
         metrics["learner/entropy"] = algo.masked_share(entropy, policy_mask, norm.tokens).item()
-        del logits, entropy  # the backward needs neither
         if dynamic:
             index = torch.tensor(rows.refined_index, device=device)
             ce, _ = algo.refined_ce(logprobs[index], rows.ce_mask, norm)
@@ -343,9 +527,9 @@ class Learner:
             copies = [i for i, s in enumerate(samples) if _copied(s) and not s.refinement.fallback]
             copied_lp = (policy_lp[copies].detach() * policy_mask[copies]).sum().item()
         if self.ref_model is not None and (cfg.constraint == "static_kl" or kl_metric):
-            policy_only = _Rows(rows.input_ids[:B], rows.attention_mask[:B], policy_mask, B, [], rows.ce_mask[:0])
+            policy_only = rows.head(B)
             with torch.no_grad():
-                ref_lp, _ = self._logprobs(self.ref_model, policy_only)
+                ref_lp, _ = self._forward(self.ref_model, policy_only)
             kl, kl_metrics = algo.kl_penalty(policy_lp, ref_lp, policy_mask, cfg.kl_estimator, norm)
             metrics["learner/kl_to_ref"] = kl_metrics["kl_to_ref"]
             if cfg.constraint == "static_kl":
@@ -377,7 +561,7 @@ class Learner:
         batch when none of its a' changed: under ZeRO-3 a forward gathers parameters, a collective of all ranks."""
         changed = [s for s in samples if not _copied(s)]
         rows = build_rows(changed or samples[:1], self.pad_id, with_refined=bool(changed), refined_only=True)
-        logprobs, _ = self._logprobs(self.engine, rows.to(self.engine.device))
+        logprobs, _ = self._forward(self.engine, rows.to(self.engine.device), groups=1)
         return (logprobs.cpu() * rows.ce_mask).sum().item() if changed else 0.0
 
     def _grad_norm(self) -> float:
@@ -387,7 +571,7 @@ class Learner:
     @torch.no_grad()
     def _old_logprobs(self, samples: list[Sample]) -> torch.Tensor:
         rows = build_rows(samples, self.pad_id, with_refined=False).to(self.engine.device)
-        return self._logprobs(self.engine, rows)[0]
+        return self._forward(self.engine, rows)[0]
 
     def _normalisers(self, updates: list[list[Sample]]) -> list[algo.Normaliser]:
         """Each update's denominators, counted over every rank's share of it (one all-reduce of a few floats)."""

@@ -141,7 +141,7 @@ def test_learner_logprobs_are_the_generators_sampling_distribution(pi0_path, tem
     samples = list(_batch(learner.tokenizer, PAIRS).samples)
     rows = build_rows(samples, learner.tokenizer.pad_token_id, with_refined=False)
     with torch.no_grad():
-        logprobs, _ = learner._logprobs(learner.engine, rows)
+        logprobs, _ = learner._forward(learner.engine, rows)
         logits = AutoModelForCausalLM.from_pretrained(pi0_path)(rows.input_ids, attention_mask=rows.attention_mask)
     expected = torch.log_softmax(logits.logits[:, :-1] / divisor, -1).gather(-1, rows.input_ids[:, 1:, None])[..., 0]
     mask = rows.target_mask.bool()
@@ -276,3 +276,84 @@ def test_kl_metric_outside_static_kl_runs_on_its_steps_only(pi0_path):
     batch = _batch(learner.tokenizer, PAIRS, advantage=1.0)
     logged = [("learner/kl_to_ref" in learner.step(batch)) for _ in range(5)]
     assert logged == [True, True, False, True, True]
+
+
+def test_length_groups_pad_the_fewest_tokens():
+    """Hand-derived: rows of 2, 2, 2, 2, 5, 9 tokens. One group pads to 6 x 9 = 54 tokens; of the two-group
+    splits, {2,2,2,2} {5,9} pads 8 + 18 = 26 (against {2,2,2,2,5} {9}: 25 + 9 = 34); three groups: 8 + 5 + 9."""
+    from rlhf_refiner.learner import length_groups
+
+    lengths = [2, 9, 2, 5, 2, 2]
+    assert length_groups(lengths, 1) == [[0, 1, 2, 3, 4, 5]]
+    assert sorted(length_groups(lengths, 2)) == [[0, 2, 4, 5], [1, 3]]
+    assert sorted(length_groups(lengths, 3)) == [[0, 2, 4, 5], [1], [3]]
+    assert sorted(length_groups(lengths, 8)) == [[0, 2, 4, 5], [1], [3]]  # no more groups than lengths
+    # exact (ZeRO-3: every rank runs as many forwards): equal rows still make the groups asked for, in order
+    assert sorted(length_groups([4, 4, 4], 2, exact=True)) == [[0], [1, 2]]
+    assert len(length_groups([4, 4, 4, 4, 4], 8, exact=True)) == 5
+
+
+def test_length_groups_match_a_brute_force_search():
+    import itertools
+    import random
+
+    from rlhf_refiner.learner import length_groups
+
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.randint(1, 12) for _ in range(rng.randint(1, 14))]
+        k = rng.randint(1, 4)
+        groups = length_groups(lengths, k)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # every row exactly once
+        assert all(g == sorted(g) for g in groups)
+        widths = sorted(set(lengths))
+        best = min(
+            sum(
+                sum(n <= widths[b - 1] and (a == 0 or n > widths[a - 1]) for n in lengths) * widths[b - 1]
+                for a, b in zip((0, *cuts), (*cuts, len(widths)))
+            )
+            for g in range(min(k, len(widths)))
+            for cuts in itertools.combinations(range(1, len(widths)), g)
+        )
+        assert sum(len(g) * max(lengths[i] for i in g) for g in groups) == best, (lengths, k, groups)
+
+
+MIXED = [("1+2=", "3", "3"), ("1+2=", "41+", "3"), ("12+34=", "6", "46"), ("123+4=", "1", "127")]
+
+
+@pytest.mark.parametrize("constraint", ["dynamic", "static_kl"])
+def test_grouped_and_shared_prompt_forwards_train_exactly_as_one_padded_batch(pi0_path, constraint):
+    """The same update (prompts of 4 to 6 tokens, two rows sharing one, responses of 2 to 4 tokens) with its rows
+    in one padded batch, in groups cut to their own length with logits kept only from the first target on, and
+    with each prompt run once and its rows continuing from its cache: the same loss terms, gradient norm and
+    updated weights."""
+    import dataclasses
+
+    import torch
+
+    runs, weights = {}, {}
+    for shared, groups in ((False, 1), (False, 3), (True, 1), (True, 3)):
+        learner = _learner(
+            pi0_path,
+            f"algo.constraint={constraint}",
+            f"learner.length_groups={groups}",
+            f"learner.shared_prompts={str(shared).lower()}",
+            "trainer.steps=2",
+        )
+        assert learner.keeps_logits and learner.shares_prompts == shared  # the Llama stand-in takes both paths
+        samples = [
+            dataclasses.replace(s, advantage=a)
+            for s, a in zip(_batch(learner.tokenizer, MIXED).samples, (1.0, -0.5, 0.3, -0.8), strict=True)
+        ]
+        batch = Batch(tuple(samples), policy_version=0, dropped_stale=0)
+        learner.step(batch)  # the second step's KL is non-zero: the policy has moved off π0
+        runs[shared, groups] = learner.step(batch)
+        weights[shared, groups] = torch.cat([p.detach().flatten() for p in learner.engine.module.parameters()])
+    keys = ["learner/loss", "learner/loss_rl", "learner/entropy", "learner/grad_norm", "learner/kl_to_ref"]
+    keys += ["learner/ce_refined"]
+    base = runs[False, 1]
+    assert base["learner/kl_to_ref"] > 0
+    for way, metrics in runs.items():
+        for key in keys:
+            assert metrics[key] == pytest.approx(base[key], rel=1e-5, abs=1e-7), (way, key, metrics[key], base[key])
+        assert torch.allclose(weights[way], weights[False, 1], atol=1e-6), way

@@ -400,11 +400,13 @@ def test_weight_sync_from_two_zero3_ranks_into_two_engines(ray_cluster, tiny_pi0
     two_ranks = hf.state_dict()
     one_rank = AutoModelForCausalLM.from_pretrained(saved).state_dict()
     assert one_rank.keys() == two_ranks.keys()
-    # Adam's first step moves every weight by ~lr (0.01); summation order leaves differences of ~1e-6
-    # Adam's first step moves every weight by lr·g/(|g| + ε) ≈ ±0.01. The two splits sum gradients in different
-    # orders, which moves the few weights whose gradient is near 0 by up to ~1 % of that (measured: 6 of them
-    # beyond 1e-5, at most 8e-5); a split that changed the gradient itself would move them all by ~lr.
-    assert all(torch.allclose(value, two_ranks[name], rtol=0, atol=2e-4) for name, value in one_rank.items())
+    # Adam's first step moves every weight by lr·g/(|g| + ε) ≈ ±0.01. The two splits (and their length groups) sum
+    # gradients in different orders, which moves the few weights whose gradient is near 0 by a fraction of that
+    # (measured: 29 of the 446,496 weights beyond 1e-5, the largest difference 3e-4); a split that changed the
+    # gradient itself would move nearly all of them by ~lr.
+    diffs = torch.cat([(value - two_ranks[name]).abs().flatten() for name, value in one_rank.items()])
+    assert float(diffs.max()) < 0.1 * config.learner.lr
+    assert float((diffs > 1e-5).float().mean()) < 1e-3
 
 
 def wait_for_line(process: subprocess.Popen, marker: str, deadline_s: float) -> None:

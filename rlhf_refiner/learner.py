@@ -147,20 +147,18 @@ def build_rows(samples: list[Sample], pad_id: int, with_refined: bool, refined_o
     return _Rows(input_ids, attention, target, len(samples), refined_index, ce_mask, [n for _, n in sequences])
 
 
-def target_starts(target_mask: torch.Tensor) -> list[int]:
+def target_starts(target_mask: torch.Tensor, lengths: list[int]) -> list[int]:
     """Each row's first target position (where the logits predict its first response token); a row without
-    targets gets its last position."""
+    targets gets its own last position, so a group's kept logits never start past its longest row."""
     has = target_mask > 0
-    first = has.float().argmax(-1)
-    last = torch.full_like(first, target_mask.shape[1] - 1)
-    return torch.where(has.any(-1), first, last).tolist()
+    first = has.float().argmax(-1).tolist()
+    return [f if any_target else max(n - 1, 0) for f, any_target, n in zip(first, has.any(-1).tolist(), lengths)]
 
 
-def length_groups(lengths: list[int], max_groups: int, exact: bool = False) -> list[list[int]]:
+def length_groups(lengths: list[int], max_groups: int) -> list[list[int]]:
     """Rows (by index) split into at most `max_groups` groups, each to be padded to its own longest row: of the
     splits of the rows sorted by length, the one with the fewest padded tokens (Σ over groups of rows × longest),
-    by dynamic programming over the distinct lengths. `exact`: exactly min(max_groups, rows) groups (the largest
-    split in halves, which pads no more). Each group lists its rows in increasing index order."""
+    by dynamic programming over the distinct lengths. Each group lists its rows in increasing index order."""
     widths = sorted(set(lengths))
     count = [0]  # count[j]: rows no longer than widths[j - 1]
     for width in widths:
@@ -182,13 +180,19 @@ def length_groups(lengths: list[int], max_groups: int, exact: bool = False) -> l
     for g in range(best, 0, -1):  # the last group covers widths[cut:j]
         bounds.append((widths[cut[g][j]], widths[j - 1]))
         j = cut[g][j]
-    groups = [[i for i, n in enumerate(lengths) if low <= n <= high] for low, high in bounds]
-    if exact:
-        while len(groups) < min(max_groups, len(lengths)):
-            largest = max(groups, key=len)
-            groups.remove(largest)
-            groups += [largest[: len(largest) // 2], largest[len(largest) // 2 :]]
-    return groups
+    return [[i for i, n in enumerate(lengths) if low <= n <= high] for low, high in bounds]
+
+
+def full_attention_cache(model_config) -> bool:
+    """Whether every layer of the model caches plain keys and values over the whole sequence, which the shared
+    prompt pass extends: no sliding-window or chunked layers (their caches keep only a window, whose offsets the
+    mask would misplace under left padding), no linear-attention or state-space layers (no keys to extend)."""
+    text = model_config.get_text_config()
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None:
+        return all(kind == "full_attention" for kind in layer_types)
+    windowed = getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True)
+    return not windowed and not getattr(text, "attention_chunk_size", None) and hasattr(text, "num_attention_heads")
 
 
 def at_columns(values: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
@@ -360,7 +364,10 @@ class Learner:
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # HF turns the key/value cache off under gradient checkpointing, and the shared pass needs it
         self.shares_prompts = (
-            config.learner.shared_prompts and self.keeps_logits and not config.learner.gradient_checkpointing
+            config.learner.shared_prompts
+            and self.keeps_logits
+            and not config.learner.gradient_checkpointing
+            and full_attention_cache(model.config)
         )
         self.ref_model = None
         if config.algo.constraint == "static_kl" or config.algo.log_kl_to_ref:  # every rank: π0 on its own rows
@@ -375,23 +382,24 @@ class Learner:
         of the first `entropy_rows` rows (None for 0): the PPO ratio, the CE on a', the entropy and the KL to π0
         (π0 tempered alike) all see the sampled π_θ. Positions that are no row's target are 0.
         With `learner.shared_prompts`, each distinct prompt runs once and its rows continue from its key/value
-        cache; the rest of each row runs in `length_groups` (default `learner.length_groups`; exactly that many
-        under ZeRO-3, where every forward is a collective), each cut to its own longest and scored from its
-        first target position on."""
+        cache; the rest of each row runs in `length_groups` (default `learner.length_groups`), each cut to its
+        own longest and scored from its first target position on. Under ZeRO-3 the policy runs one padded forward
+        (see below); π0, a plain module, still takes the cheaper path."""
         device = rows.input_ids.device
         width = rows.input_ids.shape[1]
         lengths = rows.attention_mask.sum(-1).tolist()
         out = torch.zeros(len(lengths), width - 1, device=device)
         entropy = torch.zeros(entropy_rows, width - 1, device=device) if entropy_rows else None
-        exact = self.zero_stage == 3 and model is self.engine
         max_groups = groups or self.config.learner.length_groups
-        if exact and rows.policy_rows:  # as many forwards on every rank: its policy rows (not its a') count
-            max_groups = min(max_groups, rows.policy_rows)
-        if self.shares_prompts:
-            self._shared_prompt_forward(model, rows, lengths, out, entropy, max_groups, exact)
+        if self.zero_stage == 3 and model is self.engine:
+            # ZeRO-3 releases a module's gathered parameters in the backward only after its last forward's use:
+            # several forwards before one backward would hold the whole model gathered. One padded forward.
+            max_groups = 1
+        elif self.shares_prompts:
+            self._shared_prompt_forward(model, rows, lengths, out, entropy, max_groups)
             return out, entropy
-        starts = target_starts(rows.target_mask)
-        for group in length_groups(lengths, max_groups, exact=exact):
+        starts = target_starts(rows.target_mask, lengths)
+        for group in length_groups(lengths, max_groups):
             index = torch.tensor(group, device=device)
             end = max(lengths[i] for i in group)
             start = min(starts[i] for i in group) if self.keeps_logits else 0
@@ -415,7 +423,6 @@ class Learner:
         out: torch.Tensor,
         entropy: torch.Tensor | None,
         max_groups: int,
-        exact: bool,
     ) -> None:
         """`_forward` with one pass over the distinct prompts (left-padded, so each one's last token is the last
         column), whose key/value cache each row's response then extends. A row's first response token is scored
@@ -446,10 +453,10 @@ class Learner:
         del first
         width = out.shape[1]
         responses = [n - p for n, p in zip(lengths, rows.prompt_lengths)]
-        for group in length_groups(responses, max_groups, exact=exact):
+        for group in length_groups(responses, max_groups):
             index = torch.tensor(group, device=device)
             own = torch.tensor([owner[i] for i in group], device=device)
-            span = max(1, max(responses[i] for i in group))  # a forward even for empty responses (ZeRO-3 counts)
+            span = max(1, max(responses[i] for i in group))  # an empty response still gets a (masked) position
             response_ids = torch.full((len(group), span), self.pad_id, dtype=torch.long)
             response_mask = torch.zeros((len(group), span))
             for r, i in enumerate(group):

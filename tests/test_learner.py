@@ -288,9 +288,28 @@ def test_length_groups_pad_the_fewest_tokens():
     assert sorted(length_groups(lengths, 2)) == [[0, 2, 4, 5], [1, 3]]
     assert sorted(length_groups(lengths, 3)) == [[0, 2, 4, 5], [1], [3]]
     assert sorted(length_groups(lengths, 8)) == [[0, 2, 4, 5], [1], [3]]  # no more groups than lengths
-    # exact (ZeRO-3: every rank runs as many forwards): equal rows still make the groups asked for, in order
-    assert sorted(length_groups([4, 4, 4], 2, exact=True)) == [[0], [1, 2]]
-    assert len(length_groups([4, 4, 4, 4, 4], 8, exact=True)) == 5
+
+    # a row without targets (an empty response) keeps logits from its own last position, inside its group
+    import torch
+
+    from rlhf_refiner.learner import target_starts
+
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]], dtype=torch.float)
+    assert target_starts(mask, [5, 3, 3]) == [2, 2, 1]
+
+
+def test_the_shared_prompt_pass_is_only_for_full_attention_caches():
+    """Sliding-window, chunked and hybrid (linear-attention / state-space) layers cache no plain keys over the
+    whole prompt, so their models take the padded path."""
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3NextConfig
+
+    from rlhf_refiner.learner import full_attention_cache
+
+    assert full_attention_cache(LlamaConfig()) and full_attention_cache(Qwen2Config())
+    assert full_attention_cache(MistralConfig(sliding_window=None))
+    assert not full_attention_cache(MistralConfig(sliding_window=4096))
+    assert not full_attention_cache(Gemma2Config())
+    assert not full_attention_cache(Qwen3NextConfig())
 
 
 def test_length_groups_match_a_brute_force_search():

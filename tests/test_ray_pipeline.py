@@ -283,9 +283,10 @@ def test_missing_model_path_is_named(tmp_path):
 
 
 def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
-    """Copy-verify (one prefill, decode only past the agreed prefix) and the gated copy with its argmax gate give
-    the same a' as plain greedy decoding on a mix of right, corrupted, empty and over-long responses, and skip
-    decoding for the copies; a looser gate (τ = 0.05) keeps every copy.
+    """Copy-verify (one prefill, decode only past the agreed prefix) and the gated copy with its argmax gate (its
+    scoring pass by the engine, and by a transformers forward) give the same a' as plain greedy decoding on a mix
+    of right, corrupted, empty and over-long responses, and skip decoding for the copies; a looser gate (τ = 0.05)
+    keeps every copy.
     (The briefly trained test π0 rarely copies; the benchmark's refine_copy measures copies on the quickstart π0.)"""
     import dataclasses
     import random
@@ -328,6 +329,13 @@ def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
     gated, gated_metrics = refiner.refine(rollouts)
     assert [(f.refined, f.fallback) for f in gated] == [(f.refined, f.fallback) for f in plain]
     assert gated_metrics["refiner/verified_copy_frac"] >= copies
+    # ... and with the scoring pass as a transformers forward of π0 (`gate_scorer=torch`) instead of the engine's
+    refiner.config = refiner.config.model_copy(update={"gate_scorer": "torch"})
+    torch_scored, torch_metrics = refiner.refine(rollouts)
+    assert refiner.scorer is not None
+    assert [(f.refined, f.fallback) for f in torch_scored] == [(f.refined, f.fallback) for f in plain]
+    assert torch_metrics["refiner/verified_copy_frac"] == gated_metrics["refiner/verified_copy_frac"]
+    refiner.config = refiner.config.model_copy(update={"gate_scorer": "engine"})
     # a looser gate keeps every copy greedy decoding keeps (each of its tokens, and its end, was π0's argmax)
     refiner.config = refiner.config.model_copy(update={"gate_tau": 0.05})
     loose, loose_metrics = refiner.refine(rollouts)
@@ -400,13 +408,10 @@ def test_weight_sync_from_two_zero3_ranks_into_two_engines(ray_cluster, tiny_pi0
     two_ranks = hf.state_dict()
     one_rank = AutoModelForCausalLM.from_pretrained(saved).state_dict()
     assert one_rank.keys() == two_ranks.keys()
-    # Adam's first step moves every weight by lr·g/(|g| + ε) ≈ ±0.01. The two splits (and their length groups) sum
-    # gradients in different orders, which moves the few weights whose gradient is near 0 by a fraction of that
-    # (measured: 29 of the 446,496 weights beyond 1e-5, the largest difference 3e-4); a split that changed the
-    # gradient itself would move nearly all of them by ~lr.
-    diffs = torch.cat([(value - two_ranks[name]).abs().flatten() for name, value in one_rank.items()])
-    assert float(diffs.max()) < 0.1 * config.learner.lr
-    assert float((diffs > 1e-5).float().mean()) < 1e-3
+    # Adam's first step moves every weight by lr·g/(|g| + ε) ≈ ±0.01. The two splits sum gradients in different
+    # orders, which moves the few weights whose gradient is near 0 by up to ~1 % of that (measured: 6 of them
+    # beyond 1e-5, at most 8e-5); a split that changed the gradient itself would move them all by ~lr.
+    assert all(torch.allclose(value, two_ranks[name], rtol=0, atol=2e-4) for name, value in one_rank.items())
 
 
 def wait_for_line(process: subprocess.Popen, marker: str, deadline_s: float) -> None:

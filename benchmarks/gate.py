@@ -17,9 +17,11 @@ from benchmarks.refine import _timed, policy_and_refiner, shapes
 SETTINGS = {  # name -> refiner overrides
     "decode": {"mode": "decode"},
     "gated argmax": {"mode": "gated"},
+    "gated argmax, torch scorer": {"mode": "gated", "gate_scorer": "torch"},
     "gated τ=0.5": {"mode": "gated", "gate_tau": 0.5},
     "gated τ=0.2": {"mode": "gated", "gate_tau": 0.2},
     "gated τ=0.1": {"mode": "gated", "gate_tau": 0.1},
+    "gated τ=0.1, torch scorer": {"mode": "gated", "gate_tau": 0.1, "gate_scorer": "torch"},
     "gated τ=0.05": {"mode": "gated", "gate_tau": 0.05},
 }
 

@@ -4,7 +4,8 @@
 the refiner on the responses it leaves unchanged against regenerating exactly those responses (same prompts, same
 seeds); `refine_mixed` does the same on the whole batch, at its natural unchanged fraction. Both engines live in
 this process, measured in alternating rounds; the refiner as configured (dedupe, plain greedy decoding) is the
-figure, and copy-verify and no-dedupe variants are reported next to it.
+figure, and copy-verify, no-dedupe and gated-copy (argmax gate, torch scorer: the same a') variants are reported
+next to it.
 """
 
 from __future__ import annotations
@@ -58,15 +59,27 @@ def measure(config_file: str, quick: bool, batches: int, *overrides: str) -> dic
     model_path = config.model.path
     generator.generate(source.next_batch(0), 1)  # warm both engines
     refiner.refine(generator.generate(source.next_batch(0), 1)[0])
-    variants = {"default": (True, False), "copy_verify": (True, True), "no_dedupe": (False, False)}
+    variants = {  # name -> (dedupe, copy_verify, refiner config changes)
+        "default": (True, False, {}),
+        "copy_verify": (True, True, {}),
+        "no_dedupe": (False, False, {}),
+        "gated_torch": (True, False, {"mode": "gated", "gate_scorer": "torch"}),  # argmax gate: the same a'
+    }
+    base = refiner.config
+
+    def use(variant: str) -> None:
+        dedupe, copy_verify, changes = variants[variant]
+        refiner.dedupe, refiner.copy_verify = dedupe, copy_verify
+        refiner.config = base.model_copy(update=changes)
+
     cold = (generator.llm, refiner.llm)
     totals = {f"{v}_{part}": 0.0 for v in variants for part in ("all", "copy")} | {"gen_all": 0.0, "gen_copy": 0.0}
     counts = {"all": 0, "copy": 0, "verified": 0, "same": 0, "distinct": 0}
     for _ in range(batches):
         rollouts, _ = generator.generate(source.next_batch(0), 1)
         refined = None
-        for variant, (dedupe, copy_verify) in variants.items():
-            refiner.dedupe, refiner.copy_verify = dedupe, copy_verify
+        for variant in variants:
+            use(variant)
             (result, metrics), seconds = _timed(refiner.refine, rollouts, engines=cold)
             totals[f"{variant}_all"] += seconds
             if variant == "default":
@@ -82,8 +95,8 @@ def measure(config_file: str, quick: bool, batches: int, *overrides: str) -> dic
         counts["copy"] += len(copies)
         if copies:
             totals["gen_copy"] += _timed(regenerate, copies, engines=cold)[1]
-            for variant, (dedupe, copy_verify) in variants.items():
-                refiner.dedupe, refiner.copy_verify = dedupe, copy_verify
+            for variant in variants:
+                use(variant)
                 totals[f"{variant}_copy"] += _timed(refiner.refine, copies, engines=cold)[1]
     del generator.llm, refiner.llm  # shut both engines down before the next measurement
     gc.collect()
@@ -92,7 +105,8 @@ def measure(config_file: str, quick: bool, batches: int, *overrides: str) -> dic
 
 def _variants(totals: dict[str, float], part: str, base: float) -> str:
     return (f"copy-verify {totals[f'copy_verify_{part}'] / base:.3f}, without dedupe "
-            f"{totals[f'no_dedupe_{part}'] / base:.3f}")  # fmt: skip
+            f"{totals[f'no_dedupe_{part}'] / base:.3f}, gated argmax with the torch scorer (the same a') "
+            f"{totals[f'gated_torch_{part}'] / base:.3f}")  # fmt: skip
 
 
 def shapes(quick: bool, batches: int) -> list[tuple[str, str, int, tuple[str, ...]]]:

@@ -240,6 +240,11 @@ class RefinerConfig(_Strict):
     (0: never; π0 writes the rest after its first edit)."""
     gate_rounds: int = Field(4, ge=1)
     """`gated`: copy-and-decode rounds per batch; the last one keeps whatever π0 decodes."""
+    gate_scorer: Literal["engine", "torch"] = "engine"
+    """`gated`: what scores a's tokens. `engine`: the refiner's vLLM engine (prompt log-probs, which vLLM
+    computes over the whole vocabulary at every prompt position); `torch`: a transformers copy of π0 in the
+    refiner's actor, one batched forward that keeps only a's positions' logits (on the engine's device; it holds
+    π0's weights a second time). Decoding is always the engine's."""
     improved_eval_fraction: float = Field(1.0, ge=0, le=1)
     """Fraction of each step's samples whose a' is scored for `refiner/improved_frac` (only changed a' cost a call)."""
     monitor: bool = False

@@ -207,6 +207,65 @@ def gated_copy(
     return results  # type: ignore[return-value]
 
 
+class ForwardScorer:
+    """`refiner.gate_scorer=torch`: the gated copy's scoring pass (`engines.continuation_scores`' contract) as a
+    plain transformers forward of π0. Rows are left-padded (positions from the mask), so every row's candidate is
+    right-aligned and only the last (longest candidate + 1) positions' logits are computed; rows go in chunks of
+    at most `budget` logits. Ranks count the tokens at least as likely, as vLLM's do (1: the argmax)."""
+
+    def __init__(self, model_path: str, dtype: str, device: str, budget: int = 2**25) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.device, self.budget = device, budget
+        self.vocab = model.config.get_text_config().vocab_size
+
+    def score(self, prefixes: list[list[int]], candidates: list[list[int]]) -> list[tuple[list[int], list[float], int]]:
+        import torch
+
+        order = sorted(range(len(prefixes)), key=lambda i: len(prefixes[i]) + len(candidates[i]))
+        chunks: list[list[int]] = [[]]
+        kept = 0  # logits positions the current chunk keeps per row
+        for i in order:
+            grown = max(kept, len(candidates[i]) + 1)
+            if chunks[-1] and (len(chunks[-1]) + 1) * grown * self.vocab > self.budget:
+                chunks.append([])
+                grown = len(candidates[i]) + 1
+            chunks[-1].append(i)
+            kept = grown
+        results: list = [None] * len(prefixes)
+        for chunk in chunks if order else []:
+            width = max(len(prefixes[i]) + len(candidates[i]) for i in chunk)
+            keep = max(len(candidates[i]) for i in chunk) + 1
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                sequence = prefixes[i] + candidates[i]
+                ids[row, width - len(sequence) :] = torch.tensor(sequence)
+                mask[row, width - len(sequence) :] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            with torch.no_grad():
+                logits = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    logits_to_keep=keep,
+                ).logits
+                logprobs = logits.float().log_softmax(-1)  # (rows, keep, V): position keep-1 follows the candidate
+                del logits
+                for row, i in enumerate(chunk):
+                    n = len(candidates[i])
+                    predicted = logprobs[row, keep - 1 - n : keep - 1]  # the predictions of the candidate's tokens
+                    tokens = torch.tensor(candidates[i], dtype=torch.long, device=self.device)
+                    chosen = predicted.gather(-1, tokens[:, None])
+                    ranks = (predicted >= chosen).sum(-1)
+                    after = int(logprobs[row, keep - 1].argmax())
+                    results[i] = (ranks.tolist(), chosen[:, 0].tolist(), after)
+        return results
+
+
 class Refiner:
     def __init__(self, model_path: str, config: RefinerConfig, dtype: str, seed: int) -> None:
         redirect_actor_output()  # metrics.actor_output=file: into the run's logs/
@@ -226,6 +285,10 @@ class Refiner:
         )
         self.llm = None
         self.client = None
+        self.model_path, self.dtype = model_path, dtype
+        self.scorer = None
+        if config.mode == "gated" and config.gate_scorer == "torch":
+            self._start_scorer()
         if config.base_url is None:
             self.llm = engines.start_engine(model_path, config.engine, dtype, seed, speculative=config.speculative)
         else:
@@ -309,7 +372,7 @@ class Refiner:
             [end[0] if end else None for _, end in split],
             sampling.max_new_tokens,
             lambda ranks, logprobs: accepted_prefix(ranks, logprobs, cfg.gate_rank, cfg.gate_tau),
-            lambda prefixes, candidates: engines.continuation_scores(self.llm, prefixes, candidates),
+            self._score,
             decode,
             self.stop_ids,
             cfg.rejoin_tokens,
@@ -321,6 +384,19 @@ class Refiner:
             text = rollout.response if same else self.tokenizer.decode(ids, skip_special_tokens=True)
             outputs.append((text, finished))
         return outputs, [copied for _, _, copied in results]
+
+    def _start_scorer(self) -> ForwardScorer:
+        device = "cuda" if self.config.engine.num_gpus > 0 else "cpu"
+        self.scorer = ForwardScorer(self.model_path, self.dtype, device)
+        return self.scorer
+
+    def _score(
+        self, prefixes: list[list[int]], candidates: list[list[int]]
+    ) -> list[tuple[list[int], list[float], int]]:
+        """The gated copy's scoring pass, by `refiner.gate_scorer` (set per call: benchmarks switch settings)."""
+        if self.config.gate_scorer == "torch":
+            return (self.scorer or self._start_scorer()).score(prefixes, candidates)
+        return engines.continuation_scores(self.llm, prefixes, candidates)
 
     def _distinct(self, rollouts: list[Rollout]) -> tuple[list[Rollout], list[int]]:
         """The rollouts to send, and each rollout's index among them. A greedy π0 writes the same a' for the same

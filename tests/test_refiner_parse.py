@@ -437,3 +437,32 @@ def test_gated_mode_is_refused_where_it_cannot_run():
     for bad in ("refiner.sampling.temperature=0.7", "refiner.base_url=http://x:8000/v1", "refiner.sampling.stop=[x]"):
         with pytest.raises(ConfigError, match="refiner.mode=gated scores a with the refiner's own engine"):
             load(None, ["refiner.mode=gated", bad])
+
+
+def test_the_forward_scorer_gives_each_candidate_tokens_rank_and_log_prob(tmp_path):
+    """`refiner.gate_scorer=torch` against one unpadded HF forward per sequence: the same log-probs, vLLM's ranks
+    (tokens at least as likely), and the argmax after the candidate, for prompts and candidates of different
+    lengths (an empty candidate too), batched left-padded in chunks (a budget of a few rows forces several)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=23, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    scorer = refiner.ForwardScorer(str(tmp_path), "float32", "cpu", budget=3 * 6 * 23)
+    prefixes = [[1, 5, 7], [2, 3, 4, 5, 6, 7, 8], [9], [4, 4]]
+    candidates = [[3, 3, 10], [11], [12, 13, 14, 15, 16], []]
+    scores = scorer.score(prefixes, candidates)
+    model = scorer.model
+    for prefix, candidate, (ranks, logprobs, after) in zip(prefixes, candidates, scores, strict=True):
+        with torch.no_grad():
+            full = torch.log_softmax(model(torch.tensor([prefix + candidate])).logits[0].float(), -1)
+        predicted = full[len(prefix) - 1 : len(prefix) - 1 + len(candidate)]
+        chosen = [predicted[j, t].item() for j, t in enumerate(candidate)]
+        assert logprobs == pytest.approx(chosen, abs=1e-5)
+        assert ranks == [int((predicted[j] >= predicted[j, t]).sum()) for j, t in enumerate(candidate)]
+        assert after == int(full[-1].argmax())
+    assert any(r != 1 for ranks, _, _ in scores for r in ranks)  # a random model: not everything its argmax

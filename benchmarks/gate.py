@@ -13,6 +13,7 @@ import gc
 from pathlib import Path
 
 from benchmarks.refine import _timed, policy_and_refiner, shapes
+from benchmarks.runs import in_fresh_process
 
 SETTINGS = {  # name -> refiner overrides
     "decode": {"mode": "decode"},
@@ -65,7 +66,7 @@ def measure(config_file: str, quick: bool, batches: int, *overrides: str) -> dic
 def figures(quick: bool) -> list[dict]:
     results = []
     for config_file, label, batches, overrides in shapes(quick, 4):
-        m = measure(config_file, quick, batches, *overrides)
+        m = in_fresh_process(measure, config_file, quick, batches, *overrides)
         n, regen = m["samples"], m["regen_seconds"]
         for name, s in m["stats"].items():
             changed = max(s["changed"], 1)

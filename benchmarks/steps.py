@@ -1,12 +1,16 @@
 """Step-level figures from real training runs, side by side in one invocation on the same π0 and config:
 `dynamic_overhead`, `orchestration`, `sync`, `vs_trl` and `vs_trl_dynamic` (TRL in its own process, see
-benchmarks/trl_grpo.py). The quickstart's tiny π0 always; SmolLM2-135M too in the full suite, if prepared.
+benchmarks/trl_grpo.py), and in the full suite `vs_trl_async` / `vs_trl_dynamic_async` (ours with
+`trainer.async_steps=1`). A round runs every arm once, one after another; the full suite takes the median of 3
+rounds on the quickstart's tiny π0, and one round on SmolLM2-135M (if prepared). Each figure's text carries
+both sides' stage breakdown.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,69 +54,133 @@ def trl_samples_per_s(config_file: str, steps: int, quick: bool, overrides: tupl
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def shape_figures(config_file: str, label: str, steps: int, quick: bool, overrides: tuple[str, ...]) -> list[dict]:
+ARMS = {  # ours, each a training run of the same config; the async arms only in the full suite
+    "static_kl": ("algo.constraint=static_kl",),
+    "dynamic": ("algo.constraint=dynamic",),
+    "static_kl_async": ("algo.constraint=static_kl", "trainer.async_steps=1", "buffer.max_staleness=1"),
+    "dynamic_async": ("algo.constraint=dynamic", "trainer.async_steps=1", "buffer.max_staleness=1"),
+}
+STAGES = ["time/generate", "time/refine", "time/learner_compute", "sync/seconds"]
+
+
+def one_round(config_file: str, steps: int, quick: bool, overrides: tuple[str, ...], arms: list[str]) -> dict:
+    """Every arm of ours and TRL's baseline once, one after another: each arm's steady step time and stage means."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {arm: train(Path(tmp) / arm, steps, config_file, quick, *ARMS[arm], *overrides) for arm in arms}
+    out = {
+        arm: {"step": mean(rows, "time/step"), **{key: mean(rows, key) for key in STAGES if key in rows[0]}}
+        for arm, rows in runs.items()
+    }
+    out["sync_bytes"] = mean(runs["dynamic"], "sync/bytes")
+    out["trl"] = trl_samples_per_s(config_file, steps, quick, overrides)
+    return out
+
+
+def spread(values: list[float]) -> str:
+    """The median of the rounds' values, with their range."""
+    values = sorted(values)
+    if len(values) == 1:
+        return f"{values[0]:.3f} (1 round)"
+    return f"{statistics.median(values):.3f} (median of {len(values)} rounds, {values[0]:.3f}-{values[-1]:.3f})"
+
+
+def shape_figures(
+    config_file: str,
+    label: str,
+    steps: int,
+    quick: bool,
+    overrides: tuple[str, ...],
+    rounds: int,
+    arms: list[str],
+    overhead_goal: str,
+) -> list[dict]:
     from rlhf_refiner.loop import resolve_model_path
 
     config = load_config(config_file, quick, "trainer.output_dir=/tmp/unused", *overrides)
     samples = config.data.prompts_per_step * config.generator.group_size
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = {
-            constraint: train(
-                Path(tmp) / constraint, steps, config_file, quick, f"algo.constraint={constraint}", *overrides
-            )
-            for constraint in ("static_kl", "dynamic")
-        }
-    trl = trl_samples_per_s(config_file, steps, quick, overrides)
-    step = {name: mean(rows, "time/step") for name, rows in runs.items()}
-    ours = {name: samples / s for name, s in step.items()}
-    dyn = runs["dynamic"]
-    stages = ["time/generate", "time/refine", "time/learner_compute", "sync/seconds"]
-    compute = sum(mean(dyn, key) for key in stages)
-    sync_s, sync_mb = mean(dyn, "sync/seconds"), mean(dyn, "sync/bytes") / 2**20
+    measured = [one_round(config_file, steps, quick, overrides, arms) for _ in range(rounds)]
     copy_s = copy_seconds(resolve_model_path(config))
     shape = (
-        f"{label}, {config_file} {' '.join(overrides)}, {samples} samples/step, {steps} steps per run (warm-up dropped)"
+        f"{label}, {config_file} {' '.join(overrides)}, {samples} samples/step, {steps} steps per run (warm-up "
+        f"dropped), {rounds} round(s) of every arm side by side"
     )
-    return [
-        {
-            "name": "dynamic_overhead",
-            "value": round(step["dynamic"] / step["static_kl"], 3),
-            "goal": "<= 1.25",
-            "measured": f"step {step['dynamic']:.2f}s dynamic / {step['static_kl']:.2f}s static_kl; {shape}",
-        },
-        {
-            "name": "orchestration",
-            "value": round((step["dynamic"] - compute) / step["dynamic"], 3),
-            "goal": "<= 0.05",
-            "measured": f"(step {step['dynamic']:.2f}s - stage compute {compute:.2f}s) / step, dynamic, sync mode; "
-            "stages: " + ", ".join(f"{k} {mean(dyn, k):.3f}s" for k in stages) + f"; {shape}",
-        },
-        {
-            "name": "sync",
-            "value": round(sync_s / copy_s, 2),
-            "goal": "report",
-            "measured": f"weight sync {sync_s * 1e3:.1f} ms (gloo, learner -> vLLM, incl. load) / in-process copy "
-            f"{copy_s * 1e3:.2f} ms of the same {sync_mb:.1f} MiB; {shape}",
-        },
-        {
-            "name": "vs_trl",
-            "value": round(ours["static_kl"] / trl["samples_per_s"], 3),
-            "goal": ">= 1.0",
-            "measured": f"samples/s {ours['static_kl']:.1f} (ours, static_kl) / {trl['samples_per_s']:.1f} (TRL "
-            f"GRPOTrainer, beta={config.algo.kl_coef}, HF generate); {shape}",
-        },
-        {
-            "name": "vs_trl_dynamic",
-            "value": round(ours["dynamic"] / trl["samples_per_s"], 3),
-            "goal": ">= 0.8",
-            "measured": f"samples/s {ours['dynamic']:.1f} (ours, dynamic) / {trl['samples_per_s']:.1f} (TRL); {shape}",
-        },
+
+    def figure(name: str, goal: str, per_round, detail) -> dict:
+        values = [per_round(m) for m in measured]
+        return {
+            "name": name,
+            "value": round(statistics.median(values), 3),
+            "goal": goal,
+            "measured": f"{spread(values)}; {detail(measured[len(measured) // 2])}; {shape}",
+        }
+
+    def sps(m: dict, arm: str) -> float:
+        return samples / m[arm]["step"]
+
+    def trl_detail(arm: str):
+        return lambda m: (
+            f"samples/s {sps(m, arm):.1f} (ours, {arm}) / {m['trl']['samples_per_s']:.1f} (TRL GRPOTrainer, "
+            f"beta={config.algo.kl_coef}, HF generate); TRL stages/step: "
+            + ", ".join(f"{k} {v:.3f}s" for k, v in m["trl"].get("stages", {}).items())
+            + f" of {m['trl']['step_seconds']:.3f}s; ours: "
+            + ", ".join(f"{k} {v:.3f}s" for k, v in m[arm].items() if k != "step")
+            + f" of {m[arm]['step']:.3f}s"
+        )
+
+    results = [
+        figure(
+            "dynamic_overhead",
+            overhead_goal,
+            lambda m: m["dynamic"]["step"] / m["static_kl"]["step"],
+            lambda m: f"step {m['dynamic']['step']:.3f}s dynamic / {m['static_kl']['step']:.3f}s static_kl",
+        ),
+        figure(
+            "orchestration",
+            "<= 0.05",
+            lambda m: (m["dynamic"]["step"] - sum(m["dynamic"].get(k, 0.0) for k in STAGES)) / m["dynamic"]["step"],
+            lambda m: (
+                "(step - stage compute) / step, dynamic, sync mode; stages: "
+                + ", ".join(f"{k} {m['dynamic'].get(k, 0.0):.3f}s" for k in STAGES)
+            ),
+        ),
+        figure(
+            "sync",
+            "report",
+            lambda m: m["dynamic"]["sync/seconds"] / copy_s,
+            lambda m: (
+                f"weight sync {m['dynamic']['sync/seconds'] * 1e3:.1f} ms (gloo, learner -> vLLM, incl. load) / "
+                f"in-process copy {copy_s * 1e3:.2f} ms of the same {m['sync_bytes'] / 2**20:.1f} MiB"
+            ),
+        ),
+        figure("vs_trl", ">= 1.0", lambda m: sps(m, "static_kl") / m["trl"]["samples_per_s"], trl_detail("static_kl")),
+        figure(
+            "vs_trl_dynamic", ">= 0.9", lambda m: sps(m, "dynamic") / m["trl"]["samples_per_s"], trl_detail("dynamic")
+        ),
     ]
+    for arm, name, goal in (
+        ("static_kl_async", "vs_trl_async", ">= 1.0"),
+        ("dynamic_async", "vs_trl_dynamic_async", ">= 0.9"),
+    ):
+        if arm in arms:
+            results.append(figure(name, goal, lambda m, a=arm: sps(m, a) / m["trl"]["samples_per_s"], trl_detail(arm)))
+    return results
 
 
 def figures(quick: bool) -> list[dict]:
-    results = shape_figures("configs/quickstart.yaml", "tiny π0 (embedded)", 3 if quick else 12, quick, ())
+    sync_arms = ["static_kl", "dynamic"]
+    arms = sync_arms if quick else list(ARMS)
+    results = shape_figures(
+        "configs/quickstart.yaml",
+        "tiny π0 (embedded)",
+        3 if quick else 12,
+        quick,
+        (),
+        1 if quick else 3,
+        arms,
+        "<= 1.10",
+    )
     smollm2 = Path("~/.cache/rlhf_refiner/smollm2-135m-instruct").expanduser()
-    if not quick and smollm2.exists():
-        results += shape_figures("configs/smollm2.yaml", "SmolLM2-135M-Instruct", 4, quick, ())
+    if not quick and smollm2.exists():  # ~12 min a round on 2 cores: one round, the synchronous arms
+        label = "SmolLM2-135M-Instruct"
+        results += shape_figures("configs/smollm2.yaml", label, 4, quick, (), 1, sync_arms, "<= 1.30")
     return results

@@ -7,7 +7,9 @@ vLLM: TRL's vLLM colocate mode fails on CPU at its first weight sync ("'Paramete
 
     python -m benchmarks.trl_grpo --config configs/quickstart.yaml --steps 6 [overrides...]
 
-Prints one JSON object: samples/s over the steps after the warm-up, and the mean step time.
+Prints one JSON object: samples/s over the steps after the warm-up, the mean step time, and where a step's time
+goes (`stages`: seconds per step in generation, reward, the policy's and the reference's forwards, backward and
+optimizer; what is left is TRL's own bookkeeping).
 """
 
 from __future__ import annotations
@@ -46,11 +48,30 @@ def main() -> None:
     def reward(prompts, completions, answer, **_):
         return [arithmetic(c, a, config.task, "trl")[0] for c, a in zip(completions, answer)]
 
+    stage_seconds: list[dict[str, float]] = [{}]  # one dict per step, the current one last
+
+    def timed(method, stage):
+        """`method`, adding its seconds to the current step's `stage` (a callable of the call's args: a name)."""
+
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                name = stage(*args) if callable(stage) else stage
+                stage_seconds[-1][name] = stage_seconds[-1].get(name, 0.0) + time.perf_counter() - started
+
+        return wrapper
+
     class StepClock(TrainerCallback):
         ends: list[float] = []
 
+        def on_train_begin(self, *_, optimizer=None, **__):
+            optimizer.step = timed(optimizer.step, "optimizer")
+
         def on_step_end(self, *_, **__):
             self.ends.append(time.perf_counter())
+            stage_seconds.append({})
 
     samples = config.data.prompts_per_step * config.generator.group_size
     sampling = config.generator.sampling
@@ -87,11 +108,24 @@ def main() -> None:
             processing_class=tokenizer,
             callbacks=[clock],
         )
+        trainer._generate = timed(trainer._generate, "generate")  # HF generate, decoding included
+        trainer._calculate_rewards = timed(trainer._calculate_rewards, "reward")
+        trainer._get_per_token_logps_and_entropies = timed(
+            trainer._get_per_token_logps_and_entropies,
+            lambda model, *_: "reference_forward" if model is trainer.ref_model else "policy_forward",
+        )
+        trainer.accelerator.backward = timed(trainer.accelerator.backward, "backward")
         trainer.train()
     ends = [started, *clock.ends]
     steady = [b - a for a, b in zip(ends, ends[1:])][warmup(args.steps) :]
     step = sum(steady) / len(steady)
-    print(json.dumps({"samples_per_s": samples / step, "step_seconds": step, "samples_per_step": samples}))
+    kept = stage_seconds[warmup(args.steps) : len(steady) + warmup(args.steps)]
+    stages = {name: sum(s.get(name, 0.0) for s in kept) / len(kept) for name in sorted({k for s in kept for k in s})}
+    print(
+        json.dumps(
+            {"samples_per_s": samples / step, "step_seconds": step, "samples_per_step": samples, "stages": stages}
+        )
+    )
 
 
 if __name__ == "__main__":

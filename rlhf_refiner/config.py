@@ -496,12 +496,15 @@ class LearnerConfig(_Strict):
     length_groups: int = Field(4, ge=1)
     """Each forward pass runs its rows in up to this many groups of similar length, each padded only to its own
     longest row (the split of the length-sorted rows that pads the fewest tokens); 1: one batch padded to the
-    longest. Logits are computed only from the first position any row of a group has a target."""
+    longest (not under ZeRO-3, see `shared_prompts`). Logits are computed only from the first position any row of
+    a group has a target."""
     shared_prompts: bool = True
     """Each distinct prompt of a forward pass runs once, and its rows (its G responses, their refinements)
     continue from its key/value cache, so a prompt's tokens cost one forward, not one per row; `length_groups`
-    then groups the responses. Off under `gradient_checkpointing` (HF drops the cache there) and for models whose
-    forward takes no `logits_to_keep`."""
+    then groups the responses. Off under `gradient_checkpointing` (HF drops the cache there), for models with
+    sliding-window, chunked or linear-attention layers or whose forward takes no `logits_to_keep`, and for the
+    policy under ZeRO-3 (one padded forward there: ZeRO-3 holds re-gathered parameters until the last forward's
+    backward)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (HF gradient checkpointing): less memory, ~1/3 more compute."""
     peak_tflops: float | None = Field(None, gt=0)

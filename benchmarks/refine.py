@@ -59,6 +59,7 @@ def measure(config_file: str, quick: bool, batches: int, *overrides: str) -> dic
     model_path = config.model.path
     generator.generate(source.next_batch(0), 1)  # warm both engines
     refiner.refine(generator.generate(source.next_batch(0), 1)[0])
+    refiner._start_scorer()  # the torch scorer's model load is not part of any timed refinement
     variants = {  # name -> (dedupe, copy_verify, refiner config changes)
         "default": (True, False, {}),
         "copy_verify": (True, True, {}),

@@ -244,7 +244,8 @@ class RefinerConfig(_Strict):
     """`gated`: what scores a's tokens. `engine`: the refiner's vLLM engine (prompt log-probs, which vLLM
     computes over the whole vocabulary at every prompt position); `torch`: a transformers copy of π0 in the
     refiner's actor, one batched forward that keeps only a's positions' logits (on the engine's device; it holds
-    π0's weights a second time). Decoding is always the engine's."""
+    π0's weights a second time, beside the engine's `gpu_memory_utilization` share on a GPU; one device, whatever
+    the engine's tensor parallelism). Decoding is always the engine's."""
     improved_eval_fraction: float = Field(1.0, ge=0, le=1)
     """Fraction of each step's samples whose a' is scored for `refiner/improved_frac` (only changed a' cost a call)."""
     monitor: bool = False

@@ -211,15 +211,16 @@ class ForwardScorer:
     """`refiner.gate_scorer=torch`: the gated copy's scoring pass (`engines.continuation_scores`' contract) as a
     plain transformers forward of π0. Rows are left-padded (positions from the mask), so every row's candidate is
     right-aligned and only the last (longest candidate + 1) positions' logits are computed; rows go in chunks of
-    at most `budget` logits. Ranks count the tokens at least as likely, as vLLM's do (1: the argmax)."""
+    at most `budget` logits and `tokens` tokens (a row larger than either runs alone). Ranks count the tokens at
+    least as likely, as vLLM's do (1: the argmax)."""
 
-    def __init__(self, model_path: str, dtype: str, device: str, budget: int = 2**25) -> None:
+    def __init__(self, model_path: str, dtype: str, device: str, budget: int = 2**25, tokens: int = 2**14) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
         self.model = model.to(device).eval().requires_grad_(False)
-        self.device, self.budget = device, budget
+        self.device, self.budget, self.tokens = device, budget, tokens
         self.vocab = model.config.get_text_config().vocab_size
 
     def score(self, prefixes: list[list[int]], candidates: list[list[int]]) -> list[tuple[list[int], list[float], int]]:
@@ -230,7 +231,9 @@ class ForwardScorer:
         kept = 0  # logits positions the current chunk keeps per row
         for i in order:
             grown = max(kept, len(candidates[i]) + 1)
-            if chunks[-1] and (len(chunks[-1]) + 1) * grown * self.vocab > self.budget:
+            rows = len(chunks[-1]) + 1  # sorted by length: this row is the chunk's widest
+            wide = rows * (len(prefixes[i]) + len(candidates[i])) > self.tokens
+            if chunks[-1] and (rows * grown * self.vocab > self.budget or wide):
                 chunks.append([])
                 grown = len(candidates[i]) + 1
             chunks[-1].append(i)
@@ -252,8 +255,11 @@ class ForwardScorer:
                     attention_mask=mask,
                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     logits_to_keep=keep,
+                    use_cache=False,  # one pass: no key/value cache to keep
                 ).logits
-                logprobs = logits.float().log_softmax(-1)  # (rows, keep, V): position keep-1 follows the candidate
+                if logits.shape[1] != keep:
+                    raise RuntimeError(f"{type(self.model).__name__} ignored logits_to_keep: the torch scorer needs it")
+                logprobs = logits.log_softmax(-1, dtype=torch.float32)  # (rows, keep, V): keep-1 follows the candidate
                 del logits
                 for row, i in enumerate(chunk):
                     n = len(candidates[i])
@@ -287,10 +293,10 @@ class Refiner:
         self.client = None
         self.model_path, self.dtype = model_path, dtype
         self.scorer = None
-        if config.mode == "gated" and config.gate_scorer == "torch":
-            self._start_scorer()
         if config.base_url is None:
             self.llm = engines.start_engine(model_path, config.engine, dtype, seed, speculative=config.speculative)
+        if config.mode == "gated" and config.gate_scorer == "torch":  # after the engine: vLLM checks free memory
+            self._start_scorer()
         else:
             import openai
 

@@ -143,7 +143,7 @@ def run_stage(model_path: str, stage: int, micro: int, steps: int, args: argpars
     samples = list(batch.samples)
     with torch.no_grad():  # the learner's batched, padded log-probs against the one-row HF reference
         rows = build_rows(samples, learner.pad_id, with_refined=False).to(device)
-        ours, _ = learner._logprobs(learner.engine, rows)
+        ours, _ = learner._forward(learner.engine, rows)
     ours = [ours[i][rows.target_mask[i].bool()].float().cpu() for i in range(len(samples))]
     reference, reference_ce = hf_reference(model_path, batch, dtype, device, learner.pad_id)
     logprob_error = max((a - b).abs().max().item() for a, b in zip(ours, reference, strict=True))

@@ -295,8 +295,6 @@ class Refiner:
         self.scorer = None
         if config.base_url is None:
             self.llm = engines.start_engine(model_path, config.engine, dtype, seed, speculative=config.speculative)
-        if config.mode == "gated" and config.gate_scorer == "torch":  # after the engine: vLLM checks free memory
-            self._start_scorer()
         else:
             import openai
 
@@ -307,6 +305,8 @@ class Refiner:
                 max_retries=config.max_retries,
             )
             self.served_model = self.client.models.list().data[0].id
+        if config.mode == "gated" and config.gate_scorer == "torch":  # after the engine: vLLM checks free memory
+            self._start_scorer()
 
     def _complete(self, prompts: list[list[int]]) -> list[tuple[str, bool]]:
         sampling = self.config.sampling

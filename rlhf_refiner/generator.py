@@ -64,8 +64,9 @@ class Generator:
         group_size = group_size or self.config.generator.group_size
         sampling = sampling or self.config.generator.sampling
         requests = [(prompt, k) for prompt in prompts for k in range(group_size)]
+        logprobs = self.config.generator.logprobs or self.config.algo.tis_cap is not None  # TIS reads them
         params = [
-            engines.sampling_params(sampling, request_seed(sampling.seed, step, p.prompt_id, k), logprobs=True)
+            engines.sampling_params(sampling, request_seed(sampling.seed, step, p.prompt_id, k), logprobs)
             for p, k in requests
         ]
         started = time.perf_counter()

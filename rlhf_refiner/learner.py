@@ -243,6 +243,11 @@ def behaviour_logprobs(samples: list[Sample], width: int) -> torch.Tensor:
     for row, s in enumerate(samples):
         start = len(s.rollout.prompt.prompt_token_ids) - 1  # logits at t predict token t+1
         values = torch.tensor(s.rollout.response_logprobs, dtype=out.dtype)
+        if len(values) != len(s.rollout.response_token_ids):  # generated before algo.tis_cap was set
+            raise ValueError(
+                f"sample {s.rollout.sample_id} has no behaviour log-probs, which algo.tis_cap needs (it was generated "
+                "before algo.tis_cap was set)"
+            )
         out[row, start : start + len(values)] = values
     return out
 

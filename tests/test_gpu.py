@@ -82,7 +82,8 @@ def test_vllm_generator_and_refiner_on_gpu(pi0_dir):
 
     gpu_engine = ["engine.num_gpus=1", "engine.gpu_memory_utilization=0.3", "engine.enforce_eager=false"]
     engines = [*(f"generator.{o}" for o in gpu_engine), *(f"refiner.{o}" for o in gpu_engine)]
-    config = load("configs/quickstart.yaml", [f"model.path={pi0_dir}", "refiner.copy_verify=true", *engines])
+    logprobs = "generator.logprobs=true"
+    config = load("configs/quickstart.yaml", [f"model.path={pi0_dir}", "refiner.copy_verify=true", logprobs, *engines])
     source = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(pi0_dir))
     generator = Generator(pi0_dir, config)
     rollouts, metrics = generator.generate(source.next_batch(0), 1)
@@ -103,7 +104,7 @@ def test_weight_sync_round_trip_matches_the_learner(gpu_cluster, pi0_dir, tmp_pa
 
     config = _config(
         tmp_path, pi0_dir, "algo.constraint=static_kl", "generator.sampling.temperature=0", "learner.lr=0.01",
-        "sync.bucket_mb=0.25", *_layout(_gpus()),
+        "sync.bucket_mb=0.25", "generator.logprobs=true", *_layout(_gpus()),
     )  # fmt: skip
     trip = sync_round_trip(config, pi0_dir, tmp_path)
     assert trip["sent"]["buckets"] > 1 and trip["received"][0]["checksums"] == trip["sent"]["checksums"]
@@ -143,7 +144,7 @@ def test_tied_model_round_trip_after_a_sync(gpu_cluster, tied_pi0_dir, tmp_path)
 
     config = _config(
         tmp_path, tied_pi0_dir, "algo.constraint=none", "generator.sampling.temperature=0", "learner.lr=0.01",
-        "sync.bucket_mb=0.25", *_layout(_gpus()),
+        "sync.bucket_mb=0.25", "generator.logprobs=true", *_layout(_gpus()),
     )  # fmt: skip
     trip = sync_round_trip(config, tied_pi0_dir, tmp_path)
     assert trip["received"][0]["checksums"] == trip["sent"]["checksums"]

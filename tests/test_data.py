@@ -181,3 +181,13 @@ def test_a_held_out_set_larger_than_a_quarter_of_the_task_is_refused_not_drawn_f
 
     with pytest.raises(ConfigError, match=r"more than a quarter of the 100 problems of task.digits=1"):
         PromptSource(DataConfig(prompts_per_step=2), TaskConfig(digits=1), tokenizer, EvalConfig(num_prompts=200))
+
+
+def test_batched_user_turns_render_exactly_as_one_at_a_time(tokenizer):
+    """The refiner renders a batch's templates in one chat-template and one tokenizer call; each row must be the
+    ids a single render gives (empty and multi-line turns included)."""
+    from rlhf_refiner.data import render_user_turn, render_user_turns
+
+    users = ["12+34=46>", "", "a\nb c", "99+99=891>"]
+    assert render_user_turns(tokenizer, users) == [render_user_turn(tokenizer, u) for u in users]
+    assert render_user_turns(tokenizer, []) == []

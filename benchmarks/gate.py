@@ -15,15 +15,16 @@ from pathlib import Path
 from benchmarks.refine import _timed, policy_and_refiner, shapes
 from benchmarks.runs import in_fresh_process
 
-SETTINGS = {  # name -> refiner overrides
+ENGINE, TORCH = {"mode": "gated", "gate_scorer": "engine"}, {"mode": "gated", "gate_scorer": "torch"}
+SETTINGS = {  # name -> refiner overrides, each complete: the config's own mode and scorer must not leak in
     "decode": {"mode": "decode"},
-    "gated argmax": {"mode": "gated"},
-    "gated argmax, torch scorer": {"mode": "gated", "gate_scorer": "torch"},
-    "gated τ=0.5": {"mode": "gated", "gate_tau": 0.5},
-    "gated τ=0.2": {"mode": "gated", "gate_tau": 0.2},
-    "gated τ=0.1": {"mode": "gated", "gate_tau": 0.1},
-    "gated τ=0.1, torch scorer": {"mode": "gated", "gate_tau": 0.1, "gate_scorer": "torch"},
-    "gated τ=0.05": {"mode": "gated", "gate_tau": 0.05},
+    "gated argmax": ENGINE,
+    "gated argmax, torch scorer": TORCH,
+    "gated τ=0.5": {**ENGINE, "gate_tau": 0.5},
+    "gated τ=0.2": {**ENGINE, "gate_tau": 0.2},
+    "gated τ=0.1": {**ENGINE, "gate_tau": 0.1},
+    "gated τ=0.1, torch scorer": {**TORCH, "gate_tau": 0.1},
+    "gated τ=0.05": {**ENGINE, "gate_tau": 0.05},
 }
 
 

@@ -36,7 +36,8 @@ def measure(config_file: str, quick: bool, batches: int, *overrides: str) -> dic
     base = config.refiner
 
     refiner.refine(generator.generate(source.next_batch(0), 1)[0])  # warm both engines
-    refiner._start_scorer()  # the torch scorer's model load is not part of any timed refinement
+    if refiner.scorer is None:  # the torch scorer's model load is not part of any timed refinement
+        refiner._start_scorer()
     cold = (generator.llm, refiner.llm)
     stats = {name: {"seconds": 0.0, "unchanged": 0, "edits": 0, "changed": 0, "improved": 0, "worsened": 0}
              for name in SETTINGS}  # fmt: skip

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.runs import ROOT, load_config, mean, train
+from benchmarks.runs import ROOT, load_config, mean, train, warmup
 
 
 def copy_seconds(model_path: str, repeats: int = 5) -> float:
@@ -104,8 +104,8 @@ def shape_figures(
     measured = [one_round(config_file, steps, quick, overrides, arms) for _ in range(rounds)]
     copy_s = copy_seconds(resolve_model_path(config))
     shape = (
-        f"{label}, {config_file} {' '.join(overrides)}, {samples} samples/step, {steps} steps per run (warm-up "
-        f"dropped), {rounds} round(s) of every arm side by side"
+        f"{label}, {config_file} {' '.join(overrides)}, {samples} samples/step, {steps} steps per run (the first "
+        f"{warmup(steps)} and the last dropped), {rounds} round(s) of every arm side by side"
     )
 
     def figure(name: str, goal: str, per_round, detail) -> dict:
@@ -186,7 +186,7 @@ def figures(quick: bool) -> list[dict]:
         "<= 1.10",
     )
     smollm2 = Path("~/.cache/rlhf_refiner/smollm2-135m-instruct").expanduser()
-    if not quick and smollm2.exists():  # ~12 min a round on 2 cores: one round, the synchronous arms
+    if not quick and smollm2.exists():  # ~15 min a round on 2 cores: one round, the synchronous arms
         label = "SmolLM2-135M-Instruct"
-        results += shape_figures("configs/smollm2.yaml", label, 5, quick, (), 1, sync_arms, "<= 1.30")
+        results += shape_figures("configs/smollm2.yaml", label, 6, quick, (), 1, sync_arms, "<= 1.30")
     return results

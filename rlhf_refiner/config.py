@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
@@ -228,6 +228,14 @@ class RefinerConfig(_Strict):
     `reward/code_eval.py` CODE_BLOCK (a test checks the configs), so the refiner edits the program that is scored."""
     sampling: SamplingConfig = SamplingConfig(temperature=0.0)
     """Refiner decoding; greedy by default so that copies are exact."""
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _greedy_unless_said(cls, value: Any) -> Any:
+        """A partial `refiner.sampling` (say, only max_new_tokens) keeps the refiner's greedy default rather than
+        SamplingConfig's T = 1."""
+        return {"temperature": 0.0, **value} if isinstance(value, dict) else value
+
     engine: EngineConfig = EngineConfig()
     """vLLM engine settings for the in-cluster refiner."""
     speculative: SpeculativeConfig = SpeculativeConfig()
@@ -737,13 +745,22 @@ class Config(_Strict):
                 f"({self.data.prompts_per_step}): every engine needs at least one prompt per step"
             )
         refiner = self.refiner
-        if refiner.mode == "gated" and (
-            refiner.base_url or refiner.sampling.temperature or refiner.sampling.stop or refiner.extract_pattern
-        ):
+        conflicts = [
+            name
+            for name, value in (
+                ("refiner.base_url", refiner.base_url),
+                ("refiner.sampling.temperature", refiner.sampling.temperature),
+                ("refiner.sampling.stop", refiner.sampling.stop),
+                ("refiner.extract_pattern", refiner.extract_pattern),
+            )
+            if value
+        ]
+        if refiner.mode == "gated" and conflicts:
             raise ValueError(
-                "refiner.mode=gated scores a with the refiner's own engine and decodes greedily: it needs no "
-                "refiner.base_url, refiner.sampling.temperature=0, no refiner.sampling.stop and no "
-                "refiner.extract_pattern"
+                f"refiner.mode=gated (configs/quickstart.yaml sets it) cannot take {', '.join(conflicts)}: it scores "
+                "a with the refiner's own engine and decodes greedily (no refiner.base_url, "
+                "refiner.sampling.temperature=0, no refiner.sampling.stop, no refiner.extract_pattern); set "
+                "refiner.mode=decode to use them"
             )
         for field in ("{query}", "{response}"):
             if field not in self.refiner.template:

@@ -206,3 +206,12 @@ def test_train_help_config_refuses_an_unknown_section_and_train_needs_config():
     assert "error: unknown config section 'algoo' (did you mean algo?)" in result.stderr
     result = _train()
     assert result.returncode == 2 and "the following arguments are required: --config" in result.stderr
+
+
+def test_a_partial_refiner_sampling_keeps_the_refiner_greedy():
+    """`refiner.sampling.max_new_tokens=5` alone (an override, or a YAML naming only that) used to build a fresh
+    SamplingConfig at T = 1, silently turning the greedy refiner (exact copies, dedupe) into a sampling one."""
+    config = config_lib.load(None, ["refiner.sampling.max_new_tokens=5"])
+    assert config.refiner.sampling.temperature == 0.0 and config.refiner.sampling.max_new_tokens == 5
+    assert config_lib.load(None, ["refiner.sampling.temperature=0.7"]).refiner.sampling.temperature == 0.7
+    assert config_lib.load(None, ["generator.sampling.max_new_tokens=5"]).generator.sampling.temperature == 1.0

@@ -82,8 +82,9 @@ def test_vllm_generator_and_refiner_on_gpu(pi0_dir):
 
     gpu_engine = ["engine.num_gpus=1", "engine.gpu_memory_utilization=0.3", "engine.enforce_eager=false"]
     engines = [*(f"generator.{o}" for o in gpu_engine), *(f"refiner.{o}" for o in gpu_engine)]
-    logprobs = "generator.logprobs=true"
-    config = load("configs/quickstart.yaml", [f"model.path={pi0_dir}", "refiner.copy_verify=true", logprobs, *engines])
+    # copy-verify against plain decoding: not the quickstart's own (gated) refiner
+    refiner = ["refiner.copy_verify=true", "refiner.mode=decode", "generator.logprobs=true"]
+    config = load("configs/quickstart.yaml", [f"model.path={pi0_dir}", *refiner, *engines])
     source = PromptSource(config.data, config.task, AutoTokenizer.from_pretrained(pi0_dir))
     generator = Generator(pi0_dir, config)
     rollouts, metrics = generator.generate(source.next_batch(0), 1)

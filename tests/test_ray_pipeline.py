@@ -238,6 +238,7 @@ def test_apps_shaped_run_scores_in_the_sandbox(ray_cluster, tiny_pi0, tmp_path):
         "trainer.steps=2",
         "data.prompts_per_step=2",
         f"refiner.extract_pattern={CODE_BLOCK.pattern}",  # as configs/paper/apps_*.yaml
+        "refiner.mode=decode",  # as there: the quickstart's gated refiner copies whole responses, not code blocks
         "generator.sampling.temperature=0",  # the policy writes π0's own program at step 1
         run="apps",
     )
@@ -299,7 +300,9 @@ def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
     from rlhf_refiner.refiner import Refiner
     from rlhf_refiner.task import corrupt, make_problem
 
-    config = load("configs/quickstart.yaml", [f"model.path={tiny_pi0}", "refiner.copy_verify=true"])
+    # plain decoding and the engine scorer first: the quickstart's own refiner is the torch-scored gate
+    overrides = ["refiner.copy_verify=true", "refiner.mode=decode", "refiner.gate_scorer=engine"]
+    config = load("configs/quickstart.yaml", [f"model.path={tiny_pi0}", *overrides])
     tokenizer = AutoTokenizer.from_pretrained(tiny_pi0)
     rng = random.Random(0)
     rollouts = []
@@ -312,7 +315,7 @@ def test_copy_verify_writes_what_greedy_decoding_writes(tiny_pi0):
     # the same (query, a) again under other sample ids, as when G samples agree: refined once, copied to both
     rollouts += [dataclasses.replace(r, sample_id=f"0-{r.prompt.prompt_id}-1") for r in rollouts[:6]]
     refiner = Refiner(tiny_pi0, config.refiner, config.model.dtype, config.trainer.seed)
-    assert refiner.copy_verify
+    assert refiner.copy_verify and refiner.config.mode == "decode"
     verified, verified_metrics = refiner.refine(rollouts)
     refiner.copy_verify = False
     plain, _ = refiner.refine(rollouts)

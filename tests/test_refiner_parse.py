@@ -435,8 +435,11 @@ def test_gated_mode_is_refused_where_it_cannot_run():
     from rlhf_refiner.config import ConfigError
 
     for bad in ("refiner.sampling.temperature=0.7", "refiner.base_url=http://x:8000/v1", "refiner.sampling.stop=[x]"):
-        with pytest.raises(ConfigError, match="refiner.mode=gated scores a with the refiner's own engine"):
+        field = bad.split("=")[0]  # the message names what conflicts, and the way out
+        with pytest.raises(ConfigError, match=f"refiner.mode=gated .* cannot take {field}: .*set refiner.mode=decode"):
             load(None, ["refiner.mode=gated", bad])
+    quickstart = load("configs/quickstart.yaml", ["refiner.mode=decode", "refiner.sampling.temperature=0.7"])
+    assert quickstart.refiner.sampling.temperature == 0.7  # the quickstart's gated refiner, switched off
 
 
 def test_the_forward_scorer_gives_each_candidate_tokens_rank_and_log_prob(tmp_path):

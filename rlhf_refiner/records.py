@@ -48,9 +48,8 @@ class Rollout:
     prompt: Prompt
     response: str
     response_token_ids: tuple[int, ...]
-    response_logprobs: tuple[
-        float, ...
-    ]  # behaviour log-probs from the engine, one per response token; () unless generator.logprobs or algo.tis_cap
+    # behaviour log-probs from the engine, one per response token; () unless generator.logprobs or algo.tis_cap
+    response_logprobs: tuple[float, ...]
     finished: bool  # ended on a stop token rather than on max_new_tokens
     policy_version: int
 

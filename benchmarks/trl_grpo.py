@@ -5,7 +5,7 @@ step, response length, sampling, learning rate, clip ε and KL β (`algo.kl_coef
 vLLM: TRL's vLLM colocate mode fails on CPU at its first weight sync ("'Parameter' object has no attribute
 'weight_loader'"), so this is TRL's working CPU configuration. Gradient checkpointing is off, as in our learner.
 
-    python -m benchmarks.trl_grpo --config configs/quickstart.yaml --steps 6 [overrides...]
+    python -m benchmarks.trl_grpo --config configs/quickstart.yaml --steps 6 [--bf16] [overrides...]
 
 Prints one JSON object: samples/s over the steps after the warm-up, the mean step time, and where a step's time
 goes (`stages`: seconds per step in generation, reward, the policy's and the reference's forwards, backward and
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="TRL's bf16 mixed precision (CPU autocast), not the figure")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -92,7 +93,7 @@ def main() -> None:
             shuffle_dataset=False,
             gradient_checkpointing=False,
             use_cpu=True,
-            bf16=False,
+            bf16=args.bf16,
             logging_steps=1,
             save_strategy="no",
             report_to="none",

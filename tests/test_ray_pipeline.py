@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import select
+import queue
 import subprocess
 import sys
 import threading
@@ -418,15 +418,26 @@ def test_weight_sync_from_two_zero3_ranks_into_two_engines(ray_cluster, tiny_pi0
 
 
 def wait_for_line(process: subprocess.Popen, marker: str, deadline_s: float) -> None:
-    """Read the process's output until `marker` appears (readiness by event, not by sleeping); fail on exit."""
+    """Read the process's output until `marker` appears (readiness by event, not by sleeping); fail on exit. A
+    daemon thread reads it line by line and keeps draining it afterwards (a full pipe would block the process).
+    select() on the pipe instead missed a marker that arrived in the same read as the line before it: the reader
+    had buffered it, and `ray start --block` prints nothing more to wake select() up."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def drain() -> None:
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)  # end of output: the process exited
+
+    threading.Thread(target=drain, daemon=True).start()
     end = time.monotonic() + deadline_s
     tail: list[str] = []
-    while time.monotonic() < end:
-        ready, _, _ = select.select([process.stdout], [], [], max(0.0, end - time.monotonic()))
-        if not ready:
+    while (remaining := end - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
             break
-        line = process.stdout.readline()
-        if not line:
+        if line is None:
             raise RuntimeError(
                 f"{process.args[0]} exited (rc={process.wait(timeout=30)}) before '{marker}':\n{''.join(tail)}"
             )
@@ -467,8 +478,7 @@ def test_refiner_through_openai_server_matches_engine(ray_cluster, tiny_pi0, tmp
         env={**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     try:
-        wait_for_line(server, "Application startup complete", deadline_s=300)
-        threading.Thread(target=server.stdout.read, daemon=True).start()  # keep draining: a full pipe blocks it
+        wait_for_line(server, "Application startup complete", deadline_s=300)  # and keeps draining its output
         config = load(None, [f"refiner.base_url=http://127.0.0.1:{port}/v1", "refiner.request_timeout_s=60"])
         remote = Refiner(tiny_pi0, config.refiner, "float32", 0)
         from transformers import AutoTokenizer

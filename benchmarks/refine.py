@@ -33,7 +33,7 @@ def policy_and_refiner(config_file: str, quick: bool, *overrides: str):
 
     from rlhf_refiner import engines
     from rlhf_refiner.data import PromptSource
-    from rlhf_refiner.generator import Generator, request_seed
+    from rlhf_refiner.generator import Generator, request_seed, returns_logprobs
     from rlhf_refiner.loop import resolve_model_path
     from rlhf_refiner.refiner import Refiner
 
@@ -43,7 +43,7 @@ def policy_and_refiner(config_file: str, quick: bool, *overrides: str):
     generator = Generator(model_path, config)
     refiner = Refiner(model_path, config.refiner, config.model.dtype, config.trainer.seed)
     sampling = config.generator.sampling
-    logprobs = config.generator.logprobs or config.algo.tis_cap is not None  # as the Generator asks
+    logprobs = returns_logprobs(config)  # as the Generator asks
 
     def regenerate(rollouts):
         params = []

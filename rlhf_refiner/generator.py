@@ -21,6 +21,11 @@ def request_seed(base: int, step: int, prompt_id: int, index: int) -> int:
     return (base * 1_000_003 + step * 7_919 + prompt_id * 104_729 + index) % (2**63 - 1)
 
 
+def returns_logprobs(config: Config) -> bool:
+    """Whether rollouts carry the engine's behaviour log-probs: where TIS reads them, or when asked for."""
+    return config.generator.logprobs or config.algo.tis_cap is not None
+
+
 def check_reloadable(model_path: str, config: Config) -> None:
     """Fail before any actor starts (the loop calls this) if weight sync could not update this model correctly."""
     from transformers import AutoConfig
@@ -64,7 +69,7 @@ class Generator:
         group_size = group_size or self.config.generator.group_size
         sampling = sampling or self.config.generator.sampling
         requests = [(prompt, k) for prompt in prompts for k in range(group_size)]
-        logprobs = self.config.generator.logprobs or self.config.algo.tis_cap is not None  # TIS reads them
+        logprobs = returns_logprobs(self.config)
         params = [
             engines.sampling_params(sampling, request_seed(sampling.seed, step, p.prompt_id, k), logprobs)
             for p, k in requests

@@ -275,6 +275,17 @@ def test_a_timed_out_gloo_group_fails_fast_then_is_closed_and_re_formed():
     worker.rlhf_sync_group.close()
 
 
+def _round_trip_config(tiny_pi0, tmp_path, *overrides: str):
+    """The quickstart shrunk for `sync_round_trip`: greedy samples with their log-probs, a learner step large
+    enough (lr 0.01) to move them."""
+    from rlhf_refiner.config import load
+
+    sizes = ["data.prompts_per_step=4", "generator.group_size=2", "metrics.wandb_mode=disabled"]
+    sampling = ["generator.sampling.temperature=0", "generator.logprobs=true", "learner.lr=0.01"]
+    where = [f"model.path={tiny_pi0}", f"trainer.output_dir={tmp_path / 'run'}"]
+    return load("configs/quickstart.yaml", [*where, *sizes, *sampling, *overrides])
+
+
 @pytest.mark.ray
 def test_a_sync_holds_one_bucket_per_vllm_worker_not_the_model(ray_cluster, tiny_pi0, tmp_path):
     """The tiny π0 in 0.25 MiB buckets (each decoder layer is one, ~0.6 MB): the vLLM worker's peak extra bytes
@@ -283,23 +294,7 @@ def test_a_sync_holds_one_bucket_per_vllm_worker_not_the_model(ray_cluster, tiny
     from conftest import hf_logprobs, sync_round_trip
     from transformers import AutoModelForCausalLM
 
-    from rlhf_refiner.config import load
-
-    config = load(
-        "configs/quickstart.yaml",
-        [
-            f"model.path={tiny_pi0}",
-            f"trainer.output_dir={tmp_path / 'run'}",
-            "data.prompts_per_step=4",
-            "generator.group_size=2",
-            "generator.sampling.temperature=0",
-            "learner.lr=0.01",
-            "sync.bucket_mb=0.25",
-            "sync.verify=true",
-            "metrics.wandb_mode=disabled",
-            "generator.logprobs=true",
-        ],
-    )
+    config = _round_trip_config(tiny_pi0, tmp_path, "sync.bucket_mb=0.25", "sync.verify=true")
     trip = sync_round_trip(config, tiny_pi0, tmp_path)
     sent, (received,) = trip["sent"], trip["received"]
     assert received["checksums"] == sent["checksums"]
@@ -331,22 +326,7 @@ def test_a_bf16_generator_loads_the_fp32_learners_weights(ray_cluster, tiny_pi0,
     from conftest import hf_logprobs, sync_round_trip
     from transformers import AutoModelForCausalLM
 
-    from rlhf_refiner.config import load
-
-    config = load(
-        "configs/quickstart.yaml",
-        [
-            f"model.path={tiny_pi0}",
-            f"trainer.output_dir={tmp_path / 'run'}",
-            "data.prompts_per_step=4",
-            "generator.group_size=2",
-            "generator.sampling.temperature=0",
-            "generator.engine.dtype=bfloat16",
-            "generator.logprobs=true",
-            "learner.lr=0.01",
-            "metrics.wandb_mode=disabled",
-        ],
-    )
+    config = _round_trip_config(tiny_pi0, tmp_path, "generator.engine.dtype=bfloat16")
     trip = sync_round_trip(config, tiny_pi0, tmp_path)
     learner_weights = AutoModelForCausalLM.from_pretrained(trip["final"], dtype=torch.bfloat16).eval()
     pi0 = AutoModelForCausalLM.from_pretrained(tiny_pi0, dtype=torch.bfloat16).eval()

@@ -291,12 +291,16 @@ class CodeRewardConfig(_Strict):
     """Interpreter inside the sandbox; must be readable by an unprivileged uid (not under /root)."""
     allow_unisolated: bool = False
     """Without working bubblewrap, run candidates with rlimits only instead of refusing (isolation `none`)."""
-    max_concurrency: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
-    """Sandboxes running at once per reward worker (default: the core count); each slot has its own uid."""
+    max_concurrency: int | None = Field(None, ge=1)
+    """Sandboxes running at once per reward worker, each slot its own uid; default: the CPUs the worker was given
+    (`reward.num_cpus`, at least 1), so that candidates are not starved by their neighbours."""
     test_timeout_s: float = Field(4.0, gt=0)
-    """Wall-clock limit of one test (also the CPU-seconds rlimit, rounded up)."""
+    """CPU seconds of one test: the candidate's, and in bubblewrap every process it starts (harness.py)."""
+    wall_factor: float = Field(3.0, ge=1)
+    """A test still running after wall_factor × test_timeout_s of wall-clock time is stopped: a timeout if it slept
+    or blocked, an infrastructure error (rerun, never a wrong answer) if it waited for a CPU most of that time."""
     max_seconds: float = Field(60.0, gt=0)
-    """Wall-clock limit of one candidate's whole sandbox, owned by the parent."""
+    """Wall-clock limit of one candidate's whole sandbox, owned by the parent (also the harness's CPU rlimit)."""
     startup_s: float = Field(5.0, gt=0)
     """Allowance for the sandbox and interpreter to start, added to the per-test budget."""
     memory_mb: int = Field(1024, ge=64)

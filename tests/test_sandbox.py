@@ -96,7 +96,7 @@ def test_memory_hog_is_contained(box):
 def test_fork_flood_is_contained_and_leaves_no_processes(box):
     flood = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     assert evaluate(box, STDIO, flood).status in ("timeout", "runtime_error")
-    uids = range(box.config.base_uid, box.config.base_uid + box.config.max_concurrency)
+    uids = range(box.config.base_uid, box.config.base_uid + box.concurrency)
     rows = subprocess.run(["ps", "-eo", "uid=,stat="], capture_output=True, text=True).stdout.splitlines()
     alive = [row for row in rows if int(row.split()[0]) in uids and not row.split()[1].startswith("Z")]
     assert not alive  # Sandbox.run returns only after the slot's processes are gone

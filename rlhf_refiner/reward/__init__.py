@@ -74,7 +74,8 @@ class RewardWorker:
         self.http = None
         self.function = None
         if "code" in self.weights:
-            self.sandbox = Sandbox(config.code)  # fails closed here, at startup, without bubblewrap
+            # fails closed here, at startup, without bubblewrap; as many sandboxes at once as this worker has CPUs
+            self.sandbox = Sandbox(config.code, concurrency=max(1, int(config.num_cpus)))
         if "http" in self.weights:
             from rlhf_refiner.reward.model import HttpReward
 
@@ -89,7 +90,7 @@ class RewardWorker:
                 raise ValueError(f"sample {rollout.sample_id}: the code reward needs unit tests (a code data.source)")
             return evaluate(self.sandbox, rollout.prompt.tests, response)
 
-        with ThreadPoolExecutor(self.config.code.max_concurrency) as pool:
+        with ThreadPoolExecutor(self.sandbox.concurrency) as pool:
             return list(pool.map(one, zip(rollouts, responses)))
 
     def _http(self, rollouts: list[Rollout], responses: list[str]) -> list[float | str]:

@@ -73,6 +73,7 @@ def build_spec(tests: CodeTests, completion: str) -> dict:
         "tests": json.loads(tests.cases_json),
         "fn_name": tests.fn_name,
         "setup": tests.setup,
+        "prefix": tests.program_prefix,  # the prompt's own code (helpers the test calls), trusted: run by the judge
     }
 
 
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--completions", type=Path, required=True, help="JSONL rows {task_id, completion}")
     parser.add_argument("--out", type=Path, required=True, help="R.json: per-completion results and a summary")
     parser.add_argument("--mode", choices=["fraction", "all_or_nothing"], default="fraction")
-    parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument("--max-concurrency", type=int, default=None, help="default: this process's CPUs")
     parser.add_argument("--test-timeout-s", type=float, default=4.0)
     parser.add_argument("--allow-unisolated", action="store_true", help="run without bubblewrap (rlimits only)")
     args = parser.parse_args(argv)
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(sandbox, problems[str(row["task_id"])], row["completion"])
         return {"task_id": row["task_id"], "reward": reward_of(result, args.mode), **asdict(result)}
 
-    with ThreadPoolExecutor(code_config.max_concurrency) as pool:
+    with ThreadPoolExecutor(sandbox.concurrency) as pool:
         results = list(tqdm(pool.map(score, completions), total=len(completions), desc="code_eval", file=sys.stderr))
     statuses = Counter(r["status"] for r in results)
     summary = {

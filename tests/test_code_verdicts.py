@@ -128,6 +128,11 @@ ATTACKS = {
         "import os, signal\nsignal.signal(signal.SIGALRM, lambda *a: os._exit(0))\n"
         "def {fn}(*args):\n    signal.setitimer(signal.ITIMER_REAL, 0.01)\n    while True:\n        pass\n"
     ),
+    "defines nothing": "pass\n",
+    "raises a builtin exception": "def {fn}(*args):\n    raise KeyError('{fn}')\n",
+    "raises an exception that claims a builtin's name": (
+        "class ZeroDivisionError(BaseException):\n    pass\ndef {fn}(*args):\n    raise ZeroDivisionError()\n"
+    ),
     "exits 0 while answering": "import sys\ndef {fn}(*args):\n    sys.exit(0)\n",
     "a value nested too deep to decode": (
         "def {fn}(*args):\n    v = []\n    for _ in range(100000):\n        v = [v]\n    return v\n"

@@ -514,7 +514,12 @@ def run_test(spec: dict, index: int) -> tuple[str, Candidate | None]:
         candidate = Server(spec)
         candidate.load(spec["setup"], solution_class=spec["kind"] == "call")
         if spec["kind"] == "call":
-            got = candidate.call(spec["fn_name"], tuple(case["input"]), {})
+            try:
+                got = candidate.call(spec["fn_name"], tuple(case["input"]), {})
+            except AssertionError:
+                return "wrong_answer", candidate
+            except Exception:  # noqa: BLE001 - a builtin exception the candidate raised: as if it crashed
+                return "runtime_error", candidate
             status = "ok" if call_matches(got, case["output"]) else "wrong_answer"
         else:
             status = judge_asserts(candidate, spec, case["code"])

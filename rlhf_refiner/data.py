@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +36,135 @@ class NoTestsError(InvalidRowError):
 
 def render_user_turn(tokenizer, user: str) -> list[int]:
     """Token ids of a one-turn chat ending with the assistant header, via the tokenizer's chat template."""
-    return render_messages(tokenizer, [("user", user)])
+    return render_chats(tokenizer, [[("user", user)]])[0]
 
 
 def render_user_turns(tokenizer, users: list[str]) -> list[list[int]]:
     """`render_user_turn` of many turns in one chat-template call and one batched tokenizer call."""
-    if not users:
-        return []
-    chats = [[{"role": "user", "content": user}] for user in users]
-    texts = tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
-    return tokenizer(texts, add_special_tokens=False).input_ids
+    return render_chats(tokenizer, [[("user", user)] for user in users])
 
 
 def render_messages(tokenizer, messages: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> list[int]:
     """Token ids of a conversation ending with the assistant header, via the tokenizer's chat template."""
-    chat = [{"role": role, "content": content} for role, content in messages]
-    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return render_chats(tokenizer, [list(messages)])[0]
+
+
+SENTINEL = "\ue000{}\ue001"  # stands in for a message's content: private-use characters no template alters
+CONTENT_AS_RENDERED = (str, str.strip, str.rstrip, str.lstrip)  # what templates do to a content (Llama 3: trim)
+
+
+def render_chats(tokenizer, chats: list[list[tuple[str, str]]], add_generation_prompt: bool = True) -> list[list[int]]:
+    """Token ids of chats rendered with the tokenizer's chat template, every message's content untrusted text.
+
+    A content that spells a special token (`<|im_end|>`, `<|start_header_id|>`, ...) must not become that token:
+    a response could otherwise close π0's user turn and write its answer for it, or steer a reward model. A chat
+    whose contents spell none is tokenised as rendered; one that does goes through `marker_safe_ids`."""
+    if not chats:
+        return []
+    texts = _render(tokenizer, chats, [[content for _, content in chat] for chat in chats], add_generation_prompt)
+    ids = tokenizer(texts, add_special_tokens=False).input_ids
+    special = special_tokens_pattern(tokenizer)
+    spelled = [i for i, chat in enumerate(chats) if any(special.search(content) for _, content in chat)]
+    if spelled:
+        safe = marker_safe_ids(
+            tokenizer, [chats[i] for i in spelled], [texts[i] for i in spelled], add_generation_prompt
+        )
+        for i, chat_ids in zip(spelled, safe):
+            ids[i] = chat_ids
+    return ids
+
+
+def special_tokens_pattern(tokenizer) -> re.Pattern:
+    """A regex of the tokenizer's special tokens' texts, longest first (it matches none when there are none)."""
+    specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, specials))) if specials else re.compile("(?!)")
+
+
+def _render(
+    tokenizer, chats: list[list[tuple[str, str]]], contents: list[list[str]], generation_prompt: bool
+) -> list[str]:
+    """The chats' texts through the chat template, each message's content replaced by `contents`'."""
+    conversations = [
+        [{"role": role, "content": content} for (role, _), content in zip(chat, texts)]
+        for chat, texts in zip(chats, contents)
+    ]
+    return tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def marker_safe_ids(
+    tokenizer, chats: list[list[tuple[str, str]]], texts: list[str], add_generation_prompt: bool
+) -> list[list[int]]:
+    """Token ids of chats (`texts`: as rendered) in which only the template's own special tokens are special.
+
+    Each chat is rendered again around a sentinel per content, which tells the template's own text from the
+    contents'; its text is cut at the template's own special tokens only, and each run between them (template text
+    and contents together, as a plain tokenisation sees them: a marker-free chat gets exactly its plain ids) is
+    tokenised with special tokens split into ordinary pieces. Should the template alter contents beyond trimming
+    them, so that they cannot be located, their special-token texts are broken by a word joiner (U+2060)."""
+    special = special_tokens_pattern(tokenizer)
+    sentinels = [[SENTINEL.format(j) for j in range(len(chat))] for chat in chats]
+    skeletons = _render(tokenizer, chats, sentinels, add_generation_prompt)
+    runs = [_runs(chat, skeleton, text, special) for chat, skeleton, text in zip(chats, skeletons, texts)]
+    unlocated = [i for i, chat_runs in enumerate(runs) if chat_runs is None]
+    if unlocated:
+        broken = [
+            [special.sub(lambda m: m.group()[0] + "\u2060" + m.group()[1:], c) for _, c in chats[i]] for i in unlocated
+        ]
+        for i, text in zip(unlocated, _render(tokenizer, [chats[i] for i in unlocated], broken, add_generation_prompt)):
+            runs[i] = _cut(text, special)
+    strings = [run for chat_runs in runs for run, is_special in chat_runs if not is_special]
+    encoded = iter(tokenizer(strings, add_special_tokens=False, split_special_tokens=True).input_ids if strings else [])
+    return [
+        [
+            t
+            for run, is_special in chat_runs
+            for t in ([tokenizer.convert_tokens_to_ids(run)] if is_special else next(encoded))
+        ]
+        for chat_runs in runs
+    ]
+
+
+def _cut(template_text: str, special: re.Pattern) -> list[tuple[str, bool]]:
+    """Text whose special-token texts are all the template's own, as (text, is a special token) pieces."""
+    pieces, last = [], 0
+    for match in special.finditer(template_text):
+        pieces += [(template_text[last : match.start()], False), (match.group(), True)]
+        last = match.end()
+    return [piece for piece in [*pieces, (template_text[last:], False)] if piece[0]]
+
+
+def _runs(chat: list[tuple[str, str]], skeleton: str, text: str, special: re.Pattern) -> list[tuple[str, bool]] | None:
+    """`text`, the chat rendered, as (text, is a special token) runs in which only the template's own special tokens
+    are special: the template's parts come from `skeleton`, and between them each content as the template rendered
+    it (as is, or trimmed). None when a content cannot be located."""
+    parts = re.split("\ue000\\d+\ue001", skeleton)
+    order = [int(j) for j in re.findall("\ue000(\\d+)\ue001", skeleton)]
+    pieces: list[tuple[str, bool]] = []
+    position = 0
+    for k, part in enumerate(parts):
+        if not text.startswith(part, position):
+            return None
+        pieces += _cut(part, special)
+        position += len(part)
+        if k == len(order):
+            break
+        content, follows = chat[order[k]][1], parts[k + 1]
+        for shown in (transform(content) for transform in CONTENT_AS_RENDERED):
+            if text.startswith(shown, position) and text.startswith(follows, position + len(shown)):
+                break
+        else:
+            return None
+        pieces.append((shown, False))
+        position += len(shown)
+    if position != len(text):
+        return None
+    runs: list[tuple[str, bool]] = []  # adjacent ordinary pieces joined: they tokenise together, as in a plain render
+    for piece, is_special in pieces:
+        if runs and not is_special and not runs[-1][1]:
+            runs[-1] = (runs[-1][0] + piece, False)
+        elif piece or is_special:
+            runs.append((piece, is_special))
+    return [run for run in runs if run[0]]
 
 
 def _string(row: dict[str, Any], key: str, allow_empty: bool = False) -> str:

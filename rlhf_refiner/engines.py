@@ -53,7 +53,8 @@ def start_engine(
             torch.set_num_threads(engine.torch_threads)
     import vllm
 
-    kwargs: dict[str, Any] = {}
+    # "vllm": neutral sampling defaults, not the model's (its end tokens are still read from generation_config.json)
+    kwargs: dict[str, Any] = {"generation_config": "vllm"}
     if speculative is not None and speculative.method == "ngram":
         kwargs["speculative_config"] = {
             "method": "ngram",
@@ -95,6 +96,19 @@ def wake_up(llm: Any) -> None:
     llm.wake_up()
 
 
+# Every sampling field a request leaves unset gets a value from somewhere else: `vllm serve` fills it from the model's
+# generation_config.json (Qwen2.5-Instruct ships repetition_penalty 1.05, top_k 20, top_p 0.8), which would make a
+# greedy π0 penalise exactly the tokens it is asked to copy. So every request sets every field that shapes the
+# distribution: these neutral ones, and temperature / top_p from our config. (top_k -1: "all", for vLLM and SGLang.)
+NEUTRAL_SAMPLING = {
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "top_k": -1,
+    "min_p": 0.0,
+}
+
+
 def sampling_params(sampling: SamplingConfig, seed: int, logprobs: bool) -> Any:
     import vllm
 
@@ -102,6 +116,7 @@ def sampling_params(sampling: SamplingConfig, seed: int, logprobs: bool) -> Any:
         n=1,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
+        **NEUTRAL_SAMPLING,
         max_tokens=sampling.max_new_tokens,
         stop=list(sampling.stop) or None,
         seed=seed,

@@ -111,7 +111,8 @@ def make_refinement(
     if text == rollout.response:
         refined_ids, end = response_ids, response_end  # the sampled ids: retokenising may differ on odd merges
     else:
-        refined_ids = tuple(tokenizer(text, add_special_tokens=False).input_ids)
+        # a' is text: a literal "<|im_end|>" in it is characters, never the end-of-turn token the CE would teach
+        refined_ids = tuple(tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
         end = response_end if ends_as_response else stop_ids[:1]
     return Refinement(
         sample_id=rollout.sample_id,
@@ -330,14 +331,18 @@ class Refiner:
         if self.llm is not None:
             params = [engines.sampling_params(sampling, sampling.seed + i, logprobs=False) for i in range(len(prompts))]
             return [(c.text, c.finished) for c in engines.complete(self.llm, prompts, params)]
+        neutral = engines.NEUTRAL_SAMPLING  # every field pinned: the server would fill the rest from the model's files
         response = self.client.completions.create(
             model=self.served_model,
             prompt=prompts,
             max_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
+            presence_penalty=neutral["presence_penalty"],
+            frequency_penalty=neutral["frequency_penalty"],
             stop=list(sampling.stop) or None,
             seed=sampling.seed,
+            extra_body={k: neutral[k] for k in ("repetition_penalty", "top_k", "min_p")},  # vLLM's own fields
         )
         choices = sorted(response.choices, key=lambda c: c.index)
         return [(c.text, c.finish_reason == "stop") for c in choices]

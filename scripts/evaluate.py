@@ -42,6 +42,10 @@ def generate(model, tokenizer, prompts, sampling, n: int, batch_size: int, stop_
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     greedy = sampling.temperature == 0
+    # generate() fills every field our settings leave at its default from the model's own generation_config.json
+    # (which final/ inherits from π0: Qwen2.5-Instruct ships a repetition penalty, top_k 20, top_p 0.8, do_sample),
+    # so a penalty of 1.0 or do_sample=False cannot be asked for explicitly: the model's defaults go instead.
+    model.generation_config = GenerationConfig()
     settings = GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
         do_sample=not greedy,

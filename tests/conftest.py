@@ -145,3 +145,53 @@ def hf_logprobs(model, prompt_ids: list[int], response_ids: list[int]) -> list[f
         full = torch.tensor([prompt_ids + response_ids], device=model.device)
         logprobs = torch.log_softmax(model(full).logits[0, len(prompt_ids) - 1 : -1].float(), -1)
     return logprobs.gather(-1, torch.tensor(response_ids, device=model.device).unsqueeze(-1)).squeeze(-1).tolist()
+
+
+# Chat templates of real model families, reduced to what shapes the turns: Qwen2.5-Instruct's ChatML (with its default
+# system turn) and Llama 3's (which trims every content).
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+CHAT_STYLES = {
+    "qwen": (QWEN_TEMPLATE, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, ["<|im_start|>"]),
+    "llama3": (
+        LLAMA3_TEMPLATE,
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|finetune_right_pad_id|>"},
+        ["<|start_header_id|>", "<|end_header_id|>"],
+    ),
+}
+
+
+def build_chat_tokenizer(style: str, out_dir):
+    """A byte-level BPE tokenizer (trained here on a few sentences, as GPT-2/Qwen/Llama 3 tokenizers are byte-level
+    BPE) with the special tokens and chat template of `style` ("qwen" or "llama3"), saved to `out_dir`."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    template, named, extra = CHAT_STYLES[style]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        "What is 33 + 50? The answer is 83.",
+        "Repeat it exactly.\nYou are a helpful assistant.",
+        string.printable,
+    ]
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 8, trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=extra, **named)
+    hf.chat_template = template
+    hf.save_pretrained(out_dir)
+    return hf

@@ -114,10 +114,11 @@ def test_reward_model_uses_its_own_chat_template_and_merges(tmp_path):
     model = RewardModel(RewardModelConfig(path=path, batch_size=2), weight=0.5)
     prompt = Prompt(0, "hi", (1,), None, 0, messages=(("user", "1+1="),))
     rollouts = [_rollout(prompt, r, k) for k, r in enumerate(["2", "3", "2"])]
-    text = model.text_of(rollouts[0], "2")
-    assert text == model.tokenizer.apply_chat_template(
+    ids = model.token_ids_of(rollouts[:1], ["2"])[0]
+    text = model.tokenizer.apply_chat_template(
         [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}], tokenize=False
     )
+    assert ids == model.tokenizer(text, add_special_tokens=False).input_ids  # marker-free: as a plain render
     scored = model.score(rollouts)
     raw = [r.components["model"] for r in scored]
     assert raw[0] == pytest.approx(raw[2], abs=1e-5) and raw[0] != raw[1]  # same text, same score; batching-proof

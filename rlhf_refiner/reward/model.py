@@ -1,10 +1,12 @@
 """Model rewards: an HF sequence-classification reward model hosted in its own actor(s), and a remote HTTP
 reward endpoint for users who already serve one.
 
-`RewardModel` renders (conversation, response) with the reward model's *own* chat template, scores in
-batches under a deadline, and returns `Reward` records with the `model` component, weighted. `HttpReward`
-speaks OpenRLHF's remote-RM protocol (POST {"query", "prompts", "labels"} -> {"rewards": [...]}), with a
-timeout and bounded retries; a batch that still fails is an infrastructure error, never a score.
+`RewardModel` renders (conversation, response) with the reward model's *own* chat template (the texts as
+untrusted: `data.render_chats`), truncated to `max_length` tokens, scores in batches under a deadline, and
+returns `Reward` records with the `model` component, weighted. `HttpReward` speaks OpenRLHF's remote-RM protocol
+(POST {"query", "prompts", "labels"} -> {"rewards": [...]}), with a timeout and bounded retries; a batch that
+still fails is an infrastructure error, never a score. It sends text: the endpoint's own tokenisation decides
+whether a response's literal turn markers stay text.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import urllib.error
 import urllib.request
 
 from rlhf_refiner.config import HttpRewardConfig, RewardModelConfig
+from rlhf_refiner.data import render_chats
 from rlhf_refiner.metrics import redirect_actor_output
 from rlhf_refiner.records import Refinement, Reward, Rollout
 
@@ -44,33 +47,28 @@ class RewardModel:
         self.model = model.to(device).eval()
         self.device = device
 
-    def text_of(self, rollout: Rollout, response: str) -> str:
-        """The conversation + response in the reward model's own chat template."""
-        turns = rollout.prompt.messages or (("user", rollout.prompt.query),)
-        chat = [{"role": role, "content": content} for role, content in turns]
-        chat.append({"role": "assistant", "content": response})
-        return self.tokenizer.apply_chat_template(chat, tokenize=False)
+    def token_ids_of(self, rollouts: list[Rollout], responses: list[str]) -> list[list[int]]:
+        """Each conversation + response in the reward model's own chat template, as token ids: the texts are
+        untrusted, so a response that spells the template's turn markers does not become them (data.render_chats)."""
+        chats = [
+            [*(rollout.prompt.messages or (("user", rollout.prompt.query),)), ("assistant", response)]
+            for rollout, response in zip(rollouts, responses)
+        ]
+        return render_chats(self.tokenizer, chats, add_generation_prompt=False)
 
-    def scores(self, texts: list[str]) -> list[float]:
+    def scores(self, token_ids: list[list[int]]) -> list[float]:
         import torch
 
         values: list[float] = []
-        for start in range(0, len(texts), self.config.batch_size):
-            chunk = texts[start : start + self.config.batch_size]
-            enc = self.tokenizer(
-                chunk,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.config.max_length,
-                add_special_tokens=False,
-            ).to(self.device)
+        for start in range(0, len(token_ids), self.config.batch_size):
+            chunk = [ids[: self.config.max_length] for ids in token_ids[start : start + self.config.batch_size]]
+            enc = self.tokenizer.pad({"input_ids": chunk}, return_tensors="pt").to(self.device)
             with torch.no_grad():
                 values += self.model(**enc).logits[:, 0].float().tolist()
         return values
 
     def _rewards(self, rollouts: list[Rollout], responses: list[str], ids: list[str]) -> list[Reward]:
-        values = self.scores([self.text_of(r, text) for r, text in zip(rollouts, responses)])
+        values = self.scores(self.token_ids_of(rollouts, responses))
         return [
             Reward(sample_id, self.weight * v, None, {"model": v}, r.policy_version)
             for sample_id, r, v in zip(ids, rollouts, values)

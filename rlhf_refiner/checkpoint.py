@@ -31,6 +31,7 @@ from rlhf_refiner.metrics import truncate_after
 # and where it runs. Any other difference would make the resumed run a different experiment than its checkpoint.
 RESUMABLE_CHANGES = (
     "trainer.steps",
+    "learner.lr_schedule_updates",  # what an extension means for a decaying schedule: `keep_lr_schedule` records it
     "trainer.save_every",
     "trainer.keep_checkpoints",
     "trainer.save_final",
@@ -290,6 +291,39 @@ def check_resume_config(directory: Path, state: dict[str, Any], config: Config) 
     return refused
 
 
+def keep_lr_schedule(directory: Path, state: dict[str, Any], config: Config) -> Config:
+    """The config a resume trains with: a decaying learning-rate schedule keeps the span of optimizer updates it
+    started with (`learner.lr_schedule_updates`, else the saved run's steps × updates), so a run extended by raising
+    `trainer.steps` continues at its final learning rate instead of jumping back up the decay; one that sets
+    `learner.lr_schedule_updates` re-plans it. Either way, when the span differs from the run's new length, the
+    decision goes into `config_changes.jsonl`."""
+    learner = config.learner
+    saved = state.get("config")
+    if learner.lr_schedule == "constant" or saved is None:
+        return config
+    saved_learner = saved["learner"]
+    started = saved_learner.get("lr_schedule_updates") or saved["trainer"]["steps"] * saved_learner["updates_per_step"]
+    span = learner.lr_schedule_updates or started
+    updates = config.trainer.steps * learner.updates_per_step
+    if span != updates or span != started:
+        record = {
+            "step": state["step"],
+            "checkpoint": str(directory),
+            "lr_schedule": {
+                "schedule": learner.lr_schedule,
+                "updates": span,
+                "was": started,
+                "run_updates": updates,
+                "after_span": f"lr x {learner.min_lr_ratio} (its final value)",
+            },
+        }
+        with (Path(config.trainer.output_dir) / "config_changes.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        how = "re-planned" if span != started else "kept; past it the learning rate stays at its final value"
+        print(f"learner.lr_schedule={learner.lr_schedule} spans {span} updates ({how}), the run {updates}", flush=True)
+    return config.model_copy(update={"learner": learner.model_copy(update={"lr_schedule_updates": span})})
+
+
 def finished_run(output_dir: Path, step: int, config: Config) -> dict[str, Any] | None:
     """The summary of a run whose newest checkpoint is already at (or past) `trainer.steps`, and the one line that
     says so on stderr; None when there is training left. A finished run is left untouched."""
@@ -299,7 +333,8 @@ def finished_run(output_dir: Path, step: int, config: Config) -> dict[str, Any] 
 
     print(
         f"{output_dir}: complete at step {step} (trainer.steps={config.trainer.steps}); nothing to do. To train "
-        f"further, run the same command with trainer.steps greater than {step}.",
+        f"further, run the same command with trainer.steps greater than {step} (a decaying learning rate then "
+        "continues at its final value; learner.lr_schedule_updates re-plans it).",
         file=sys.stderr,
     )
     summary_file = output_dir / "summary.json"

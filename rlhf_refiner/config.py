@@ -227,7 +227,8 @@ class RefinerConfig(_Strict):
     when π0 keeps that part (a without a match is replaced whole). Code tasks: the code reward's fenced block,
     `reward/code_eval.py` CODE_BLOCK (a test checks the configs), so the refiner edits the program that is scored."""
     sampling: SamplingConfig = SamplingConfig(temperature=0.0)
-    """Refiner decoding; greedy by default so that copies are exact."""
+    """Refiner decoding; greedy by default so that copies are exact. Unset, `max_new_tokens` is the generator's plus
+    a quarter (at least 4): a' must have room for a and an edit; a smaller one is refused."""
 
     @field_validator("sampling", mode="before")
     @classmethod
@@ -499,6 +500,11 @@ class LearnerConfig(_Strict):
     """Optimizer updates of linear warmup from lr / warmup_steps to `lr` (0: none)."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """The decayed schedules' final learning rate, as a fraction of `lr`."""
+    lr_schedule_updates: int | None = Field(None, ge=1)
+    """Optimizer updates a `linear` or `cosine` decay spans; None: the run's (`trainer.steps` × `updates_per_step`),
+    fixed when the run starts, so a run extended on resume continues at its final learning rate. Set it on a resume
+    to re-plan the decay over the new length instead (the learning rate then jumps back up); both are recorded in
+    `config_changes.jsonl`."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     grad_clip: float = Field(1.0, gt=0)
@@ -691,6 +697,31 @@ class Config(_Strict):
     placement: PlacementConfig = PlacementConfig()
     ray: RayConfig = RayConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refiner_budget_follows_the_generators(cls, data: Any) -> Any:
+        """An unset `refiner.sampling.max_new_tokens` is the generator's plus a quarter (at least 4 tokens): a config
+        that raises the generator's budget and says nothing of the refiner's would otherwise make every longer a'
+        a fallback, and the CE silently zero."""
+        if not isinstance(data, dict):
+            return data
+        refiner = data.get("refiner") if isinstance(data.get("refiner"), dict) else None
+        sampling = (refiner or {}).get("sampling", {})
+        if isinstance(data.get("refiner"), BaseModel) or not isinstance(sampling, dict) or "max_new_tokens" in sampling:
+            return data
+        generator = data.get("generator", {})
+        generator_sampling = generator.sampling if isinstance(generator, BaseModel) else generator.get("sampling", {})
+        if isinstance(generator_sampling, BaseModel):
+            budget = generator_sampling.max_new_tokens
+        else:
+            budget = generator_sampling.get("max_new_tokens", SamplingConfig().max_new_tokens)
+        if not isinstance(budget, int):  # not validated yet: the field's own check says what is wrong
+            return data
+        return {
+            **data,
+            "refiner": {**(refiner or {}), "sampling": {**sampling, "max_new_tokens": budget + max(4, budget // 4)}},
+        }
+
     @model_validator(mode="after")
     def _cross_field(self) -> Config:
         samples = self.data.prompts_per_step * self.generator.group_size
@@ -794,7 +825,40 @@ class Config(_Strict):
             )
         if self.algo.constraint == "dynamic" and self.algo.ce_coef == 0:
             raise ValueError("algo.constraint=dynamic with algo.ce_coef=0 is constraint=none; say so explicitly")
+        if self.refiner.sampling.max_new_tokens < self.generator.sampling.max_new_tokens:
+            raise ValueError(
+                f"refiner.sampling.max_new_tokens ({self.refiner.sampling.max_new_tokens}) is below "
+                f"generator.sampling.max_new_tokens ({self.generator.sampling.max_new_tokens}): every a' longer than "
+                "the refiner's budget is a fallback, which the CE skips; raise it, or leave it unset (the generator's "
+                "plus a quarter)"
+            )
+        self._check_precision()
         return self
+
+    def _check_precision(self) -> None:
+        """bf16/fp16 weights need DeepSpeed's mixed precision: fp32 master copies (and loss scaling for fp16). The
+        learner turns on the section matching `model.dtype` when `learner.deepspeed` names neither; one that says
+        otherwise is refused where it would train without them."""
+        wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(self.model.dtype)
+        ds = self.learner.deepspeed
+        if wanted is None or not ({"bf16", "fp16"} & ds.keys()):
+            return
+        enabled = {key for key in ("bf16", "fp16") if (ds.get(key) or {}).get("enabled", False)}
+        stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+        if wanted in enabled or (wanted == "bf16" and stage > 0 and not enabled):
+            return  # ZeRO >= 1 keeps fp32 partitions of bf16 weights by itself
+        sections = ", ".join(f"{key}={ds[key]}" for key in ("bf16", "fp16") if key in ds)
+        raise ValueError(
+            f"model.dtype={self.model.dtype} with learner.deepspeed {sections} (zero_optimization.stage {stage}) "
+            f"trains {self.model.dtype} weights "
+            + (
+                "without loss scaling: small gradients underflow to zero"
+                if wanted == "fp16"
+                else "without fp32 master copies: at small learning rates every update rounds to zero"
+            )
+            + f"; set learner.deepspeed.{wanted}.enabled=true (or drop the section: the learner enables it), or "
+            "model.dtype=float32"
+        )
 
     @property
     def run_name(self) -> str:

@@ -27,6 +27,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -288,10 +289,22 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimi
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
 
 
+def mixed_precision(config: Config) -> dict[str, Any]:
+    """DeepSpeed's section for `model.dtype` when `learner.deepspeed` names none: bf16 and fp16 weights then train
+    against fp32 master copies (fp16 with dynamic loss scaling). Without it, ZeRO stage 0 hands plain AdamW bf16
+    weights, and at lr 1e-6 every update rounds to zero (tested); a section that says otherwise is refused in
+    config."""
+    key = {"bfloat16": "bf16", "float16": "fp16"}.get(config.model.dtype)
+    if key is None or {"bf16", "fp16"} & config.learner.deepspeed.keys():
+        return {}
+    return {key: {"enabled": True}}
+
+
 def make_lr_schedule(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
-    """`learner.lr_schedule` with its warmup (algo.lr_factor) over the run's optimizer updates."""
+    """`learner.lr_schedule` with its warmup (algo.lr_factor) over `learner.lr_schedule_updates` optimizer updates
+    (default: the run's); past them a decayed schedule stays at its final learning rate."""
     cfg = config.learner
-    total = config.trainer.steps * cfg.updates_per_step
+    total = cfg.lr_schedule_updates or config.trainer.steps * cfg.updates_per_step
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda update: algo.lr_factor(update, total, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr_ratio)
     )
@@ -354,6 +367,7 @@ class Learner:
             "gradient_clipping": config.learner.grad_clip,
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
+            **mixed_precision(config),
             **config.learner.deepspeed,
         }
         optimizer = make_optimizer(model, config)
@@ -634,6 +648,9 @@ class Learner:
         metrics["learner/policy_version"] = self.policy_version
         metrics["learner/samples"] = len(samples)
         metrics["learner/staleness"] = batch.policy_version - min(s.policy_version for s in batch.samples)
+        if self.config.algo.tis_cap is None:  # stale samples trained with a ratio of 1 to the learner's own policy
+            stale = sum(s.policy_version < batch.policy_version for s in batch.samples)
+            metrics["learner/uncorrected_stale_frac"] = stale / len(batch.samples)
         seconds = time.perf_counter() - started
         metrics["time/learner_compute"] = seconds
         metrics["learner/tokens_per_s"] = tokens / seconds

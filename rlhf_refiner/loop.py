@@ -21,6 +21,7 @@ import signal
 import statistics
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -256,6 +257,14 @@ def run(config: Config) -> dict[str, Any]:
         if finished is not None:  # the same command again: nothing is started, nothing is written
             return finished
         checkpoint.check_resume_config(*resume, config)  # a resume is the same experiment, or says how it is not
+        config = checkpoint.keep_lr_schedule(*resume, config)  # an extension does not rewind a decaying schedule
+    if config.trainer.async_steps and config.algo.tis_cap is None:
+        warnings.warn(
+            f"trainer.async_steps={config.trainer.async_steps} without algo.tis_cap: each step trains on rollouts one "
+            "policy version old with a PPO ratio of 1 to the learner's own policy, uncorrected "
+            "(learner/uncorrected_stale_frac logs the share); set algo.tis_cap (e.g. 2.0) to weight them",
+            stacklevel=2,
+        )
     model_path = resolve_model_path(config)
     check_reloadable(model_path, config)  # bad input fails here, before any actor starts or file is written
     stages = ", ".join(placement.plan(config).actors)  # impossible GPU arithmetic fails here too

@@ -239,3 +239,46 @@ def test_a_failed_first_step_after_the_held_out_baseline_can_be_retried(tmp_path
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
     assert not checkpoint.trained_nothing(tmp_path)
+
+
+def test_an_extended_run_keeps_its_decaying_schedules_span_and_records_it(tmp_path):
+    """Raising trainer.steps on resume keeps a linear/cosine decay over the updates it started with (the learner
+    then stays at the final learning rate), and says so in config_changes.jsonl; setting
+    learner.lr_schedule_updates re-plans it, also recorded; a plain resume or a constant schedule records nothing."""
+    from rlhf_refiner.config import load
+
+    base = [f"trainer.output_dir={tmp_path}", "learner.lr_schedule=cosine", "learner.updates_per_step=2"]
+    saved = _saved(load(None, [*base, "trainer.steps=50"]), step=50)
+    same = checkpoint.keep_lr_schedule(tmp_path / "ck", saved, load(None, [*base, "trainer.steps=50"]))
+    assert same.learner.lr_schedule_updates == 100 and not (tmp_path / "config_changes.jsonl").exists()
+    longer = load(None, [*base, "trainer.steps=80"])
+    assert checkpoint.check_resume_config(tmp_path / "ck", saved, longer) == {}  # an extension is allowed
+    kept = checkpoint.keep_lr_schedule(tmp_path / "ck", saved, longer)
+    assert kept.learner.lr_schedule_updates == 100 and kept.trainer.steps == 80
+    record = json.loads((tmp_path / "config_changes.jsonl").read_text().splitlines()[-1])
+    assert (
+        record["step"] == 50 and record["lr_schedule"]["updates"] == 100 and record["lr_schedule"]["run_updates"] == 160
+    )
+    # the next resume of the extended run: its checkpoint holds the pinned span, and keeps it
+    again = checkpoint.keep_lr_schedule(tmp_path / "ck", _saved(kept, step=60), load(None, [*base, "trainer.steps=80"]))
+    assert again.learner.lr_schedule_updates == 100
+    replan = load(None, [*base, "trainer.steps=80", "learner.lr_schedule_updates=160"])
+    assert checkpoint.keep_lr_schedule(tmp_path / "ck", saved, replan).learner.lr_schedule_updates == 160
+    record = json.loads((tmp_path / "config_changes.jsonl").read_text().splitlines()[-1])
+    assert record["lr_schedule"]["updates"] == 160 and record["lr_schedule"]["was"] == 100
+    lines = len((tmp_path / "config_changes.jsonl").read_text().splitlines())
+    constant = [f"trainer.output_dir={tmp_path}", "trainer.steps=80"]
+    checkpoint.keep_lr_schedule(
+        tmp_path / "ck", _saved(load(None, [f"trainer.output_dir={tmp_path}"])), load(None, constant)
+    )
+    assert len((tmp_path / "config_changes.jsonl").read_text().splitlines()) == lines
+
+
+def test_async_without_tis_is_warned_about_before_anything_starts(tmp_path):
+    from rlhf_refiner import loop
+    from rlhf_refiner.config import load
+
+    run = [f"trainer.output_dir={tmp_path / 'run'}", "model.path=/nonexistent"]
+    config = load(None, [*run, "trainer.async_steps=1", "buffer.max_staleness=1"])
+    with pytest.warns(UserWarning, match="without algo.tis_cap"), pytest.raises((OSError, ValueError)):
+        loop.run(config)  # the missing model stops it right after the warning

@@ -211,8 +211,44 @@ def test_train_help_config_refuses_an_unknown_section_and_train_needs_config():
 def test_a_partial_refiner_sampling_keeps_the_refiner_greedy():
     """`refiner.sampling.max_new_tokens=5` alone (an override, or a YAML naming only that) used to build a fresh
     SamplingConfig at T = 1, silently turning the greedy refiner (exact copies, dedupe) into a sampling one."""
-    config = config_lib.load(None, ["refiner.sampling.max_new_tokens=5"])
-    assert config.refiner.sampling.temperature == 0.0 and config.refiner.sampling.max_new_tokens == 5
+    config = config_lib.load(None, ["refiner.sampling.max_new_tokens=25"])
+    assert config.refiner.sampling.temperature == 0.0 and config.refiner.sampling.max_new_tokens == 25
     sampling = ["refiner.sampling.temperature=0.7", "refiner.speculative.method=none"]  # CPU: no ngram when sampling
     assert config_lib.load(None, sampling).refiner.sampling.temperature == 0.7
     assert config_lib.load(None, ["generator.sampling.max_new_tokens=5"]).generator.sampling.temperature == 1.0
+
+
+def test_the_refiners_budget_follows_the_generators_and_is_never_smaller():
+    """A config that raises the generator's budget and says nothing of the refiner's used to keep the refiner at 16
+    tokens: every longer a' was a fallback, and the CE silently zero."""
+    raised = config_lib.load(None, ["generator.sampling.max_new_tokens=64"])
+    assert raised.refiner.sampling.max_new_tokens == 80  # 64 and a quarter
+    assert raised.refiner.sampling.temperature == 0.0
+    assert config_lib.load(None, ["generator.sampling.max_new_tokens=8"]).refiner.sampling.max_new_tokens == 12
+    with pytest.raises(config_lib.ConfigError) as refused:
+        config_lib.load(None, ["generator.sampling.max_new_tokens=64", "refiner.sampling.max_new_tokens=16"])
+    assert "refiner.sampling.max_new_tokens (16) is below generator.sampling.max_new_tokens (64)" in str(refused.value)
+    assert config_lib.load("configs/smollm2.yaml", []).refiner.sampling.max_new_tokens == 96  # said: kept
+
+
+@pytest.mark.parametrize(
+    ("dtype", "deepspeed", "refused"),
+    [
+        ("bfloat16", "{}", None),  # no section: the learner turns on bf16 (fp32 masters)
+        ("bfloat16", "{bf16: {enabled: false}}", "without fp32 master copies"),
+        ("bfloat16", "{fp16: {enabled: true}}", "without fp32 master copies"),
+        ("bfloat16", "{bf16: {enabled: false}, zero_optimization: {stage: 2}}", None),  # ZeRO keeps fp32 partitions
+        ("float16", "{fp16: {enabled: false}, zero_optimization: {stage: 2}}", "without loss scaling"),
+        ("float16", "{fp16: {enabled: true}}", None),
+        ("float32", "{bf16: {enabled: false}}", None),
+    ],
+)
+def test_low_precision_weights_without_master_copies_are_refused(dtype, deepspeed, refused):
+    overrides = [f"model.dtype={dtype}", f"learner.deepspeed={deepspeed}"]
+    if refused is None:
+        config_lib.load(None, overrides)
+        return
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.load(None, overrides)
+    message = str(error.value)
+    assert refused in message and f"model.dtype={dtype}" in message and "learner.deepspeed" in message

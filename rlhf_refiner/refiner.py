@@ -21,6 +21,8 @@ import math
 import time
 from collections.abc import Callable
 
+from rapidfuzz.distance import Levenshtein
+
 from rlhf_refiner import engines
 from rlhf_refiner.config import RefinerConfig
 from rlhf_refiner.data import render_user_turns
@@ -30,16 +32,16 @@ from rlhf_refiner.reward.code_eval import last_group_span
 
 
 def edit_distance(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    """Levenshtein distance between two token sequences (insert, delete, substitute all cost 1)."""
-    if a == b:  # most refinements are copies
+    """Levenshtein distance between two token sequences (insert, delete, substitute all cost 1). Most a' are copies
+    or local edits of a: the common prefix and suffix are trimmed first, and rapidfuzz's compiled Levenshtein
+    measures what is left (pure Python took 0.22 s for a 1,024-token pair differing in one token)."""
+    if a == b:
         return 0
-    previous = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        current = [i]
-        for j, y in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
-        previous = current
-    return previous[-1]
+    start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    end = 0
+    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    return Levenshtein.distance(a[start : len(a) - end], b[start : len(b) - end])
 
 
 def stop_token_ids(model_path: str, tokenizer) -> tuple[int, ...]:

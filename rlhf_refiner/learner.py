@@ -726,11 +726,19 @@ class Learner:
         torch.save(rng_state(), os.path.join(directory, f"torch_rng_rank{self.rank}.pt"))
 
     def load_checkpoint(self, directory: str) -> int:
-        """Restore what `save_checkpoint` wrote; returns the restored policy version."""
+        """Restore what `save_checkpoint` wrote; returns the restored policy version. The learning rate and weight
+        decay are this config's from the next update on: the checkpoint's optimizer and schedule hold the saved
+        ones, which would silently undo a change that `trainer.allow_config_change` let through and recorded.
+        (On a plain resume they are the same numbers, computed as the schedule computes them: bitwise.)"""
         path, client_state = self.engine.load_checkpoint(directory, tag="state")
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint (tag 'state') under {directory}")
         set_rng_state(torch.load(os.path.join(directory, f"torch_rng_rank{self.rank}.pt")))
+        schedule, cfg = self.engine.lr_scheduler, self.config.learner
+        schedule.base_lrs = [cfg.lr] * len(schedule.base_lrs)
+        for group, factor in zip(schedule.optimizer.param_groups, schedule.lr_lambdas, strict=True):
+            group["lr"] = cfg.lr * factor(schedule.last_epoch)
+            group["weight_decay"] = cfg.weight_decay
         self.policy_version = client_state["policy_version"]
         return self.policy_version
 

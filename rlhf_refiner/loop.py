@@ -32,7 +32,6 @@ import ray
 from rlhf_refiner import checkpoint, evaluation, placement, run_state
 from rlhf_refiner.config import Config, ConfigError
 from rlhf_refiner.data import PromptSource
-from rlhf_refiner.generator import check_reloadable
 from rlhf_refiner.metrics import MetricsLogger, check_wandb_login, spread_samples
 from rlhf_refiner.records import Sample
 from rlhf_refiner.rollout import assemble_samples, rollout_phase, wait
@@ -265,8 +264,7 @@ def run(config: Config) -> dict[str, Any]:
             "(learner/uncorrected_stale_frac logs the share); set algo.tis_cap (e.g. 2.0) to weight them",
             stacklevel=2,
         )
-    model_path = resolve_model_path(config)
-    check_reloadable(model_path, config)  # bad input fails here, before any actor starts or file is written
+    model_path = resolve_model_path(config)  # bad input fails here, before any actor starts or file is written
     stages = ", ".join(placement.plan(config).actors)  # impossible GPU arithmetic fails here too
     check_wandb_login(config)  # and a missing W&B login
     from transformers import AutoTokenizer

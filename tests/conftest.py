@@ -71,6 +71,19 @@ def run_config(tmp_path, model_path: str, *overrides: str, run: str = "run"):
     )
 
 
+def tie_embeddings(model_dir: str, out_dir) -> str:
+    """A copy of `model_dir` with its LM head tied to its input embeddings, as SmolLM2, Qwen2.5-0.5B/1.5B and
+    Llama-3.2 ship: the checkpoint holds `embed_tokens` only, and the learner's parameters name it once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    return str(out_dir)
+
+
 def build_tiny_reward_model(out_dir) -> str:
     """A 1-label LlamaForSequenceClassification with the embedded char tokenizer and its chat template, saved
     locally (no hub): the stand-in for a real reward model in tests and the CPU dialogue run."""

@@ -248,6 +248,7 @@ def test_an_extended_run_keeps_its_decaying_schedules_span_and_records_it(tmp_pa
     from rlhf_refiner.config import load
 
     base = [f"trainer.output_dir={tmp_path}", "learner.lr_schedule=cosine", "learner.updates_per_step=2"]
+    base.append("learner.min_lr_ratio=0.1")  # a decay to 0 could not be extended at all: see the next test
     saved = _saved(load(None, [*base, "trainer.steps=50"]), step=50)
     same = checkpoint.keep_lr_schedule(tmp_path / "ck", saved, load(None, [*base, "trainer.steps=50"]))
     assert same.learner.lr_schedule_updates == 100 and not (tmp_path / "config_changes.jsonl").exists()
@@ -282,3 +283,19 @@ def test_async_without_tis_is_warned_about_before_anything_starts(tmp_path):
     config = load(None, [*run, "trainer.async_steps=1", "buffer.max_staleness=1"])
     with pytest.warns(UserWarning, match="without algo.tis_cap"), pytest.raises((OSError, ValueError)):
         loop.run(config)  # the missing model stops it right after the warning
+
+
+def test_an_extension_past_a_decay_to_zero_is_refused_with_the_ways_out(tmp_path):
+    """Going on at the final learning rate of a decay to 0 would train nothing, silently: refused, naming both fixes."""
+    from rlhf_refiner.config import ConfigError, load
+
+    base = [f"trainer.output_dir={tmp_path}", "learner.lr_schedule=linear"]
+    saved = _saved(load(None, [*base, "trainer.steps=50"]), step=50)
+    with pytest.raises(ConfigError) as refused:
+        checkpoint.keep_lr_schedule(tmp_path / "ck", saved, load(None, [*base, "trainer.steps=80"]))
+    message = str(refused.value)
+    assert "learning rate 0" in message and "learner.lr_schedule_updates=80" in message and "min_lr_ratio" in message
+    replanned = load(None, [*base, "trainer.steps=80", "learner.lr_schedule_updates=80"])
+    assert checkpoint.keep_lr_schedule(tmp_path / "ck", saved, replanned).learner.lr_schedule_updates == 80
+    finished = checkpoint.keep_lr_schedule(tmp_path / "ck", saved, load(None, [*base, "trainer.steps=50"]))
+    assert finished.learner.lr_schedule_updates == 50  # a plain resume is never refused

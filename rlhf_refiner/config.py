@@ -321,6 +321,17 @@ class CodeRewardConfig(_Strict):
     infra_retries: int = Field(3, ge=0)
     """Retries of a sandbox that failed to start; after them the sample is an infra error, never a 0 score."""
 
+    @model_validator(mode="after")
+    def _one_test_fits(self) -> CodeRewardConfig:
+        one_test = self.test_timeout_s * self.wall_factor + self.startup_s
+        if one_test > self.max_seconds:
+            raise ValueError(
+                f"reward.code.test_timeout_s ({self.test_timeout_s:g}) x wall_factor ({self.wall_factor:g}) + "
+                f"startup_s ({self.startup_s:g}) = {one_test:g} s exceeds max_seconds ({self.max_seconds:g}): one test "
+                "could not run to its own limits inside the candidate's; raise max_seconds"
+            )
+        return self
+
 
 class RewardModelConfig(_Strict):
     """A sequence-classification reward model (1 label), hosted in its own actor(s)."""
@@ -825,6 +836,14 @@ class Config(_Strict):
             )
         if self.algo.constraint == "dynamic" and self.algo.ce_coef == 0:
             raise ValueError("algo.constraint=dynamic with algo.ce_coef=0 is constraint=none; say so explicitly")
+        learner = self.learner
+        updates = self.trainer.steps * learner.updates_per_step
+        span = learner.lr_schedule_updates
+        if learner.lr_schedule != "constant" and span is not None and span < updates and learner.min_lr_ratio == 0:
+            raise ValueError(
+                f"learner.lr_schedule_updates ({span}) is below the run's {updates} updates with "
+                f"learner.min_lr_ratio=0: the learning rate would be 0 from update {span} on; raise one of them"
+            )
         if self.refiner.sampling.max_new_tokens < self.generator.sampling.max_new_tokens:
             raise ValueError(
                 f"refiner.sampling.max_new_tokens ({self.refiner.sampling.max_new_tokens}) is below "

@@ -100,7 +100,10 @@ def marker_safe_ids(
     contents'; its text is cut at the template's own special tokens only, and each run between them (template text
     and contents together, as a plain tokenisation sees them: a marker-free chat gets exactly its plain ids) is
     tokenised with special tokens split into ordinary pieces. Should the template alter contents beyond trimming
-    them, so that they cannot be located, their special-token texts are broken by a word joiner (U+2060)."""
+    them, so that they cannot be located, their special-token texts are broken by a word joiner (U+2060).
+    Byte-level BPE (GPT-2, Qwen, Llama 3) tokenises each run as a plain tokenisation would (tested); a SentencePiece
+    tokenizer that marks a word start only at the start of its input (Metaspace, prepend "first") gives a run after
+    a marker a leading word-start piece, so there the ids of a chat that spells a marker differ in that piece."""
     special = special_tokens_pattern(tokenizer)
     sentinels = [[SENTINEL.format(j) for j in range(len(chat))] for chat in chats]
     skeletons = _render(tokenizer, chats, sentinels, add_generation_prompt)
@@ -214,8 +217,23 @@ def code_tests_of(fmt: str, row: dict[str, Any]) -> CodeTests:
         if not isinstance(asserts, list) or not asserts or not all(isinstance(a, str) for a in asserts):
             raise InvalidRowError("field 'test_list' must be a non-empty list of assert strings")
         setup = row.get("test_setup_code") or ""
-        return CodeTests("assert", json.dumps([{"code": a} for a in asserts]), setup=str(setup))
+        cases = json.dumps([{"code": a} for a in asserts])
+        return CodeTests("assert", cases, fn_name=_tested_function(row.get("code"), asserts), setup=str(setup))
     raise ValueError(f"unknown code format '{fmt}'")
+
+
+def _tested_function(reference: Any, asserts: list[str]) -> str | None:
+    """The function of MBPP's reference solution that its asserts call: the judge then takes that name from the
+    candidate even where it is a builtin's (a task named `max` would otherwise be judged against the builtin)."""
+    import ast
+
+    try:
+        defined = {n.name for n in ast.parse(reference).body if isinstance(n, ast.FunctionDef)}
+        called = [n.func.id for a in asserts for n in ast.walk(ast.parse(a)) if isinstance(n, ast.Call)
+                  and isinstance(n.func, ast.Name)]  # fmt: skip
+    except (SyntaxError, ValueError, TypeError):  # no or an unparsable reference: names come from the asserts alone
+        return None
+    return next((name for name in called if name in defined), None)
 
 
 def _query_of(source: str, row: dict[str, Any]) -> tuple[str, tuple[tuple[str, str], ...]]:

@@ -51,7 +51,8 @@ def generate(model, tokenizer, prompts, sampling, n: int, batch_size: int, stop_
         do_sample=not greedy,
         temperature=None if greedy else sampling.temperature,
         top_p=None if greedy else sampling.top_p,
-        top_k=None,
+        top_k=0,  # None would be transformers' default of 50; vLLM samples from the whole vocabulary
+        repetition_penalty=1.0,
         pad_token_id=pad,
         eos_token_id=list(stop_ids),
         stop_strings=list(sampling.stop) or None,

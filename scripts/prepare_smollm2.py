@@ -47,7 +47,9 @@ def prepare(out: Path) -> Path:
     config.tie_word_embeddings = True  # as SmolLM2 ships: lm_head is the embedding
     state = {k: v.detach().clone() for k, v in quantized.state_dict().items() if k != "lm_head.weight"}
     model = LlamaForCausalLM(config)
-    model.load_state_dict(state, strict=False)  # lm_head.weight: tied to model.embed_tokens.weight
+    missing, unexpected = model.load_state_dict(state, strict=False)  # only lm_head.weight: tied to the embedding
+    if set(missing) - {"lm_head.weight"} or unexpected:
+        raise SystemExit(f"the GGUF's tensors do not fit LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
     if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
         raise SystemExit("the converted model's LM head is not tied to its embeddings")
     tmp = out.with_name(out.name + ".tmp")

@@ -138,6 +138,30 @@ ATTACKS = {
         "def {fn}(*args):\n    v = []\n    for _ in range(100000):\n        v = [v]\n    return v\n"
     ),
     "an answer too large to read": "def {fn}(*args):\n    return 'x' * (8 << 20)\n",
+    "hides its CPU in children reaped behind SIGCHLD=SIG_IGN": (
+        "import os, signal\nsignal.signal(signal.SIGCHLD, signal.SIG_IGN)\ndef {fn}(*args):\n    for _ in range(80):\n"
+        "        if os.fork() == 0:\n            sum(range(10**6))\n            os._exit(0)\n    return 0\n"
+    ),
+    "lowers its own priority to look starved": (
+        "import os\ndef {fn}(*args):\n    os.sched_setaffinity(0, {0})\n"
+        "    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n    os.nice(19)\n    while True:\n"
+        "        pass\n"
+    ),
+    "writes into the memory of the judge and of bubblewrap's init": (
+        "import os\ndef {fn}(*args):\n    for pid in {1, os.getppid()}:\n        try:\n"
+        "            maps = open('/proc/%d/maps' % pid).read().splitlines()\n"
+        "            mem = open('/proc/%d/mem' % pid, 'r+b', buffering=0)\n        except OSError:\n"
+        "            continue\n        for line in maps:\n"
+        "            lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n"
+        "            if 'w' in line.split()[1]:\n                try:\n                    mem.seek(lo)\n"
+        "                    mem.write(bytes(min(hi - lo, 1 << 16)))\n                except OSError:\n"
+        "                    pass\n    return 0\n"
+    ),
+    "ptraces the judge and bubblewrap's init": (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\ndef {fn}(*args):\n"
+        "    for pid in {1, os.getppid()}:\n        if libc.ptrace(16, pid, 0, 0) == 0:\n"
+        "            libc.ptrace(8, pid, 0, 0)\n    return 0\n"
+    ),
     "a detached process writes later": (
         "import os\nif os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(0.3)\n"
         "    for fd in range(0, 1024):\n        try:\n"
@@ -195,6 +219,38 @@ HONEST = [
         "def inv(x):\n    return 1 / x\n",
         1,
     ),  # a test that expects the candidate to raise
+    # what honest solutions return besides builtins: a Counter, an OrderedDict, a namedtuple, a map the test wraps
+    # in list(), a Decimal: compared as their builtin (or stdlib) values
+    (
+        CodeTests("assert", json.dumps([{"code": "assert freq('abca') == {'a': 2, 'b': 1, 'c': 1}"}])),
+        "from collections import Counter\ndef freq(s):\n    return Counter(s)\n",
+        1,
+    ),
+    (
+        CodeTests("assert", json.dumps([{"code": "assert ordered() == {'x': 1}"}])),
+        "from collections import OrderedDict\ndef ordered():\n    return OrderedDict(x=1)\n",
+        1,
+    ),
+    (
+        CodeTests("assert", json.dumps([{"code": "assert point(1) == (1, 2)"}])),
+        "from collections import namedtuple\nP = namedtuple('P', 'x y')\ndef point(x):\n    return P(x, 2 * x)\n",
+        1,
+    ),
+    (
+        CodeTests("assert", json.dumps([{"code": "assert list(doubled([1, 2])) == [2, 4]"}])),
+        "def doubled(xs):\n    return map(lambda x: 2 * x, xs)\n",
+        1,
+    ),
+    (
+        CodeTests("assert", json.dumps([{"code": "from decimal import Decimal\nassert cost() == Decimal('1.10')"}])),
+        "from decimal import Decimal\ndef cost():\n    return Decimal('1.1')\n",
+        1,
+    ),
+    (
+        CodeTests("call", json.dumps([{"input": ["aab"], "output": {"a": 2, "b": 1}}]), "freq"),
+        "from collections import Counter\ndef freq(s):\n    return Counter(s)\n",
+        1,
+    ),
     (HUMANEVAL, "    return x ** 0.5\n", 1),
     (CALL, "def top(xs):\n    return max(xs)\n", 2),
     (CALL, "class Solution:\n    def top(self, xs):\n        return max(xs)\n", 2),
@@ -211,6 +267,20 @@ HONEST = [
 def test_honest_candidates_pass_every_test_form(box, tests, program, passed):
     result = evaluate(box, tests, program)
     assert (result.status, result.tests_passed) == ("ok", passed), result
+
+
+@needs_bwrap
+def test_a_tested_function_named_like_a_builtin_is_the_candidates(box):
+    """MBPP's reference solution names the function its asserts call (data.code_tests_of: fn_name), so a task whose
+    function shadows a builtin is judged on the candidate's function, not on the builtin: an empty program fails."""
+    from rlhf_refiner.data import code_tests_of
+
+    row = {"text": "Sort a list.", "code": "def sorted(xs):\n    return list(__builtins__.sorted(xs))\n",
+           "test_list": ["assert sorted([3, 1, 2]) == [1, 2, 3]"], "test_setup_code": ""}  # fmt: skip
+    tests = code_tests_of("mbpp", row)
+    assert tests.fn_name == "sorted"
+    assert evaluate(box, tests, "pass\n").tests_passed == 0
+    assert evaluate(box, tests, "def sorted(xs):\n    return [1, 2, 3]\n").status == "ok"
 
 
 @needs_bwrap
@@ -239,7 +309,13 @@ def test_plain_data_round_trips_and_nothing_else_decodes():
     ]
     assert decode(json.loads(json.dumps(encode(value)))) == value
     assert type(decode(encode((1,)))) is tuple and type(decode(encode(True))) is bool
-    for not_data in (object(), type("S", (str,), {})("x"), type("I", (int,), {})(1), [object()], len):
+    # a builtin's subclass crosses as its base's data, read through the base's own methods: what the judge holds
+    # is a plain str and int, whatever the subclass claims about itself
+    sly_str = type("S", (str,), {"__eq__": lambda self, other: True, "__str__": lambda self: "forged"})("x")
+    sly_int = type("I", (int,), {"__eq__": lambda self, other: True, "__int__": lambda self: 7})(1)
+    assert [type(v) for v in decode(encode([sly_str, sly_int]))] == [str, int]
+    assert decode(encode([sly_str, sly_int])) == ["x", 1]
+    for not_data in (object(), [object()], len, type("C", (), {})()):
         with pytest.raises((TypeError, ValueError)):
             encode(not_data)
     for forged in (
@@ -281,11 +357,46 @@ def test_a_tests_time_is_cpu_time(box):
 
 @needs_bwrap
 def test_a_candidate_that_crowds_itself_out_is_a_timeout_not_starved(box):
+    """Its own threads are its CPU time (processes it cannot start: the seccomp filter)."""
     crowd = (
-        "import os\nfor _ in range(6):\n    if os.fork() == 0:\n        os.setsid()\n        while True:\n"
-        "            pass\ndef sq(x):\n    n = 0\n    for i in range(10**9):\n        n += i\n    return x * x\n"
+        "import threading\ndef spin():\n    while True:\n        pass\n"
+        "for _ in range(6):\n    threading.Thread(target=spin, daemon=True).start()\n"
+        "def sq(x):\n    n = 0\n    for i in range(10**9):\n        n += i\n    return x * x\n"
     )
     assert evaluate(box, MBPP, crowd).status == "timeout"
+
+
+@needs_bwrap
+def test_threads_work_and_processes_do_not(box):
+    threads = "import threading\ndef sq(x):\n    out = []\n    t = threading.Thread(target=lambda: out.append(x * x))\n"
+    threads += "    t.start()\n    t.join()\n    return out[0]\n"
+    assert evaluate(box, MBPP, threads).status == "ok"
+    spawn = "import subprocess\ndef sq(x):\n"
+    spawn += "    return int(subprocess.run(['echo', str(x * x)], capture_output=True).stdout)\n"
+    assert evaluate(box, MBPP, spawn).status == "runtime_error"
+
+
+def test_the_seccomp_program_is_one_the_kernel_takes_and_does_what_it_says():
+    """Installed on a child here: threads run, and fork, a priority change, affinity and ptrace fail with EPERM."""
+    import platform
+
+    from rlhf_refiner.reward.harness import install_seccomp, seccomp_program
+
+    program = seccomp_program(platform.machine())
+    if program is None:
+        pytest.skip(f"no syscall numbers for {platform.machine()}")
+    probe = (
+        "import ctypes, os, threading\nout = []\nt = threading.Thread(target=lambda: out.append(1))\nt.start()\n"
+        "t.join()\nresults = [bool(out)]\n"
+        "for call in (os.fork, lambda: os.nice(1), lambda: os.sched_setaffinity(0, {0})):\n"
+        "    try:\n        call()\n        results.append('allowed')\n    except OSError as e:\n"
+        "        results.append(e.errno)\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "results.append((libc.ptrace(16, os.getppid(), 0, 0), ctypes.get_errno()))\nprint(results)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], preexec_fn=lambda: install_seccomp(program), capture_output=True, text=True
+    )
+    assert done.stdout.strip() == "[True, 1, 1, 1, (-1, 1)]", done.stderr
 
 
 @needs_bwrap

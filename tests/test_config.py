@@ -252,3 +252,18 @@ def test_low_precision_weights_without_master_copies_are_refused(dtype, deepspee
         config_lib.load(None, overrides)
     message = str(error.value)
     assert refused in message and f"model.dtype={dtype}" in message and "learner.deepspeed" in message
+
+
+def test_a_code_test_that_cannot_fit_the_candidates_limit_is_refused():
+    """test_timeout_s 15 under max_seconds 10 used to make every sample an infrastructure error (the judge could not
+    give a test its CPU limit)."""
+    with pytest.raises(config_lib.ConfigError, match=r"reward.code.test_timeout_s \(15\) x wall_factor"):
+        config_lib.load(None, ["reward.code.test_timeout_s=15", "reward.code.max_seconds=10"])
+    config_lib.load(None, ["reward.code.test_timeout_s=15", "reward.code.max_seconds=60"])
+
+
+def test_a_decay_that_ends_before_a_fresh_run_does_at_zero_is_refused():
+    schedule = ["learner.lr_schedule=linear", "trainer.steps=10", "learner.lr_schedule_updates=5"]
+    with pytest.raises(config_lib.ConfigError, match="learning rate would be 0 from update 5"):
+        config_lib.load(None, schedule)
+    assert config_lib.load(None, [*schedule, "learner.min_lr_ratio=0.1"]).learner.lr_schedule_updates == 5

@@ -11,7 +11,10 @@ The rule it keeps: **the candidate's process can influence nothing but the value
   the answer into builtin values this process built: the expected values never reach the candidate, and every
   comparison is builtin equality. This process never runs candidate code.
 Nothing that decides a verdict is reachable from the candidate: the result fd is closed before its exec, the test
-code stays in this process's memory, and this process is not dumpable (no /proc/<pid>/mem, fd or ptrace).
+code stays in this process's memory, this process is not dumpable (no /proc/<pid>/mem, fd or ptrace) and, as
+bubblewrap's pid 1, gets none of the candidate's signals; the candidate runs under a seccomp filter (no processes,
+ptrace or scheduling changes: `DENIED`); and this process's own failure is a record on the result fd, never
+something the parent infers from stderr or from a missing line.
 A test's time is CPU time (the candidate's, and in our own PID namespace every process it started); a wall-clock
 backstop stops sleepers, and a candidate that was runnable but waited for a CPU most of that time was starved:
 an infrastructure error, reported as such, not a timeout.
@@ -22,6 +25,9 @@ import ast
 import builtins
 import contextlib
 import ctypes
+import decimal
+import errno
+import fractions
 import importlib
 import json
 import math
@@ -33,6 +39,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 
 PR_SET_DUMPABLE = 4
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -43,30 +50,111 @@ POLL_S = 0.05  # how often a waiting judge looks at the candidate's clocks
 IGNORED_SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD))
 STARVED_SHARE = 0.5  # starved: waited for a CPU for at least this share of the time, and used less than it
 
+# --- what a candidate's process may not do: a seccomp filter installed before its exec ---------------------------
+
+# Denied: starting processes (threads are allowed), reading or writing other processes' memory, and changing its own
+# scheduling. A candidate then has no detached process to hide CPU time in (a child reaped behind SIGCHLD=SIG_IGN
+# leaves no trace in any rusage), write forged output later or crowd itself out with, cannot ptrace bubblewrap's init
+# (which holds the parent's stderr), and cannot lower its own priority to look starved. clone3 answers ENOSYS, on
+# which glibc falls back to clone, where the flags can be checked.
+DENIED = ("fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev", "setpriority", "sched_setparam",
+          "sched_setscheduler", "sched_setattr", "sched_setaffinity")  # fmt: skip
+SYSCALLS = {  # audit arch, clone, clone3 and the denied calls' numbers, for the architectures the filter knows
+    "x86_64": (0xC000003E, 56, 435, {"fork": 57, "vfork": 58, "ptrace": 101, "process_vm_readv": 310,
+               "process_vm_writev": 311, "setpriority": 141, "sched_setparam": 142, "sched_setscheduler": 144,
+               "sched_setattr": 314, "sched_setaffinity": 203}),
+    "aarch64": (0xC00000B7, 220, 435, {"ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
+                "setpriority": 140, "sched_setparam": 118, "sched_setscheduler": 119, "sched_setattr": 274,
+                "sched_setaffinity": 122}),
+}  # fmt: skip
+CLONE_THREAD = 0x00010000
+X32_BIT = 0x40000000  # x86_64's x32 syscall numbers: another way in, denied whole
+
+
+def seccomp_program(machine: str) -> bytes | None:
+    """The classic-BPF seccomp program for `machine` (None where we know no syscall numbers): another architecture's
+    calls (i386's int 0x80), x32 calls and `DENIED` fail with EPERM, clone3 with ENOSYS; clone only with
+    CLONE_THREAD (a thread); everything else is allowed."""
+    if machine not in SYSCALLS:
+        return None
+    arch, clone, clone3, numbers = SYSCALLS[machine]
+    load, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JSET|K, BPF_RET|K
+    answers = {"allow": 0x7FFF0000, "eperm": 0x00050000 | 1, "enosys": 0x00050000 | 38}  # SECCOMP_RET_*
+    # (code, jump if true, jump if false, k): jumps name labels, resolved to offsets below
+    code = [(load, None, None, 4), (jeq, None, "eperm", arch), (load, None, None, 0), (jset, "eperm", None, X32_BIT)]
+    code += [(jeq, "clone", None, clone), (jeq, "enosys", None, clone3)]
+    code += [(jeq, "eperm", None, numbers[name]) for name in DENIED if name in numbers]
+    code += [(ret, None, None, answers["allow"])]
+    labels = {"clone": len(code)}
+    code += [(load, None, None, 16), (jset, "allow", "eperm", CLONE_THREAD)]  # clone's flags: args[0], low word
+    for answer in ("allow", "eperm", "enosys"):
+        labels[answer] = len(code)
+        code.append((ret, None, None, answers[answer]))
+    words = []
+    for at, (op, true, false, k) in enumerate(code):
+        jt, jf = (0 if label is None else labels[label] - at - 1 for label in (true, false))
+        words.append(op.to_bytes(2, "little") + bytes([jt, jf]) + k.to_bytes(4, "little"))
+    return b"".join(words)
+
+
+def install_seccomp(program: bytes) -> None:
+    """Install `program` on this process (a candidate's, between fork and exec): no_new_privs, then the filter."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    fprog = Program(len(program) // 8, program)
+    if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0):  # NO_NEW_PRIVS, SET_SECCOMP
+        raise OSError(ctypes.get_errno(), "seccomp filter not installed")
+
+
 # --- plain data: the only form in which a value crosses between the candidate and the judge ---------------------
 
 CONTAINERS = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
+MAX_ITEMS = 10**6  # items taken from an iterator a candidate returns; more is not a value a test compares
+VIEWS = (type({}.keys()), type({}.values()), type({}.items()), range)
 
 
 def encode(value, depth=0):
-    """A value as tagged JSON, exact builtin types only: a subclass or any other object is not plain data."""
+    """A value as tagged JSON of plain data. A subclass of a builtin type (Counter, OrderedDict, a namedtuple, an
+    int subclass) goes as its builtin base's data, read through the base type's own methods: the judge compares only
+    builtins it builds itself, so no method of the candidate's ever takes part. An iterator or view (map, filter, a
+    generator, dict.keys()) goes as the list it yields; Decimal and Fraction as themselves. Anything else (an
+    object, a function, a class instance) is not plain data."""
     kind = type(value)
     if depth > MAX_DEPTH:
         raise ValueError("nested too deep to be plain data")
-    if value is None or kind is bool or kind is str:
+    if value is None or kind is bool:
         return value
-    if kind is int:
+    if isinstance(value, int):
+        value = int.__int__(value)
         return value if -(2**63) <= value < 2**63 else {"int": hex(value)}  # hex: no decimal digit limit
-    if kind is float:
+    if isinstance(value, float):
+        value = float.__float__(value)
         return value if math.isfinite(value) else {"float": repr(value)}
-    if kind in (list, tuple, set, frozenset):
-        return {kind.__name__: [encode(item, depth + 1) for item in value]}
-    if kind is dict:
-        return {"dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]}
-    if kind is bytes:
-        return {"bytes": value.hex()}
-    if kind is complex:
-        return {"complex": [value.real, value.imag]}
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": bytes(memoryview(value)).hex()}
+    if isinstance(value, complex):
+        return {"complex": [complex.__getattribute__(value, "real"), complex.__getattribute__(value, "imag")]}
+    for base in (list, tuple, set, frozenset):
+        if isinstance(value, base):
+            return {base.__name__: [encode(item, depth + 1) for item in base.__iter__(value)]}
+    if isinstance(value, dict):
+        return {"dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in dict.items(value)]}
+    if type(value).__module__ == "decimal" and type(value).__name__ == "Decimal":
+        return {"decimal": str(value)}
+    if type(value).__module__ == "fractions" and type(value).__name__ == "Fraction":
+        return {"fraction": [encode(value.numerator), encode(value.denominator)]}
+    if isinstance(value, VIEWS) or (hasattr(value, "__next__") and hasattr(value, "__iter__")):
+        items = []
+        for item in value:
+            if len(items) == MAX_ITEMS:
+                raise ValueError(f"an iterator of more than {MAX_ITEMS} items")
+            items.append(encode(item, depth + 1))
+        return {"list": items}
     raise TypeError(f"a {kind.__name__} is not plain data")
 
 
@@ -90,6 +178,10 @@ def decode(node, depth=0):
         return bytes.fromhex(body)
     if tag == "complex" and type(body) is list and len(body) == 2 and all(type(x) in (int, float) for x in body):
         return complex(*body)
+    if tag == "decimal" and type(body) is str and len(body) < 10_000:
+        return decimal.Decimal(body)
+    if tag == "fraction" and type(body) is list and len(body) == 2:
+        return fractions.Fraction(decode(body[0], depth + 1), decode(body[1], depth + 1))
     raise ValueError("not plain data")
 
 
@@ -136,8 +228,8 @@ def serve(request_fd: int, response_fd: int) -> None:
         else:
             try:
                 reply = {"value": encode(value), "args": [encode(a) for a in args]}
-            except (TypeError, ValueError, RecursionError) as e:
-                reply = {"invalid": str(e)[:200]}
+            except BaseException as e:  # noqa: BLE001 - not plain data, or the candidate's own code raised in it
+                reply = {"invalid": f"{type(e).__name__}"}
         write_all(response_fd, message(reply))
 
 
@@ -240,10 +332,14 @@ class Candidate:
         self.namespaced = spec["own_pid_namespace"]
         hard = math.ceil(self.cpu_limit) + 1  # the kernel's backstop behind our own, exact CPU check
 
+        program = spec["seccomp"]
+
         def limits() -> None:
             resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
             for number in IGNORED_SIGNALS:  # the judge ignores them; the candidate gets the usual defaults
                 signal.signal(number, signal.SIG_DFL)
+            if program is not None:
+                install_seccomp(program)
 
         with open(stdin_path) as stdin, open("stdout.txt", "wb") as out, open("stderr.txt", "wb") as err:
             for attempt in range(5):
@@ -333,9 +429,15 @@ class Server(Candidate):
         request_read, self.requests = os.pipe()
         self.responses, response_write = os.pipe()
         argv = [sys.executable, os.path.abspath(__file__), "serve", str(request_read), str(response_write)]
-        super().__init__(spec, argv, os.devnull, pass_fds=(request_read, response_write))
-        os.close(request_read)
-        os.close(response_write)
+        try:
+            super().__init__(spec, argv, os.devnull, pass_fds=(request_read, response_write))
+        except BaseException:
+            os.close(self.requests)
+            os.close(self.responses)
+            raise
+        finally:  # the candidate's ends: only it holds them
+            os.close(request_read)
+            os.close(response_write)
         os.set_blocking(self.requests, False)
         self.buffer = b""
         self.failed: str | None = None
@@ -413,7 +515,7 @@ class Server(Candidate):
         try:
             value = decode(reply["value"])
             changed = [decode(a) for a in reply["args"]]
-        except (KeyError, TypeError, ValueError, RecursionError):
+        except (KeyError, TypeError, ValueError, ArithmeticError, RecursionError):
             self._fail("wrong_answer")
         for arg, after in zip(args, changed):  # in-place changes of the arguments, as a test in one process sees them
             if type(arg) is list and type(after) is list:
@@ -432,6 +534,11 @@ class Server(Candidate):
 
     def finish(self, status: str) -> str:
         return self.failed or super().finish(status)
+
+    def close(self) -> None:
+        super().close()
+        for fd in (self.requests, self.responses):  # one pair per test: a long test list must not run out of fds
+            os.close(fd)
 
 
 def free_names(source: str) -> tuple[set[str], set[str]]:
@@ -494,10 +601,10 @@ def normalise(text: str) -> list[str]:
 def run_test(spec: dict, index: int) -> tuple[str, Candidate | None]:
     """One test in a fresh candidate process: its status, and the candidate (its clocks), if one started."""
     case = spec["tests"][index]
-    if spec["own_pid_namespace"]:
-        kill_strays()
     candidate = None
     try:
+        if spec["own_pid_namespace"]:
+            kill_strays()
         clear_workdir()
         if spec["kind"] == "stdio":
             with open("stdin.txt", "w") as f:
@@ -526,23 +633,17 @@ def run_test(spec: dict, index: int) -> tuple[str, Candidate | None]:
         return candidate.finish(status), candidate
     except CandidateFailed as failed:
         return failed.status, candidate
-    except OSError:  # the work dir or process table the candidate filled (nothing else shares them): its failure
-        return "runtime_error", candidate
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise  # ours: the parent hears of it (a crash record) and reruns the candidate
+        return "runtime_error", candidate  # the work dir the candidate filled (nothing else shares it): its failure
     finally:
         if candidate is not None:
             candidate.close()
 
 
-def main() -> None:
-    for number in IGNORED_SIGNALS:
-        with contextlib.suppress(OSError, ValueError):
-            signal.signal(number, signal.SIG_IGN)
-    result = os.fdopen(int(sys.argv[1]), "w", buffering=1)
-    spec = json.loads(sys.stdin.read())
-    with contextlib.suppress(OSError, AttributeError):  # children of our uid may not read our fds via /proc
-        ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    os.chdir(spec["workdir"])
-    result.write(json.dumps({"ready": True}) + "\n")
+def judge(spec: dict, result) -> None:
+    """Every test of one candidate, one result line each, then `done`."""
     with open("candidate.py", "w") as f:
         f.write(spec["program"])
     try:
@@ -564,6 +665,27 @@ def main() -> None:
         if status in ("timeout", "memory", "infra_error") and spec.get("stop_on_timeout", True):
             break  # the rest would likely burn the same budget (or, starved, be rerun): the parent scores them
     result.write(json.dumps({"done": True}) + "\n")
+
+
+def main() -> None:
+    """The judge's own failure is reported as such, on the result fd, which no candidate can reach: the parent never
+    reads a verdict, or an infrastructure error, out of stderr (a candidate can write there through bubblewrap's
+    init) or out of a missing line (a candidate can kill or stop the judge: then its tests fail)."""
+    for number in IGNORED_SIGNALS:
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(number, signal.SIG_IGN)
+    result = os.fdopen(int(sys.argv[1]), "w", buffering=1)
+    spec = json.loads(sys.stdin.read())
+    with contextlib.suppress(OSError, AttributeError):  # children of our uid may not read our fds via /proc
+        ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    spec["seccomp"] = seccomp_program(os.uname().machine)
+    os.chdir(spec["workdir"])
+    result.write(json.dumps({"ready": True, "seccomp": spec["seccomp"] is not None}) + "\n")
+    try:
+        judge(spec, result)
+    except BaseException:  # noqa: BLE001 - ours: said on the result fd (the parent reruns the candidate), re-raised
+        result.write(json.dumps({"crash": traceback.format_exc()[-2000:]}) + "\n")
+        raise
 
 
 if __name__ == "__main__":

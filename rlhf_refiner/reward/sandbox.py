@@ -1,8 +1,9 @@
 """Sandbox: runs hostile candidate code against its tests in a fresh bubblewrap sandbox per candidate.
 
 Isolation, outermost first: the parent owns a wall-clock deadline and kills the sandbox's whole process group;
-bubblewrap gives new user/PID/network/mount/IPC/UTS namespaces, a read-only /usr, a private size-capped tmpfs
-as the only writable place, a cleared environment, --die-with-parent and a new session; rlimits (address
+bubblewrap gives new user/PID/network/mount/IPC/UTS namespaces (the judge, harness.py, is their pid 1), a read-only
+/usr, a private size-capped tmpfs as the only writable place, a cleared environment, --die-with-parent and a new
+session; each candidate process runs under the judge's seccomp filter; rlimits (address
 space, CPU, processes, file size, open files, no core) apply to every process inside; each concurrent slot runs
 as its own unprivileged uid, so RLIMIT_NPROC caps one candidate's fork flood without starving its neighbours.
 Verdicts come only from harness.py's result fd, and are decided where the candidate cannot reach them (harness.py).
@@ -96,7 +97,7 @@ class Sandbox:
         harness = [self.python, "-I", "-S", "-B"] if self.isolation == "none" else [self.python, "-I", "-B"]
         if self.isolation == "none":
             return [*harness, str(HARNESS), "{fd}"]
-        cmd = [self.bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
+        cmd = [self.bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv", "--as-pid-1"]
         cmd += ["--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8", "--setenv", "HOME", workdir]
         cmd += ["--ro-bind", "/usr", "/usr"]
         for link in ("bin", "sbin", "lib", "lib64", "lib32"):  # merged-/usr systems: these are symlinks
@@ -208,6 +209,7 @@ class Sandbox:
             records, stderr, expired = self._collect(proc, payload, read_fd, deadline)
         statuses: list[str] = []
         ready = done = False
+        crash = next((record["crash"] for record in records if "crash" in record), None)
         clocks = [0.0, 0.0, 0.0]  # the reported tests' candidate CPU, run-queue wait and wall-clock seconds
         for record in records:
             ready |= record.get("ready", False)
@@ -219,8 +221,8 @@ class Sandbox:
         seconds = time.monotonic() - started
         if not ready:  # the sandbox never started the harness: bwrap failed, or the slot was still busy
             return infra_error("deadline before the harness started" if expired else stderr.strip()[-300:], stderr)
-        if not done and not expired and "Traceback" in stderr:  # the harness itself crashed: our bug, not theirs
-            return infra_error(stderr.strip()[-300:], stderr)
+        if crash is not None:  # the judge's own failure, said on the result fd: ours, not the candidate's
+            return infra_error(str(crash)[-300:], stderr)
         detail = ""
         if len(statuses) < tests:
             missing = "timeout" if expired else "runtime_error"

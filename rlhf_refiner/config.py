@@ -319,7 +319,8 @@ class CodeRewardConfig(_Strict):
     base_uid: int = Field(61000, ge=1000)
     """Slot i runs as uid base_uid + i."""
     infra_retries: int = Field(3, ge=0)
-    """Retries of a sandbox that failed to start; after them the sample is an infra error, never a 0 score."""
+    """Reruns of a candidate whose sandbox failed to start, whose judge failed, or which was starved of CPU; after
+    them the sample is an infra error, never a 0 score."""
 
     @model_validator(mode="after")
     def _one_test_fits(self) -> CodeRewardConfig:

@@ -162,6 +162,19 @@ ATTACKS = {
         "    for pid in {1, os.getppid()}:\n        if libc.ptrace(16, pid, 0, 0) == 0:\n"
         "            libc.ptrace(8, pid, 0, 0)\n    return 0\n"
     ),
+    "deletes and locks what it was given": (
+        "import os\nfor name in os.listdir('.'):\n    try:\n        os.unlink(name)\n    except OSError:\n"
+        "        pass\nos.chmod('.', 0o311)\ndef {fn}(*args):\n    return 0\n"
+    ),
+    "lowers its priority through /proc/self/autogroup": (
+        "def {fn}(*args):\n    open('/proc/self/autogroup', 'w').write('19')\n    while True:\n        pass\n"
+    ),
+    "fills /dev/shm and System V shared memory": (
+        "import ctypes\nfor i in range(20):\n    try:\n"
+        "        open('/dev/shm/f%d' % i, 'wb').write(b'x' * (30 << 20))\n"
+        "    except OSError:\n        break\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "ids = [libc.shmget(0, 200 << 20, 0o1600) for _ in range(3)]\ndef {fn}(*args):\n    return 0\n"
+    ),
     "a detached process writes later": (
         "import os\nif os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(0.3)\n"
         "    for fd in range(0, 1024):\n        try:\n"
@@ -252,6 +265,25 @@ HONEST = [
         1,
     ),
     (HUMANEVAL, "    return x ** 0.5\n", 1),
+    (HUMANEVAL, "```python\n    return x ** 0.5\n```", 1),  # a body in a fence
+    (MBPP, "def sq(x):\n    return x * x\n\nif __name__ == '__main__':\n    print(sq(int(input())))\n", 2),
+    (
+        CodeTests("assert", json.dumps([{"code": "it = evens()\nassert next(it) == 0 and next(it) == 2"}])),
+        "def evens():\n    return (2 * i for i in range(5))\n",
+        1,
+    ),  # an iterator stays one
+    # an argument of 1 MB: only the arguments changed in place come back with the answer
+    (
+        CodeTests("call", json.dumps([{"input": [list(range(150_000))], "output": 149_999}]), "top"),
+        "def top(xs):\n    return max(xs)\n",
+        1,
+    ),
+    (
+        CodeTests("call", json.dumps([{"input": ["é" * 100_000], "output": 100_000}]), "n"),
+        "def n(s):\n    return len(s)\n",
+        1,
+    ),
+    (CodeTests("stdio", json.dumps([{"input": "", "output": "0.3333333333  7"}])), "print(1 / 3, ' 7')\n", 1),
     (CALL, "def top(xs):\n    return max(xs)\n", 2),
     (CALL, "class Solution:\n    def top(self, xs):\n        return max(xs)\n", 2),
     (
@@ -267,6 +299,20 @@ HONEST = [
 def test_honest_candidates_pass_every_test_form(box, tests, program, passed):
     result = evaluate(box, tests, program)
     assert (result.status, result.tests_passed) == ("ok", passed), result
+
+
+@needs_bwrap
+def test_control_flow_exceptions_of_the_candidate_are_its_failures(box):
+    """A StopIteration raised here would be swallowed by the test's map(): all(map(f, xs)) would pass."""
+    tests = CodeTests("assert", json.dumps([{"code": "assert all(map(is_prime, [2, 3, 5, 7]))"}]))
+    assert evaluate(box, tests, "def is_prime(n):\n    raise StopIteration\n").tests_passed == 0
+    prime = "def is_prime(n):\n    return n > 1 and all(n % d for d in range(2, n))\n"
+    assert evaluate(box, tests, prime).status == "ok"
+
+
+@needs_bwrap
+def test_a_program_that_is_not_utf8_is_a_syntax_error_not_ours(box):
+    assert evaluate(box, MBPP, "x = '\ud800'\ndef sq(x):\n    return x * x\n").status == "syntax_error"
 
 
 @needs_bwrap

@@ -62,7 +62,7 @@ def program_of(tests: CodeTests, completion: str) -> str:
         return code
     if tests.fn_name and re.search(rf"^def {re.escape(tests.fn_name)}\(", code, re.MULTILINE):
         return tests.program_prefix + "\n" + code
-    return tests.program_prefix + completion
+    return tests.program_prefix + code  # a body in a fence: the body
 
 
 def build_spec(tests: CodeTests, completion: str) -> dict:

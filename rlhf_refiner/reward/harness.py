@@ -52,20 +52,25 @@ STARVED_SHARE = 0.5  # starved: waited for a CPU for at least this share of the 
 
 # --- what a candidate's process may not do: a seccomp filter installed before its exec ---------------------------
 
-# Denied: starting processes (threads are allowed), reading or writing other processes' memory, and changing its own
-# scheduling. A candidate then has no detached process to hide CPU time in (a child reaped behind SIGCHLD=SIG_IGN
-# leaves no trace in any rusage), write forged output later or crowd itself out with, cannot ptrace bubblewrap's init
-# (which holds the parent's stderr), and cannot lower its own priority to look starved. clone3 answers ENOSYS, on
+# Denied: starting processes (threads are allowed), reading or writing other processes' memory, changing its own
+# scheduling, and memory that no rlimit counts. A candidate then has no detached process to hide CPU time in (a
+# child reaped behind SIGCHLD=SIG_IGN leaves no trace in any rusage), write forged output later or crowd itself out
+# with, cannot ptrace another process, and cannot lower its own priority to look starved. clone3 answers ENOSYS, on
 # which glibc falls back to clone, where the flags can be checked.
 DENIED = ("fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev", "setpriority", "sched_setparam",
-          "sched_setscheduler", "sched_setattr", "sched_setaffinity")  # fmt: skip
+          "sched_setscheduler", "sched_setattr", "sched_setaffinity",
+          # memory outside RLIMIT_AS and the work dir's size: System V shared memory, anonymous files, and the
+          # private mounts a nested user namespace would allow
+          "shmget", "memfd_create", "unshare", "setns", "mount")  # fmt: skip
 SYSCALLS = {  # audit arch, clone, clone3 and the denied calls' numbers, for the architectures the filter knows
     "x86_64": (0xC000003E, 56, 435, {"fork": 57, "vfork": 58, "ptrace": 101, "process_vm_readv": 310,
                "process_vm_writev": 311, "setpriority": 141, "sched_setparam": 142, "sched_setscheduler": 144,
-               "sched_setattr": 314, "sched_setaffinity": 203}),
+               "sched_setattr": 314, "sched_setaffinity": 203, "shmget": 29, "memfd_create": 319, "unshare": 272,
+               "setns": 308, "mount": 165}),
     "aarch64": (0xC00000B7, 220, 435, {"ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
                 "setpriority": 140, "sched_setparam": 118, "sched_setscheduler": 119, "sched_setattr": 274,
-                "sched_setaffinity": 122}),
+                "sched_setaffinity": 122, "shmget": 194, "memfd_create": 279, "unshare": 97, "setns": 268,
+                "mount": 40}),
 }  # fmt: skip
 CLONE_THREAD = 0x00010000
 X32_BIT = 0x40000000  # x86_64's x32 syscall numbers: another way in, denied whole
@@ -113,6 +118,7 @@ def install_seccomp(program: bytes) -> None:
 
 CONTAINERS = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
 MAX_ITEMS = 10**6  # items taken from an iterator a candidate returns; more is not a value a test compares
+MAX_INT_HEX = 25_000  # hex digits of one int (100k bits): bigger ones would cost the judge's arithmetic, not theirs
 VIEWS = (type({}.keys()), type({}.values()), type({}.items()), range)
 
 
@@ -154,7 +160,7 @@ def encode(value, depth=0):
             if len(items) == MAX_ITEMS:
                 raise ValueError(f"an iterator of more than {MAX_ITEMS} items")
             items.append(encode(item, depth + 1))
-        return {"list": items}
+        return {"list": items} if isinstance(value, VIEWS) else {"iter": items}
     raise TypeError(f"a {kind.__name__} is not plain data")
 
 
@@ -170,8 +176,10 @@ def decode(node, depth=0):
         return CONTAINERS[tag](decode(item, depth + 1) for item in body)
     if tag == "dict" and type(body) is list and all(type(pair) is list and len(pair) == 2 for pair in body):
         return {decode(k, depth + 1): decode(v, depth + 1) for k, v in body}
-    if tag == "int" and type(body) is str:
+    if tag == "int" and type(body) is str and len(body) <= MAX_INT_HEX:
         return int(body, 16)
+    if tag == "iter" and type(body) is list:
+        return iter([decode(item, depth + 1) for item in body])
     if tag == "float" and body in ("inf", "-inf", "nan"):
         return float(body)
     if tag == "bytes" and type(body) is str:
@@ -192,7 +200,8 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def message(payload: dict) -> bytes:
-    return (json.dumps(payload) + "\n").encode()  # JSON escapes newlines: one message a line
+    """One message a line (JSON escapes newlines), UTF-8 rather than \\u escapes: 1-4 bytes a character, not 6-12."""
+    return (json.dumps(payload, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
 
 
 # --- the candidate's side: run the program, then answer calls with values ---------------------------------------
@@ -206,7 +215,7 @@ def serve(request_fd: int, response_fd: int) -> None:
         os.set_inheritable(fd, False)  # not into processes the candidate starts
     requests = os.fdopen(request_fd, "rb")
     hello = json.loads(requests.readline())
-    namespace = {"__name__": "__main__"}
+    namespace = {"__name__": "__candidate__"}  # a `__main__` block (reading input, running unittest) stays out
     with open(hello["program"]) as f:
         exec(compile(f.read(), "candidate.py", "exec"), namespace)
     if hello["setup"]:
@@ -216,6 +225,7 @@ def serve(request_fd: int, response_fd: int) -> None:
         request = json.loads(line)
         try:
             args = [decode(a) for a in request["args"]]
+            before = request["args"]  # as sent: an argument whose encoding differs afterwards was changed in place
             kwargs = {k: decode(v) for k, v in request["kwargs"].items()}
             solution = namespace.get("Solution") if hello["solution_class"] else None  # APPS' LeetCode style
             name = request["call"]
@@ -227,7 +237,9 @@ def serve(request_fd: int, response_fd: int) -> None:
             reply = {"raised": type(e).__name__}
         else:
             try:
-                reply = {"value": encode(value), "args": [encode(a) for a in args]}
+                after = [encode(a) if isinstance(a, (list, dict, set)) else None for a in args]
+                changed = {i: a for i, (a, b) in enumerate(zip(after, before)) if a is not None and a != b}
+                reply = {"value": encode(value), "args": changed}
             except BaseException as e:  # noqa: BLE001 - not plain data, or the candidate's own code raised in it
                 reply = {"invalid": f"{type(e).__name__}"}
         write_all(response_fd, message(reply))
@@ -287,11 +299,23 @@ def kill_strays() -> None:
 
 
 def clear_workdir() -> None:
-    """Before a test: everything the previous candidate wrote goes (a full tmpfs must not fail the next test)."""
-    for entry in os.listdir("."):
-        if entry != "candidate.py":
+    """Before a test: everything the previous candidate wrote goes (a full tmpfs must not fail the next test). Best
+    effort, and first made ours again: the candidate, of our uid, may have taken the permissions away."""
+
+    def unlock(function, path, _) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(path) or ".", 0o700)
+            function(path)
+
+    with contextlib.suppress(OSError):
+        os.chmod(".", 0o700)
+        for entry in os.listdir("."):
+            if entry == "candidate.py":
+                continue
             if os.path.isdir(entry) and not os.path.islink(entry):
-                shutil.rmtree(entry, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.chmod(entry, 0o700)
+                shutil.rmtree(entry, onerror=unlock)
             else:
                 with contextlib.suppress(OSError):
                     os.unlink(entry)
@@ -325,7 +349,7 @@ class Candidate:
     candidate's CPU time and, in our own PID namespace, that of every process it detached; `waited` its main
     thread's time waiting for a CPU."""
 
-    def __init__(self, spec: dict, argv: list[str], stdin_path: str, pass_fds: tuple[int, ...] = ()) -> None:
+    def __init__(self, spec: dict, argv: list[str], stdin_text: str = "", pass_fds: tuple[int, ...] = ()) -> None:
         self.cpu_limit = spec["test_timeout_s"]
         self.wall_limit = spec["test_timeout_s"] * spec["wall_factor"]
         self.output_limit = spec["output_limit"]
@@ -341,14 +365,21 @@ class Candidate:
             if program is not None:
                 install_seccomp(program)
 
-        with open(stdin_path) as stdin, open("stdout.txt", "wb") as out, open("stderr.txt", "wb") as err:
+        # stdin, stdout and stderr are anonymous files that only this process can name: a candidate cannot delete,
+        # replace or lock them away (its work dir's files are its own), and the judge reads them after it exits
+        self.stdout, self.stderr = os.memfd_create("stdout"), os.memfd_create("stderr")
+        stdin = os.memfd_create("stdin")
+        write_all(stdin, stdin_text.encode())
+        os.lseek(stdin, 0, os.SEEK_SET)
+        with contextlib.ExitStack() as opened:
+            opened.callback(os.close, stdin)
             for attempt in range(5):
                 try:
                     self.proc = subprocess.Popen(
                         argv,
                         stdin=stdin,
-                        stdout=out,
-                        stderr=err,
+                        stdout=self.stdout,
+                        stderr=self.stderr,
                         pass_fds=pass_fds,
                         start_new_session=True,
                         preexec_fn=limits,
@@ -357,6 +388,8 @@ class Candidate:
                 except BlockingIOError:  # EAGAIN: the previous candidate's killed processes are still being reaped
                     time.sleep(0.02 * (attempt + 1))
             else:
+                os.close(self.stdout)
+                os.close(self.stderr)
                 raise CandidateFailed("runtime_error")  # only the candidate's processes fill this uid's table
         self.started = time.monotonic()
         self.others_at_start = others_cpu(self.proc.pid) if self.namespaced else 0.0
@@ -398,11 +431,14 @@ class Candidate:
         finally:
             os.close(exit_fd)
 
+    def output(self, which: str) -> str:
+        """The candidate's stdout or stderr, up to the output limit."""
+        fd = self.stdout if which == "stdout" else self.stderr
+        return os.pread(fd, self.output_limit, 0).decode("utf-8", "replace")
+
     def failure(self) -> str:
         """The status of a process that exited without answering."""
-        with open("stderr.txt", "rb") as f:
-            stderr = f.read(self.output_limit).decode("utf-8", "replace")
-        return classify(self.proc.returncode, stderr) if self.proc.returncode else "runtime_error"
+        return classify(self.proc.returncode, self.output("stderr")) if self.proc.returncode else "runtime_error"
 
     def finish(self, status: str) -> str:
         """A test's status once it has run: a timeout if its CPU time went over the limit on the way."""
@@ -419,6 +455,8 @@ class Candidate:
             os.kill(self.proc.pid, signal.SIGKILL)
         if self.proc.returncode is None:
             self.proc.returncode = os.waitstatus_to_exitcode(os.waitpid(self.proc.pid, 0)[1])
+        for fd in (self.stdout, self.stderr):
+            os.close(fd)
 
 
 class Server(Candidate):
@@ -430,7 +468,7 @@ class Server(Candidate):
         self.responses, response_write = os.pipe()
         argv = [sys.executable, os.path.abspath(__file__), "serve", str(request_read), str(response_write)]
         try:
-            super().__init__(spec, argv, os.devnull, pass_fds=(request_read, response_write))
+            super().__init__(spec, argv, pass_fds=(request_read, response_write))
         except BaseException:
             os.close(self.requests)
             os.close(self.responses)
@@ -478,8 +516,8 @@ class Server(Candidate):
             if not chunk:
                 self._died()
             self.buffer += chunk
-            if len(self.buffer) > self.output_limit:
-                self._fail("wrong_answer")  # an answer larger than any test's value
+            if len(self.buffer) > 4 * self.output_limit:
+                self._fail("wrong_answer")  # an answer (with the arguments it changed) larger than any test's value
         line, self.buffer = self.buffer.split(b"\n", 1)
         try:
             reply = json.loads(line)
@@ -508,21 +546,31 @@ class Server(Candidate):
         reply = self._receive()
         if "raised" in reply:  # the candidate raised: a builtin exception is raised here too, for tests that expect it
             exception = getattr(builtins, str(reply["raised"]), None)
-            if isinstance(exception, type) and issubclass(exception, Exception):
+            # StopIteration and its async twin are control flow: map(), filter() and next(it, default) would swallow
+            # one raised here, and a test of all(map(f, xs)) would pass on a candidate that only raises
+            control_flow = (StopIteration, StopAsyncIteration)
+            if (
+                isinstance(exception, type)
+                and issubclass(exception, Exception)
+                and not issubclass(exception, control_flow)
+            ):
                 with contextlib.suppress(TypeError):  # one that needs more arguments (UnicodeError) is a failure
                     raise exception(f"raised by the candidate's {name}")
             self._fail("runtime_error")
         try:
             value = decode(reply["value"])
-            changed = [decode(a) for a in reply["args"]]
-        except (KeyError, TypeError, ValueError, ArithmeticError, RecursionError):
+            changed = {int(i): decode(a) for i, a in reply["args"].items() if 0 <= int(i) < len(args)}
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError, RecursionError):
             self._fail("wrong_answer")
-        for arg, after in zip(args, changed):  # in-place changes of the arguments, as a test in one process sees them
+        for i, after in changed.items():  # in-place changes of the arguments, as a test in one process sees them
+            arg = args[i]
             if type(arg) is list and type(after) is list:
                 arg[:] = after
             elif type(arg) in (dict, set) and type(after) is type(arg):
                 arg.clear()
                 arg.update(after)
+        if time.monotonic() - self.started >= self.wall_limit:  # decoding a costly answer is the test's time too
+            self.check()
         return value
 
     def proxy(self, name: str):
@@ -594,8 +642,24 @@ def call_matches(got, expected) -> bool:
     return got == expected or (isinstance(expected, list) and len(expected) == 1 and got == expected[0])
 
 
-def normalise(text: str) -> list[str]:
-    return [line.strip() for line in text.strip().splitlines()]
+def output_matches(got: str, expected: str) -> bool:
+    """APPS' stdout check: the same lines (each stripped), or the same whitespace-separated tokens, a number within
+    1e-6 (absolute or relative) of the expected one counting as the same, as APPS' own checker allows."""
+    if [line.strip() for line in got.strip().splitlines()] == [line.strip() for line in expected.strip().splitlines()]:
+        return True
+    got_tokens, expected_tokens = got.split(), expected.split()
+    if len(got_tokens) != len(expected_tokens):
+        return False
+    for a, b in zip(got_tokens, expected_tokens):
+        if a == b:
+            continue
+        try:
+            x, y = float(a), float(b)
+        except ValueError:
+            return False
+        if not math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6):
+            return False
+    return True
 
 
 def run_test(spec: dict, index: int) -> tuple[str, Candidate | None]:
@@ -607,17 +671,12 @@ def run_test(spec: dict, index: int) -> tuple[str, Candidate | None]:
             kill_strays()
         clear_workdir()
         if spec["kind"] == "stdio":
-            with open("stdin.txt", "w") as f:
-                f.write(case["input"])
-            candidate = Candidate(spec, [sys.executable, "candidate.py"], "stdin.txt")
+            candidate = Candidate(spec, [sys.executable, "candidate.py"], case["input"])
             candidate.wait()
             if candidate.proc.returncode != 0:
                 return candidate.failure(), candidate
-            with open("stdout.txt", "rb") as f:
-                stdout = f.read(spec["output_limit"]).decode("utf-8", "replace")
-            return candidate.finish(
-                "ok" if normalise(stdout) == normalise(case["output"]) else "wrong_answer"
-            ), candidate
+            same = output_matches(candidate.output("stdout"), case["output"])
+            return candidate.finish("ok" if same else "wrong_answer"), candidate
         candidate = Server(spec)
         candidate.load(spec["setup"], solution_class=spec["kind"] == "call")
         if spec["kind"] == "call":
@@ -634,9 +693,9 @@ def run_test(spec: dict, index: int) -> tuple[str, Candidate | None]:
     except CandidateFailed as failed:
         return failed.status, candidate
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM):
             raise  # ours: the parent hears of it (a crash record) and reruns the candidate
-        return "runtime_error", candidate  # the work dir the candidate filled (nothing else shares it): its failure
+        return "runtime_error", candidate  # space the candidate used up (nothing else shares it): its failure
     finally:
         if candidate is not None:
             candidate.close()
@@ -644,8 +703,8 @@ def run_test(spec: dict, index: int) -> tuple[str, Candidate | None]:
 
 def judge(spec: dict, result) -> None:
     """Every test of one candidate, one result line each, then `done`."""
-    with open("candidate.py", "w") as f:
-        f.write(spec["program"])
+    with open("candidate.py", "w", encoding="utf-8", errors="surrogatepass") as f:  # a lone surrogate: not UTF-8,
+        f.write(spec["program"])  # so the interpreter's compile (and ours) calls it a syntax error, as it is
     try:
         compile(spec["program"], "candidate.py", "exec")
     except (SyntaxError, ValueError):

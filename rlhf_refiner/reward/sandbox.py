@@ -109,7 +109,20 @@ class Sandbox:
         python_root = Path(os.path.realpath(self.python)).parents[1]
         if not str(python_root).startswith("/usr"):  # an interpreter outside /usr (e.g. a venv's base) is bound
             cmd += ["--ro-bind", str(python_root), str(python_root)]
-        cmd += ["--proc", "/proc", "--dev", "/dev", "--dir", SANDBOX_DIR]
+        # read-only /proc (no /proc/self/autogroup to lower its own priority through) and /dev (no unsized tmpfs to
+        # fill: /dev/shm is there; the device nodes still work)
+        cmd += [
+            "--proc",
+            "/proc",
+            "--remount-ro",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--remount-ro",
+            "/dev",
+            "--dir",
+            SANDBOX_DIR,
+        ]
         cmd += ["--ro-bind", str(HARNESS), f"{SANDBOX_DIR}/harness.py"]
         cmd += ["--size", str(self.config.tmpfs_mb * 2**20), "--tmpfs", workdir, "--chdir", workdir]
         cmd += ["--remount-ro", "/"]  # bwrap's own root tmpfs: nothing outside the work dir is writable

@@ -3,10 +3,11 @@ candidate interpreter per test, and reports one JSON line per test on a dedicate
 
 Standalone on purpose: it runs under the system interpreter as an unprivileged uid, without our package.
 The rule it keeps: **the candidate's process can influence nothing but the values it returns.**
-- stdio (APPS): the candidate reads the test's input and writes its stdout to a file; this process compares text.
+- stdio (APPS): the candidate reads the test's input and writes its stdout to an anonymous file; this process
+  compares the text.
 - call (APPS fn_name) and assert (MBPP asserts, HumanEval's `check`): the candidate's interpreter is a server
   (`harness.py serve`) that runs the program and then answers calls to its functions with their return values, in
-  a tagged JSON form of plain data (exact builtin types; anything else is a wrong answer). The test's own code runs
+  a tagged JSON form of plain data (builtin values; anything else is a wrong answer). The test's own code runs
   here, in the judge, with the candidate's functions replaced by proxies that send the arguments over and decode
   the answer into builtin values this process built: the expected values never reach the candidate, and every
   comparison is builtin equality. This process never runs candidate code.
@@ -209,8 +210,9 @@ def message(payload: dict) -> bytes:
 
 def serve(request_fd: int, response_fd: int) -> None:
     """The candidate's interpreter: the program runs here (and the test's setup after it, as it would in one file),
-    then each request {call, args, kwargs} is answered {value, args} (the arguments after the call: an in-place
-    change is part of the answer), {raised: exception name} or {invalid: why}. Nothing here is trusted."""
+    then each request {call, args, kwargs} is answered {value, args} (args: the list, dict and set arguments the
+    call changed in place, by position: part of the answer), {raised: exception name} or {invalid: why}. Nothing
+    here is trusted."""
     for fd in (request_fd, response_fd):
         os.set_inheritable(fd, False)  # not into processes the candidate starts
     requests = os.fdopen(request_fd, "rb")

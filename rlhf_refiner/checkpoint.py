@@ -304,7 +304,7 @@ def keep_lr_schedule(directory: Path, state: dict[str, Any], config: Config) -> 
     saved_learner = saved["learner"]
     started = saved_learner.get("lr_schedule_updates") or saved["trainer"]["steps"] * saved_learner["updates_per_step"]
     span = learner.lr_schedule_updates or started
-    updates = config.trainer.steps * learner.updates_per_step
+    updates = config.trainer.steps * learner.updates_per_step  # the new run's (its own span, were it not pinned)
     if updates > span and learner.min_lr_ratio == 0:
         raise ConfigError(
             f"{directory}: learner.lr_schedule={learner.lr_schedule} decays to learner.min_lr_ratio=0 at update "

@@ -682,6 +682,11 @@ class EvalConfig(_Strict):
 
 # DeepSpeed keys the learner sets or relies on: batch geometry, clipping, and gradient scaling (its loss undoes
 # DeepSpeed's default averaging exactly; a predivide factor would scale the gradients again under ZeRO-3).
+# DeepSpeed's mixed-precision section for each low-precision `model.dtype`: its fp32 master copies (fp16 with loss
+# scaling). The learner turns it on where `learner.deepspeed` names none (learner.mixed_precision); config refuses a
+# section that would train without it.
+DEEPSPEED_PRECISION = {"bfloat16": "bf16", "float16": "fp16"}
+
 DEEPSPEED_OWNED_KEYS = {
     "train_batch_size",
     "train_micro_batch_size_per_gpu",
@@ -715,11 +720,9 @@ class Config(_Strict):
         """An unset `refiner.sampling.max_new_tokens` is the generator's plus a quarter (at least 4 tokens): a config
         that raises the generator's budget and says nothing of the refiner's would otherwise make every longer a'
         a fallback, and the CE silently zero."""
-        if not isinstance(data, dict):
-            return data
-        refiner = data.get("refiner") if isinstance(data.get("refiner"), dict) else None
-        sampling = (refiner or {}).get("sampling", {})
-        if isinstance(data.get("refiner"), BaseModel) or not isinstance(sampling, dict) or "max_new_tokens" in sampling:
+        refiner = data.get("refiner", {}) if isinstance(data, dict) else None
+        sampling = refiner.get("sampling", {}) if isinstance(refiner, dict) else None
+        if not isinstance(sampling, dict) or "max_new_tokens" in sampling:  # said, or built already: as given
             return data
         generator = data.get("generator", {})
         generator_sampling = generator.sampling if isinstance(generator, BaseModel) else generator.get("sampling", {})
@@ -729,10 +732,8 @@ class Config(_Strict):
             budget = generator_sampling.get("max_new_tokens", SamplingConfig().max_new_tokens)
         if not isinstance(budget, int):  # not validated yet: the field's own check says what is wrong
             return data
-        return {
-            **data,
-            "refiner": {**(refiner or {}), "sampling": {**sampling, "max_new_tokens": budget + max(4, budget // 4)}},
-        }
+        sampling = {**sampling, "max_new_tokens": budget + max(4, budget // 4)}
+        return {**data, "refiner": {**refiner, "sampling": sampling}}
 
     @model_validator(mode="after")
     def _cross_field(self) -> Config:
@@ -837,10 +838,9 @@ class Config(_Strict):
             )
         if self.algo.constraint == "dynamic" and self.algo.ce_coef == 0:
             raise ValueError("algo.constraint=dynamic with algo.ce_coef=0 is constraint=none; say so explicitly")
-        learner = self.learner
+        learner, span = self.learner, self.lr_schedule_span
         updates = self.trainer.steps * learner.updates_per_step
-        span = learner.lr_schedule_updates
-        if learner.lr_schedule != "constant" and span is not None and span < updates and learner.min_lr_ratio == 0:
+        if learner.lr_schedule != "constant" and span < updates and learner.min_lr_ratio == 0:
             raise ValueError(
                 f"learner.lr_schedule_updates ({span}) is below the run's {updates} updates with "
                 f"learner.min_lr_ratio=0: the learning rate would be 0 from update {span} on; raise one of them"
@@ -859,17 +859,18 @@ class Config(_Strict):
         """bf16/fp16 weights need DeepSpeed's mixed precision: fp32 master copies (and loss scaling for fp16). The
         learner turns on the section matching `model.dtype` when `learner.deepspeed` names neither; one that says
         otherwise is refused where it would train without them."""
-        wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(self.model.dtype)
+        wanted = DEEPSPEED_PRECISION.get(self.model.dtype)
         ds = self.learner.deepspeed
-        if wanted is None or not ({"bf16", "fp16"} & ds.keys()):
+        sections = DEEPSPEED_PRECISION.values()
+        if wanted is None or not (ds.keys() & sections):
             return
-        enabled = {key for key in ("bf16", "fp16") if (ds.get(key) or {}).get("enabled", False)}
+        enabled = {key for key in sections if (ds.get(key) or {}).get("enabled", False)}
         stage = (ds.get("zero_optimization") or {}).get("stage", 0)
         if wanted in enabled or (wanted == "bf16" and stage > 0 and not enabled):
             return  # ZeRO >= 1 keeps fp32 partitions of bf16 weights by itself
-        sections = ", ".join(f"{key}={ds[key]}" for key in ("bf16", "fp16") if key in ds)
+        said = ", ".join(f"{key}={ds[key]}" for key in sections if key in ds)
         raise ValueError(
-            f"model.dtype={self.model.dtype} with learner.deepspeed {sections} (zero_optimization.stage {stage}) "
+            f"model.dtype={self.model.dtype} with learner.deepspeed {said} (zero_optimization.stage {stage}) "
             f"trains {self.model.dtype} weights "
             + (
                 "without loss scaling: small gradients underflow to zero"
@@ -879,6 +880,11 @@ class Config(_Strict):
             + f"; set learner.deepspeed.{wanted}.enabled=true (or drop the section: the learner enables it), or "
             "model.dtype=float32"
         )
+
+    @property
+    def lr_schedule_span(self) -> int:
+        """Optimizer updates a decaying learning rate spans: `learner.lr_schedule_updates`, else the run's."""
+        return self.learner.lr_schedule_updates or self.trainer.steps * self.learner.updates_per_step
 
     @property
     def run_name(self) -> str:

@@ -50,6 +50,7 @@ def render_messages(tokenizer, messages: list[tuple[str, str]] | tuple[tuple[str
 
 
 SENTINEL = "\ue000{}\ue001"  # stands in for a message's content: private-use characters no template alters
+SENTINEL_PATTERN = re.compile("\ue000(\\d+)\ue001")  # splits a render into the template's parts and content numbers
 CONTENT_AS_RENDERED = (str, str.strip, str.rstrip, str.lstrip)  # what templates do to a content (Llama 3: trim)
 
 
@@ -140,8 +141,8 @@ def _runs(chat: list[tuple[str, str]], skeleton: str, text: str, special: re.Pat
     """`text`, the chat rendered, as (text, is a special token) runs in which only the template's own special tokens
     are special: the template's parts come from `skeleton`, and between them each content as the template rendered
     it (as is, or trimmed). None when a content cannot be located."""
-    parts = re.split("\ue000\\d+\ue001", skeleton)
-    order = [int(j) for j in re.findall("\ue000(\\d+)\ue001", skeleton)]
+    pieces_of_skeleton = SENTINEL_PATTERN.split(skeleton)  # part, number, part, number, ..., part
+    parts, order = pieces_of_skeleton[::2], [int(j) for j in pieces_of_skeleton[1::2]]
     pieces: list[tuple[str, bool]] = []
     position = 0
     for k, part in enumerate(parts):

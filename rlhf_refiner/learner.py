@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_refiner import algo
-from rlhf_refiner.config import Config
+from rlhf_refiner.config import DEEPSPEED_PRECISION, Config
 from rlhf_refiner.metrics import redirect_actor_output
 from rlhf_refiner.records import Batch, Sample, shard_slice
 from rlhf_refiner.weight_sync import ParamMeta, SyncGroup, free_port, plan_buckets, send_weights
@@ -294,8 +294,8 @@ def mixed_precision(config: Config) -> dict[str, Any]:
     against fp32 master copies (fp16 with dynamic loss scaling). Without it, ZeRO stage 0 hands plain AdamW bf16
     weights, and at lr 1e-6 every update rounds to zero (tested); a section that says otherwise is refused in
     config."""
-    key = {"bfloat16": "bf16", "float16": "fp16"}.get(config.model.dtype)
-    if key is None or {"bf16", "fp16"} & config.learner.deepspeed.keys():
+    key = DEEPSPEED_PRECISION.get(config.model.dtype)
+    if key is None or config.learner.deepspeed.keys() & DEEPSPEED_PRECISION.values():
         return {}
     return {key: {"enabled": True}}
 
@@ -303,8 +303,7 @@ def mixed_precision(config: Config) -> dict[str, Any]:
 def make_lr_schedule(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
     """`learner.lr_schedule` with its warmup (algo.lr_factor) over `learner.lr_schedule_updates` optimizer updates
     (default: the run's); past them a decayed schedule stays at its final learning rate."""
-    cfg = config.learner
-    total = cfg.lr_schedule_updates or config.trainer.steps * cfg.updates_per_step
+    cfg, total = config.learner, config.lr_schedule_span
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda update: algo.lr_factor(update, total, cfg.lr_schedule, cfg.warmup_steps, cfg.min_lr_ratio)
     )

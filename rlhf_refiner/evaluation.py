@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf_refiner.config import Config, SamplingConfig
 from rlhf_refiner.records import Prompt, Reward, Rollout, shard_slice
+from rlhf_refiner.remote import flat, gather_stage, wait
 from rlhf_refiner.reward import merge
-from rlhf_refiner.rollout import flat, gather_stage, scorer_groups, wait
 
 if TYPE_CHECKING:
     from rlhf_refiner.placement import Actors
@@ -76,7 +76,7 @@ def evaluate(actors: Actors, prompts: list[Prompt], step: int, config: Config) -
     rollouts, _ = gather_stage(generated, names, "eval generate (generator-*)", "time/generate", deadline)
     reward_refs = [
         [scorer.score.remote(ref, i, len(group)) for ref in refs for i, scorer in enumerate(group)]
-        for group in scorer_groups(actors)
+        for group in actors.scorer_groups()
     ]
     rewards = merge([flat(wait(group, "eval score (reward-*, reward-model-*)", deadline)) for group in reward_refs])
     return {**summarize(rollouts, rewards), "time/eval": time.perf_counter() - started}

@@ -34,7 +34,8 @@ from rlhf_refiner.config import Config, ConfigError
 from rlhf_refiner.data import PromptSource
 from rlhf_refiner.metrics import MetricsLogger, check_wandb_login, spread_samples
 from rlhf_refiner.records import Sample
-from rlhf_refiner.rollout import assemble_samples, rollout_phase, wait
+from rlhf_refiner.remote import wait
+from rlhf_refiner.rollout import assemble_samples, rollout_phase
 
 SUMMARY_KEYS = ("reward/mean", "task/accuracy", "task/degenerate_rate", "learner/kl_to_ref", "learner/ce_refined")
 

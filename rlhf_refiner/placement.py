@@ -30,6 +30,7 @@ from rlhf_refiner.generator import Generator
 from rlhf_refiner.learner import Learner
 from rlhf_refiner.metrics import ACTOR_LOG_DIR, actor_log_dir
 from rlhf_refiner.refiner import Refiner
+from rlhf_refiner.remote import wait
 from rlhf_refiner.reward import WORKER_SOURCES, RewardWorker
 from rlhf_refiner.reward.model import RewardModel
 
@@ -59,6 +60,10 @@ class Actors:
         named.update({f"reward-model-{i}": a for i, a in enumerate(self.reward_models)})
         named["buffer"] = self.buffer
         return named
+
+    def scorer_groups(self) -> list[list[Any]]:
+        """The scorers whose rewards `reward.merge` sums per sample: reward workers, reward models (each if any)."""
+        return [group for group in (self.rewards, self.reward_models) if group]
 
 
 def uses_refiner(config: Config) -> bool:
@@ -353,14 +358,11 @@ def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
     if config.placement.layout == "colocated":  # engines up and asleep first (see the docstring)
         generators = [ray.remote(Generator).options(**o).remote(model_path, config) for o in generator_options]
         asleep = [g.sleep.remote() for g in generators]
-        try:
-            ray.get(asleep, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"generator-* did not start and go to sleep within {timeout_s:.0f}s") from None
+        wait(asleep, "generator-* start-up and sleep", timeout_s)
     # The ranks' rendezvous: rank 0 hosts the store on its node (rank 0 answers before any rank blocks in
     # `setup`); disaggregated, the setups run while the other stages start below.
-    master = node_ip(learners[0], timeout_s), ray.get(learners[0].free_port.remote(), timeout=timeout_s)
-    setups = [learner.setup.remote(*master) for learner in learners]
+    host, port = node_ip(learners[0], timeout_s), wait([learners[0].free_port.remote()], "learner-0 port", timeout_s)[0]
+    setups = [learner.setup.remote(host, port) for learner in learners]
     if not generators:
         generators = [ray.remote(Generator).options(**o).remote(model_path, config) for o in generator_options]
     refiner_cls = ray.remote(Refiner)
@@ -383,10 +385,7 @@ def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
         for i in range(reward_model_count(config))
     ]
     buffer = ray.remote(Buffer).options(**options("buffer")).remote(config.buffer.max_staleness, config.buffer.capacity)
-    try:
-        ray.get(setups, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"learner setup (learner-0..{ranks - 1}) did not finish within {timeout_s:.0f}s") from None
+    wait(setups, f"learner setup (learner-0..{ranks - 1})", timeout_s)
     return Actors(learners, generators, refiners, rewards, reward_models, buffer, pg, generator_options)
 
 
@@ -410,9 +409,9 @@ def actor_nodes(actors: Actors, timeout_s: float) -> dict[str, str]:
     """Ray node id of every stage's actor, by actor name."""
     named = actors.named()
     calls = [a.__ray_call__.remote(lambda _self: ray.get_runtime_context().get_node_id()) for a in named.values()]
-    return dict(zip(named, ray.get(calls, timeout=timeout_s)))
+    return dict(zip(named, wait(calls, "node ids (every actor)", timeout_s)))
 
 
 def node_ip(actor: Any, timeout_s: float) -> str:
     """IP address of the node an actor runs on (the learner hosts the weight-sync store there)."""
-    return ray.get(actor.__ray_call__.remote(lambda _self: ray.util.get_node_ip_address()), timeout=timeout_s)
+    return wait([actor.__ray_call__.remote(lambda _self: ray.util.get_node_ip_address())], "node ip", timeout_s)[0]

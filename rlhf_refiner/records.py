@@ -1,4 +1,5 @@
-"""Typed records that cross actor boundaries, in pipeline order: Prompt -> Rollout -> Refinement -> Sample -> Batch.
+"""Typed records that cross actor boundaries, in pipeline order: Prompt -> Rollout -> Refinement -> Reward
+(-> Collected, a rollout round) -> Sample -> Batch.
 
 Every record is a frozen dataclass that names its producer and consumer and carries `policy_version`, the
 learner step whose weights produced the data, so staleness is always a visible number.
@@ -7,7 +8,7 @@ learner step whose weights produced the data, so staleness is always a visible n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 
 def shard_slice(total: int, shard: int, num_shards: int) -> slice:
@@ -79,6 +80,17 @@ class Reward:
     infra_error: bool = False  # a source failed for infrastructure reasons: `reward` is not a score, never train on it
     isolation: str | None = None  # code reward: the sandbox's isolation level
     error: str | None = None  # with `infra_error`: what failed, "<source>: <message>" ("; " between sources)
+
+
+class Collected(NamedTuple):
+    """rollout stage -> loop (and, async, a checkpoint): the step's rollouts, their refinements (None without the
+    refiner) and rewards, in the same order, and the round's metrics. A tuple, so the loop unpacks it; each
+    rollout carries its own `policy_version`."""
+
+    rollouts: list[Rollout]
+    refinements: list[Refinement] | None
+    rewards: list[Reward]
+    metrics: dict[str, float]
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import random
 import time
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from rlhf_refiner.config import Config
-from rlhf_refiner.metrics import merge_calls
-from rlhf_refiner.records import Prompt, Refinement, Reward, Rollout, Sample, shard_slice
+from rlhf_refiner.records import Collected, Prompt, Refinement, Reward, Rollout, Sample, shard_slice
+from rlhf_refiner.remote import flat, gather_stage, wait
 from rlhf_refiner.reward import merge
 
 if TYPE_CHECKING:
@@ -25,42 +25,6 @@ if TYPE_CHECKING:
 
     from rlhf_refiner.data import PromptSource
     from rlhf_refiner.placement import Actors
-
-
-class StageTimeoutError(TimeoutError):
-    """A stage's remote call missed its deadline; the message names the stage and actor."""
-
-
-def wait(refs: list[Any], stage: str, timeout_s: float) -> list[Any]:
-    """`ray.get` with a deadline whose error names the stage."""
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise StageTimeoutError(f"stage '{stage}' did not answer within {timeout_s:.0f}s") from None
-
-
-class Collected(NamedTuple):
-    """rollout_phase -> loop (and, async, a checkpoint): the step's rollouts, their refinements (None without the
-    refiner) and rewards, in the same order, and the round's metrics."""
-
-    rollouts: list[Rollout]
-    refinements: list[Refinement] | None
-    rewards: list[Reward]
-    metrics: dict[str, float]
-
-
-def flat(parts: list[list[Any]]) -> list[Any]:
-    return [item for part in parts for item in part]
-
-
-def gather_stage(
-    calls: list[list[Any]], names: list[str], stage: str, time_key: str, deadline: float
-) -> tuple[list[Any], dict[str, float]]:
-    """Wait for a fanned-out stage's calls, each returning (records, metrics) as two ObjectRefs and made on the
-    actor `names[i]`: the records of all calls in call order, and their metrics merged (`metrics.merge_calls`)."""
-    parts = wait(flat(calls), stage, deadline)
-    records, metrics = parts[0::2], parts[1::2]
-    return flat(records), merge_calls([(n, len(r), m) for n, r, m in zip(names, records, metrics)], time_key)
 
 
 def shaped_rewards(rollouts: list[Rollout], rewards: list[Reward], config: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,11 +86,6 @@ def improvement_metrics(before: list[float], after: list[float], drawn: int) -> 
     }
 
 
-def scorer_groups(actors: Actors) -> list[list[Any]]:
-    """The scorers whose rewards `reward.merge` sums per sample: reward workers, reward models (each if any)."""
-    return [group for group in (actors.rewards, actors.reward_models) if group]
-
-
 def start_refine(refiners: list[Any], rollout_refs: list[Any]) -> list[list[Any]]:
     """Each refiner refines its shard of every rollouts ref; the calls, in the order `gather_refine` expects."""
     n = len(refiners)
@@ -160,7 +119,7 @@ def score_improvement(
     changed, drawn = improvement_sample(refinements, config.refiner.improved_eval_fraction, step)
     changed_rollouts, changed_refinements = [rollouts[i] for i in changed], [refinements[i] for i in changed]
     refined_refs = [
-        group[0].score_refined.remote(changed_rollouts, changed_refinements) for group in scorer_groups(actors)
+        group[0].score_refined.remote(changed_rollouts, changed_refinements) for group in actors.scorer_groups()
     ]
     deadline = config.ray.call_timeout_s
     refined_rewards = merge(wait(refined_refs, "score refined (reward-0, reward-model-0)", deadline))
@@ -183,7 +142,7 @@ def collect(actors: Actors, prompts: list[Prompt], step: int, config: Config, re
     rollout_refs = [rollouts_ref for rollouts_ref, _ in generated]
     reward_refs = [
         [scorer.score.remote(ref, i, len(group)) for ref in rollout_refs for i, scorer in enumerate(group)]
-        for group in scorer_groups(actors)
+        for group in actors.scorer_groups()
     ]
     refine_calls = start_refine(actors.refiners, rollout_refs) if refine else []
     names = [f"generator-{i}" for i in range(engines)]

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from rlhf_refiner import checkpoint
 from rlhf_refiner.config import Config
-from rlhf_refiner.rollout import Collected, wait
+from rlhf_refiner.records import Collected
+from rlhf_refiner.remote import wait
 
 if TYPE_CHECKING:
     from rlhf_refiner.data import PromptSource

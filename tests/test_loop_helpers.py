@@ -7,8 +7,9 @@ import pytest
 
 from rlhf_refiner.config import load
 from rlhf_refiner.loop import step_metrics
-from rlhf_refiner.records import Prompt, Refinement, Reward, Rollout
-from rlhf_refiner.rollout import Collected, assemble_samples, improvement_metrics, improvement_sample
+from rlhf_refiner.placement import Actors
+from rlhf_refiner.records import Collected, Prompt, Refinement, Reward, Rollout
+from rlhf_refiner.rollout import assemble_samples, improvement_metrics, improvement_sample
 
 
 def _refinement(i: int, unchanged: bool) -> Refinement:
@@ -234,11 +235,15 @@ def _fake_actors(log: list, flat_prompts: set[int], refiners: int = 2):
         return refinements, ({"refiner/unchanged_frac": 0.0, "time/refine": 0.5} if part else {})
 
     refiner = [SimpleNamespace(refine=_Method(refine)) for _ in range(refiners)]
-    return SimpleNamespace(
+    return Actors(
+        learners=[],
         generators=[SimpleNamespace(generate=_Method(generate))],
+        refiners=refiner,
         rewards=[SimpleNamespace(score=_Method(score), score_refined=_Method(score_refined))],
         reward_models=[],
-        refiners=refiner,
+        buffer=None,
+        placement_group=None,
+        generator_options=[],
     )
 
 
@@ -255,9 +260,13 @@ class _Prompts:
 def _no_ray(monkeypatch):
     import ray
 
-    from rlhf_refiner import rollout
+    from rlhf_refiner import remote, rollout
 
-    monkeypatch.setattr(rollout, "wait", lambda refs, stage, timeout_s: list(refs))
+    def wait(refs, stage, timeout_s):
+        return list(refs)
+
+    monkeypatch.setattr(rollout, "wait", wait)  # its own waits, and those of `remote.gather_stage`
+    monkeypatch.setattr(remote, "wait", wait)
     monkeypatch.setattr(ray, "put", lambda value: value)
 
 

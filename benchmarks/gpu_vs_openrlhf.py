@@ -9,7 +9,7 @@ Throughput by differencing: each system runs twice, for `--steps` S1 and S2 step
 (S2 - S1) x samples per step / (T2 - T1), which cancels start-up (engine loads, compilation) without parsing
 either system's logs. tokens/s/GPU = samples/s x mean (prompt + response) tokens of our run / GPUs. Prints JSON
 lines (`vs_openrlhf`, `vs_openrlhf_dynamic`) and appends them to benchmarks/RESULTS.md with the GPU's name.
-Not run yet: no GPU has been lent to this project (README, "GPU status").
+Not run yet: no GPU has been lent to this project (docs/cluster.md, "GPU status").
 """
 
 from __future__ import annotations

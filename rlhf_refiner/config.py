@@ -27,7 +27,7 @@ class _Strict(BaseModel):
 
 
 class EmbeddedModelConfig(_Strict):
-    """How the embedded CPU π0 is built when `model.path` is `embedded` (METHOD.md, "The embedded CPU task")."""
+    """How the embedded CPU π0 is built when `model.path` is `embedded` (docs/tasks.md, "The embedded task and π0")."""
 
     hidden_size: int = Field(96, ge=16)
     """Width of the tiny Llama."""
@@ -49,7 +49,7 @@ class EmbeddedModelConfig(_Strict):
     """Fraction of solving targets that show their work after the answer (`231=47+85`), as an over-verbose SFT
     model does: π0 then writes it at about this rate at T=1 (`degenerate_rate` in its quality report), the reward's
     verbosity flaw pays for it, and the refiner is taught to strip it. 0 (the quickstart): π0 never does, and
-    the flaw is never found (METHOD.md, "The embedded CPU task")."""
+    the flaw is never found (docs/tasks.md, "The embedded task and π0")."""
     seed: int = 0
     """Seed of the build; part of the cache key."""
     cache_dir: str = "~/.cache/rlhf_refiner/pi0"
@@ -91,7 +91,8 @@ class TaskConfig(_Strict):
 
 class DataConfig(_Strict):
     source: Literal["arithmetic", "prompt_collection", "apps", "humaneval", "mbpp"] = "arithmetic"
-    """`arithmetic`: the embedded task, generated in code; else a real dataset in that format (METHOD.md)."""
+    """`arithmetic`: the embedded task, generated in code; else a real dataset in that format (docs/tasks.md,
+    "Datasets")."""
     path: str | None = None
     """Hub dataset name (e.g. `OpenRLHF/prompt-collection-v0.1`) or a local parquet/JSONL file or folder."""
     split: str = "train"
@@ -422,7 +423,7 @@ class RewardConfig(_Strict):
     (your Python function, `reward.function`)."""
     function: str | None = None
     """`function` source: "path/to/file.py:name", called once per sample as name(query=, response=, answer=,
-    sample_id=) and returning a number or a dict with "score" (README, Rewards). Checked here without running it;
+    sample_id=) and returning a number or a dict with "score" (docs/rewards.md). Checked here without running it;
     the file is read here, on the driver, and its text travels with this config to the workers."""
     _function_source: str | None = PrivateAttr(None)  # not a field: never in the YAML dump or the resume check
     num_workers: int = Field(1, ge=1)
@@ -478,7 +479,7 @@ class AlgoConfig(_Strict):
     clip_eps_high: float | None = Field(None, gt=0)
     """Upper clip ε_high (DAPO clip-higher, e.g. 0.28); None: symmetric."""
     loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum"] = "seq_mean_token_mean"
-    """Policy-loss aggregation (README table): GRPO `seq_mean_token_mean`, DAPO `token_mean`."""
+    """Policy-loss aggregation (docs/method.md, "Loss aggregation"): GRPO `seq_mean_token_mean`, DAPO `token_mean`."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: replace groups whose rewards all agree with groups of fresh prompts."""
     max_sampling_rounds: int = Field(3, ge=0)
@@ -1017,10 +1018,14 @@ def _doc_lines(doc: str | None, indent: str, full: bool) -> list[str]:
     return textwrap.wrap(text, _HELP_WIDTH, initial_indent=indent, subsequent_indent=indent) if text else []
 
 
-def _describe_key(key: str, field: Any, value: Any, depth: int, full: bool) -> list[str]:
+def _kind(field: Any) -> str:
+    """A field's type and bounds, e.g. `int, >=1`."""
     bounds = [f"{sign}{getattr(m, name)}" for m in field.metadata for name, sign in _BOUNDS if hasattr(m, name)]
-    kind = ", ".join([_type_name(field.annotation), *bounds])
-    line = f"{'  ' * depth}{key}: {_yaml_value(value)}  ({kind})"
+    return ", ".join([_type_name(field.annotation), *bounds])
+
+
+def _describe_key(key: str, field: Any, value: Any, depth: int, full: bool) -> list[str]:
+    line = f"{'  ' * depth}{key}: {_yaml_value(value)}  ({_kind(field)})"
     return [line, *_doc_lines(field.description, "  " * depth + "    ", full)]
 
 
@@ -1057,3 +1062,56 @@ def describe(section: str = "", full: bool = False) -> str:
         return "\n".join(_describe_section(node, "", 0, full)).lstrip("\n")
     header = [f"[{section}]", *_doc_lines(type(node).__doc__ or field.description, "    ", full)]
     return "\n".join(header + _describe_section(node, f"{section}.", 1, full))
+
+
+# `reference_markdown` renders the same tree as a page: docs/configuration.md is its output, and tests/test_docs.py
+# fails when that page is stale. Deterministic: field order, instance defaults, no environment.
+REFERENCE_COMMAND = "python scripts/train.py --config-reference > docs/configuration.md"
+
+
+def _cell(text: str) -> str:
+    """One Markdown table cell: on one line, with `|` escaped (GitHub unescapes it inside code spans too)."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _reference_section(section: BaseModel, key: str, doc: str | None, level: int) -> list[str]:
+    lines = ["", f"{'#' * level} `{key}`", ""]
+    if doc:
+        lines += [" ".join(doc.split()), ""]
+    lines += ["| key | type | default | description |", "|---|---|---|---|"]
+    values, nested = section.model_dump(mode="json"), []
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            nested.append((f"{key}.{name}", value, type(value).__doc__ or field.description))
+            continue
+        cells = [f"`{key}.{name}`", f"`{_kind(field)}`", f"`{_yaml_value(values[name])}`", field.description or ""]
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    for sub_key, sub_section, sub_doc in nested:
+        lines += _reference_section(sub_section, sub_key, sub_doc, level + 1)
+    return lines
+
+
+def reference_markdown() -> str:
+    """The whole config tree as Markdown (docs/configuration.md): one section per config section, nested ones
+    included, each a table of key, type and bounds, default, and the field's docstring."""
+    config = Config()
+    sections = [(name, getattr(config, name), field) for name, field in Config.model_fields.items()]
+    intro = (
+        "Every key of the config tree, section by section: its type and bounds, its default, and its docstring in "
+        "`rlhf_refiner/config.py`, which is the documentation. This page is generated from that file: "
+        f"`{REFERENCE_COMMAND}` rewrites it, and `tests/test_docs.py` fails when it is stale.",
+        "A YAML config sets values by section; any key is overridden on the command line as `key.sub=value`, the "
+        "value read as YAML (`reward.weights={model: 1.0, format: 0.1}`), e.g. `python scripts/train.py --config "
+        "configs/quickstart.yaml algo.constraint=static_kl trainer.output_dir=runs/kl`. A misspelt key is refused "
+        "with the closest valid one (`algo.kl_coeff: unknown key (did you mean algo.kl_coef?)`), and impossible "
+        "combinations (batch divisibility, GPU counts, async staleness) are refused at load with the fields named. "
+        "`python scripts/train.py --help-config [SECTION]` prints the same tree in the terminal (e.g. `algo`).",
+        "Sections: " + ", ".join(f"[`{name}`](#{name})" for name, _, _ in sections) + ".",
+    )
+    lines = ["# Configuration reference", "", f"<!-- Generated by `{REFERENCE_COMMAND}`; do not edit by hand. -->"]
+    for paragraph in intro:
+        lines += ["", *textwrap.wrap(paragraph, _HELP_WIDTH, break_long_words=False, break_on_hyphens=False)]
+    for name, section, field in sections:
+        lines += _reference_section(section, name, type(section).__doc__ or field.description, 2)
+    return "\n".join(lines) + "\n"

@@ -4,7 +4,7 @@ A query is `a+b=` with both operands zero-padded to the same width, and the answ
 reversed (`047+385=` -> `234`): aligned columns and least-significant digit first let a tiny causal LM learn
 the carries, where left-to-right sums of ragged operands stay near chance for minutes.
 Pure Python, no torch: the reward worker, the data source and the π0 builder all share it.
-The reward's flaw is documented in `score` and in the README ("The embedded task").
+The reward's flaw is documented in `score` and in the docs/tasks.md ("The embedded task and π0").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ config (no hub), so the run needs only torch, transformers, DeepSpeed and this p
 bf16 with gradient checkpointing and the dynamic constraint, it checks the learner's log-probs and the first
 step's CE and loss against a plain HF forward of the same weights, and the same update's loss and gradient norm in 4x
 as many micro-batches, then times a few steps: peak memory, tokens/s, MFU. Each run is a process of its own.
-Prints one JSON object per stage and a markdown table for the README's GPU status.
+Prints one JSON object per stage and a markdown table for docs/cluster.md's GPU status.
 
     python scripts/gpu_smoke.py                      # on a CUDA machine (scripts/gpu_smoke.sh installs what is missing)
     python scripts/gpu_smoke.py --cpu --tiny         # the same code path on CPU with a tiny model (tests run this)

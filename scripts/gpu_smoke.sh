@@ -7,7 +7,7 @@
 #   bash scripts/gpu_smoke.sh             # on the GPU machine: installs from wheelhouse/ what is missing, runs
 #
 # Results go to stdout and, as JSON, to $OUT/gpu_smoke.json (or ./gpu_smoke.json): copy the table into the
-# README's "GPU status" with the card's name.
+# docs/cluster.md's "GPU status" with the card's name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELHOUSE:-wheelhouse}

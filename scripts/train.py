@@ -25,8 +25,17 @@ def main(argv: list[str] | None = None) -> int:
         help="print the config keys with defaults and full docs, only SECTION's if given (e.g. algo, "
         "generator.sampling), and exit",
     )
+    parser.add_argument(
+        "--config-reference",
+        action="store_true",
+        help=f"print the whole config tree as the Markdown of docs/configuration.md ({config_lib.REFERENCE_COMMAND}) "
+        "and exit",
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.steps=5")
     args = parser.parse_args(argv)
+    if args.config_reference:
+        sys.stdout.write(config_lib.reference_markdown())
+        return 0
     if args.help_config is not None:
         try:
             print(config_lib.describe(args.help_config, full=True))

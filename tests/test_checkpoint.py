@@ -204,19 +204,23 @@ def test_a_checkpoint_that_was_never_saved_is_named_with_the_ones_that_were(tmp_
         checkpoint.verify(tmp_path / "elsewhere" / "checkpoints" / "step-00000040")
 
 
-def test_the_readmes_export_example_names_a_checkpoint_its_run_saves():
+def test_the_docs_export_examples_name_a_checkpoint_their_run_saves():
     import re
     from pathlib import Path
 
     from rlhf_refiner.config import load
 
     root = Path(__file__).resolve().parents[1]
-    line = next(x for x in (root / "README.md").read_text().splitlines() if x.startswith("python scripts/export_hf.py"))
-    run, step = re.search(r"export_hf\.py (runs/\w+)/checkpoints/step-(\d{8}) ", line).groups()
-    trainer = load(root / "configs" / f"{Path(run).name}.yaml").trainer
-    assert trainer.output_dir == run
-    saved = int(step) == trainer.steps or (trainer.save_every and int(step) % trainer.save_every == 0)
-    assert saved, f"README exports step {int(step)} of {run}, which saves only at step {trainer.steps}"
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    lines = [(page.name, x) for page in pages for x in page.read_text().splitlines()]
+    examples = [(name, x) for name, x in lines if x.startswith("python scripts/export_hf.py")]
+    assert examples, "no `python scripts/export_hf.py` example in README.md or docs/"
+    for name, line in examples:
+        run, step = re.search(r"export_hf\.py (runs/\w+)/checkpoints/step-(\d{8}) ", line).groups()
+        trainer = load(root / "configs" / f"{Path(run).name}.yaml").trainer
+        assert trainer.output_dir == run
+        saved = int(step) == trainer.steps or (trainer.save_every and int(step) % trainer.save_every == 0)
+        assert saved, f"{name} exports step {int(step)} of {run}, which saves only at step {trainer.steps}"
 
 
 def test_a_resume_after_the_reward_functions_file_changed_is_refused(tmp_path, monkeypatch):

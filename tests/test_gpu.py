@@ -1,6 +1,6 @@
 """`gpu` tier (skipped without CUDA): the same stages on GPUs — vLLM engines, the weight sync over NCCL (or gloo
 when learner and generator share the only GPU), and a ZeRO-3 learner. Run on a GPU machine with
-`python -m pytest -m gpu`; README "GPU status" records where they last ran."""
+`python -m pytest -m gpu`; docs/cluster.md "GPU status" records where they last ran."""
 
 from __future__ import annotations
 

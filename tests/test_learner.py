@@ -135,13 +135,13 @@ def test_learner_logprobs_are_the_generators_sampling_distribution(pi0_path, tem
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_refiner.learner import build_rows
+    from rlhf_refiner.forward import build_rows
 
     learner = _learner(pi0_path, "algo.constraint=none", f"generator.sampling.temperature={temperature}")
     samples = list(_batch(learner.tokenizer, PAIRS).samples)
     rows = build_rows(samples, learner.tokenizer.pad_token_id, with_refined=False)
     with torch.no_grad():
-        logprobs, _ = learner._forward(learner.engine, rows)
+        logprobs, _ = learner.forward.logprobs(learner.engine, rows)
         logits = AutoModelForCausalLM.from_pretrained(pi0_path)(rows.input_ids, attention_mask=rows.attention_mask)
     expected = torch.log_softmax(logits.logits[:, :-1] / divisor, -1).gather(-1, rows.input_ids[:, 1:, None])[..., 0]
     mask = rows.target_mask.bool()
@@ -213,7 +213,7 @@ def test_tis_refuses_samples_generated_without_behaviour_logprobs(pi0_path):
 
     from transformers import AutoTokenizer
 
-    from rlhf_refiner.learner import behaviour_logprobs
+    from rlhf_refiner.forward import behaviour_logprobs
 
     sample = _batch(AutoTokenizer.from_pretrained(pi0_path), UNEVEN).samples[0]
     sample = dataclasses.replace(sample, rollout=dataclasses.replace(sample.rollout, response_logprobs=()))
@@ -330,7 +330,7 @@ def test_kl_metric_outside_static_kl_runs_on_its_steps_only(pi0_path):
 def test_length_groups_pad_the_fewest_tokens():
     """Hand-derived: rows of 2, 2, 2, 2, 5, 9 tokens. One group pads to 6 x 9 = 54 tokens; of the two-group
     splits, {2,2,2,2} {5,9} pads 8 + 18 = 26 (against {2,2,2,2,5} {9}: 25 + 9 = 34); three groups: 8 + 5 + 9."""
-    from rlhf_refiner.learner import length_groups
+    from rlhf_refiner.forward import length_groups
 
     lengths = [2, 9, 2, 5, 2, 2]
     assert length_groups(lengths, 1) == [[0, 1, 2, 3, 4, 5]]
@@ -341,7 +341,7 @@ def test_length_groups_pad_the_fewest_tokens():
     # a row without targets (an empty response) keeps logits from its own last position, inside its group
     import torch
 
-    from rlhf_refiner.learner import target_starts
+    from rlhf_refiner.forward import target_starts
 
     mask = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]], dtype=torch.float)
     assert target_starts(mask, [5, 3, 3]) == [2, 2, 1]
@@ -352,7 +352,7 @@ def test_the_shared_prompt_pass_is_only_for_full_attention_caches():
     whole prompt, so their models take the padded path."""
     from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3NextConfig
 
-    from rlhf_refiner.learner import full_attention_cache
+    from rlhf_refiner.forward import full_attention_cache
 
     assert full_attention_cache(LlamaConfig()) and full_attention_cache(Qwen2Config())
     assert full_attention_cache(MistralConfig(sliding_window=None))
@@ -365,7 +365,7 @@ def test_length_groups_match_a_brute_force_search():
     import itertools
     import random
 
-    from rlhf_refiner.learner import length_groups
+    from rlhf_refiner.forward import length_groups
 
     rng = random.Random(0)
     for _ in range(40):
@@ -408,7 +408,9 @@ def test_grouped_and_shared_prompt_forwards_train_exactly_as_one_padded_batch(pi
             f"learner.shared_prompts={str(shared).lower()}",
             "trainer.steps=2",
         )
-        assert learner.keeps_logits and learner.shares_prompts == shared  # the Llama stand-in takes both paths
+        assert (
+            learner.forward.keeps_logits and learner.forward.shares_prompts == shared
+        )  # the Llama stand-in takes both paths
         samples = [
             dataclasses.replace(s, advantage=a)
             for s, a in zip(_batch(learner.tokenizer, MIXED).samples, (1.0, -0.5, 0.3, -0.8), strict=True)

@@ -2,8 +2,8 @@
 generator's sampling temperature -> the micro-batch's share of its update's loss. The learner calls it with its
 DeepSpeed engine (π_θ) and π0; nothing here knows DeepSpeed: any torch module with HF's forward will do.
 Invariants: logits at t predict token t+1; every path (one padded pass, length groups cut to their own longest,
-each distinct prompt run once with its rows continuing from its key/value cache) gives the same log-probs at a
-row's targets and 0 where a row has none. Log-probs and entropy are computed in vocabulary blocks (algo).
+each distinct prompt run once with its rows continuing from its key/value cache) gives the same log-probs at each
+row's targets (elsewhere: anything, masked by every use). Log-probs and entropy come in vocabulary blocks (algo).
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ class Forward:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs (N, T-1) of each next token at the sampling temperature, and the entropy (entropy_rows, T-1)
         of the first `entropy_rows` rows (None for 0): the PPO ratio, the CE on a', the entropy and the KL to π0
-        (π0 tempered alike) all see the sampled π_θ. Positions that are no row's target are 0.
+        (π0 tempered alike) all see the sampled π_θ. Only a row's targets are meaningful: every use masks the rest.
         With `shares_prompts`, each distinct prompt runs once and its rows continue from its key/value cache; the
         rest of each row runs in `length_groups` (default `self.length_groups`), each cut to its own longest and
         scored from its first target position on. `one_pass`: one padded forward of every row."""

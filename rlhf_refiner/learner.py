@@ -1,32 +1,19 @@
-"""Learner: the policy under DeepSpeed. step(batch) -> metrics; source of weight syncs; saves HF checkpoints.
-
-`learner.num_ranks` data-parallel ranks, one `Learner` actor each. Every rank gets the whole batch and trains on
-its shard of each update; DeepSpeed averages gradients over ranks, and ZeRO partitions the state. Methods that
-touch the model (step, sync, checkpoints, save_pretrained) are collectives: the driver calls them on every rank.
-One step = `learner.updates_per_step` optimizer updates over the batch, each accumulated over micro-batches.
-Loss = GRPO's PPO-clip term + the constraint: λ·CE on refined responses (`dynamic`; refiner fallbacks carry
-none), β·KL to π0 (`static_kl`), or nothing, all at the generator's sampling temperature. Refined rows identical
-to the sampled response reuse the policy forward pass, so the dynamic constraint costs an extra forward only for
-the responses the refiner changed; under `static_kl`/`none` the CE is a monitor, computed without autograd.
-Every term is normalised by the whole update's counts (all micro-batches, all ranks, `algo.Normaliser`), and
-the backward undoes DeepSpeed's averaging over accumulation steps and ranks, so an update's gradient is the same
-however it is split. Log-probs and entropy are computed in vocabulary blocks (algo.token_logprobs), from a
-forward that runs each distinct prompt once (its rows continue from its key/value cache) and the rest in length
-groups, with logits only where a target is. π0 (the reference) is loaded only when the KL is in the loss or
-`algo.log_kl_to_ref` asks for the metric.
-The only module that touches DeepSpeed.
+"""Learner: the policy under DeepSpeed. step(batch) -> metrics; source of weight syncs; checkpoints; HF export.
+`learner.num_ranks` data-parallel ranks, one actor each, all given the whole batch: each trains on its shard of
+every update, and the methods that touch the model are collectives the driver calls on every rank. A step is
+`learner.updates_per_step` optimizer updates, each accumulated over micro-batches (their forward and loss: forward.py)
+whose backward undoes DeepSpeed's averaging over accumulation steps and ranks, so an update's gradient is the same
+however it is split. π0 is loaded only for a KL in the loss or its metric. The only module that touches DeepSpeed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import inspect
 import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +21,7 @@ import torch.distributed as dist
 
 from rlhf_refiner import algo
 from rlhf_refiner.config import DEEPSPEED_PRECISION, Config
+from rlhf_refiner.forward import Forward
 from rlhf_refiner.metrics import redirect_actor_output
 from rlhf_refiner.records import Batch, Sample, shard_slice
 from rlhf_refiner.weight_sync import ParamMeta, SyncGroup, free_port, plan_buckets, send_weights
@@ -52,155 +40,6 @@ SHARES = (
 )
 SUMMED_METRICS = ("learner/tokens_per_s", "learner/samples", *SHARES)  # over ranks; the rest (MFU too) are means
 MAX_METRICS = ("time/learner_compute",)  # the slowest rank is the step's critical path
-
-
-@dataclass
-class _Rows:
-    """A padded forward batch: policy rows first, then refined rows that differ from their response."""
-
-    input_ids: torch.Tensor  # (N, T)
-    attention_mask: torch.Tensor  # (N, T)
-    target_mask: torch.Tensor  # (N, T-1): 1 where the next token is a response / refined token
-    policy_rows: int  # the first B rows are the policy's sequences
-    refined_index: list[int]  # row of each refined sequence (a policy row when a' == a); empty without refiner
-    ce_mask: torch.Tensor  # (R, T-1): the CE's tokens, refined row by refined row; all 0 for a refiner fallback
-    prompt_lengths: list[int]  # each row's prompt tokens (its response starts there)
-
-    def to(self, device: torch.device) -> _Rows:
-        return _Rows(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.target_mask.to(device),
-            self.policy_rows,
-            self.refined_index,
-            self.ce_mask.to(device),
-            self.prompt_lengths,
-        )
-
-    def head(self, rows: int) -> _Rows:
-        """The first `rows` rows alone (the policy's), without refined rows or CE."""
-        return _Rows(
-            self.input_ids[:rows],
-            self.attention_mask[:rows],
-            self.target_mask[:rows],
-            rows,
-            [],
-            self.ce_mask[:0],
-            self.prompt_lengths[:rows],
-        )
-
-
-def _pad(sequences: list[tuple[tuple[int, ...], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token ids, prompt length) sequences -> right-padded ids, attention mask, and the target mask (N, T-1): 1
-    where the next token is a response token."""
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    target = torch.zeros((len(sequences), width - 1))
-    for row, (ids, prompt_len) in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-        target[row, prompt_len - 1 : len(ids) - 1] = 1.0  # logits at t predict token t+1
-    return input_ids, attention, target
-
-
-def _copied(sample: Sample) -> bool:
-    """a' == a token for token (a fallback's placeholder too): the CE reuses the policy row."""
-    return sample.refinement.refined_token_ids == sample.rollout.response_token_ids
-
-
-def build_rows(samples: list[Sample], pad_id: int, with_refined: bool, refined_only: bool = False) -> _Rows:
-    """Padded rows: the policy's sequences, then (`with_refined`) the refined ones that differ from theirs.
-    `refined_only`: the refined rows of samples whose a' all differ from a, and nothing else (`ce_mask` is then
-    every row's target; `policy_rows` 0)."""
-    sequences: list[tuple[tuple[int, ...], int]] = []  # (token ids, prompt length)
-    if refined_only and with_refined:
-        for s in samples:
-            assert not _copied(s), f"sample {s.sample_id}: a' == a has no refined row of its own"
-            sequences.append(
-                (
-                    s.rollout.prompt.prompt_token_ids + s.refinement.refined_token_ids,
-                    len(s.rollout.prompt.prompt_token_ids),
-                )
-            )
-        rows = _pad(sequences, pad_id)
-        ce = torch.stack([rows[2][i] * (not s.refinement.fallback) for i, s in enumerate(samples)])
-        return _Rows(rows[0], rows[1], rows[2], 0, list(range(len(samples))), ce, [n for _, n in sequences])
-    for s in samples:
-        sequences.append(
-            (s.rollout.prompt.prompt_token_ids + s.rollout.response_token_ids, len(s.rollout.prompt.prompt_token_ids))
-        )
-    refined_index: list[int] = []
-    if with_refined:
-        for i, s in enumerate(samples):
-            assert s.refinement is not None, f"sample {s.sample_id} has no refinement"
-            if _copied(s):
-                refined_index.append(i)
-            else:
-                refined_index.append(len(sequences))
-                prompt = s.rollout.prompt.prompt_token_ids
-                sequences.append((prompt + s.refinement.refined_token_ids, len(prompt)))
-    input_ids, attention, target = _pad(sequences, pad_id)
-    # A fallback's a' = a is only a placeholder (π0's output was unusable): no constraint on that sample, so it
-    # leaves the CE and its normaliser, while its policy row keeps its RL targets.
-    ce_rows = [target[row] * (not s.refinement.fallback) for row, s in zip(refined_index, samples)]
-    ce_mask = torch.stack(ce_rows) if ce_rows else target[:0]
-    return _Rows(input_ids, attention, target, len(samples), refined_index, ce_mask, [n for _, n in sequences])
-
-
-def target_starts(target_mask: torch.Tensor, lengths: list[int]) -> list[int]:
-    """Each row's first target position (where the logits predict its first response token); a row without
-    targets gets its own last position, so a group's kept logits never start past its longest row."""
-    has = target_mask > 0
-    first = has.float().argmax(-1).tolist()
-    return [f if any_target else max(n - 1, 0) for f, any_target, n in zip(first, has.any(-1).tolist(), lengths)]
-
-
-def length_groups(lengths: list[int], max_groups: int) -> list[list[int]]:
-    """Rows (by index) split into at most `max_groups` groups, each to be padded to its own longest row: of the
-    splits of the rows sorted by length, the one with the fewest padded tokens (Σ over groups of rows × longest),
-    by dynamic programming over the distinct lengths. Each group lists its rows in increasing index order."""
-    widths = sorted(set(lengths))
-    count = [0]  # count[j]: rows no longer than widths[j - 1]
-    for width in widths:
-        count.append(count[-1] + lengths.count(width))
-    k = min(max_groups, len(widths))
-    inf = float("inf")
-    # cost[g][j]: fewest padded tokens for the rows of the j shortest widths in g groups; cut[g][j]: where the
-    # last of those groups starts
-    cost = [[0.0] + [inf] * len(widths)] + [[inf] * (len(widths) + 1) for _ in range(k)]
-    cut = [[0] * (len(widths) + 1) for _ in range(k + 1)]
-    for g in range(1, k + 1):
-        for j in range(1, len(widths) + 1):
-            for i in range(g - 1, j):
-                value = cost[g - 1][i] + (count[j] - count[i]) * widths[j - 1]
-                if value < cost[g][j]:
-                    cost[g][j], cut[g][j] = value, i
-    best = min(range(1, k + 1), key=lambda g: (cost[g][len(widths)], g))
-    bounds, j = [], len(widths)
-    for g in range(best, 0, -1):  # the last group covers widths[cut:j]
-        bounds.append((widths[cut[g][j]], widths[j - 1]))
-        j = cut[g][j]
-    return [[i for i, n in enumerate(lengths) if low <= n <= high] for low, high in bounds]
-
-
-def full_attention_cache(model_config) -> bool:
-    """Whether every layer of the model caches plain keys and values over the whole sequence, which the shared
-    prompt pass extends: no sliding-window or chunked layers (their caches keep only a window, whose offsets the
-    mask would misplace under left padding), no linear-attention or state-space layers (no keys to extend)."""
-    text = model_config.get_text_config()
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types is not None:
-        return all(kind == "full_attention" for kind in layer_types)
-    windowed = getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True)
-    return not windowed and not getattr(text, "attention_chunk_size", None) and hasattr(text, "num_attention_heads")
-
-
-def at_columns(values: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
-    """(n, width) rows holding values[r, j] at column columns[r, j] and 0 elsewhere (differentiable in `values`);
-    columns may run past `width` (a short row's padding), where values are dropped."""
-    spread = torch.zeros(values.shape[0], width + values.shape[1], dtype=values.dtype, device=values.device)
-    return spread.scatter(1, columns, values)[:, :width]
 
 
 def rank_share(samples: list[Sample], updates: int, rank: int, world_size: int) -> list[Sample]:
@@ -236,21 +75,6 @@ def combine_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
         else:
             combined[key] = sum(values) / len(values)
     return combined
-
-
-def behaviour_logprobs(samples: list[Sample], width: int) -> torch.Tensor:
-    """(B, width) engine log-probs of each response token, aligned with `build_rows`' target positions."""
-    out = torch.zeros(len(samples), width)
-    for row, s in enumerate(samples):
-        start = len(s.rollout.prompt.prompt_token_ids) - 1  # logits at t predict token t+1
-        values = torch.tensor(s.rollout.response_logprobs, dtype=out.dtype)
-        if len(values) != len(s.rollout.response_token_ids):  # generated before algo.tis_cap was set
-            raise ValueError(
-                f"sample {s.rollout.sample_id} has no behaviour log-probs, which algo.tis_cap needs (it was generated "
-                "before algo.tis_cap was set)"
-            )
-        out[row, start : start + len(values)] = values
-    return out
 
 
 def rng_state() -> dict[str, object]:
@@ -309,6 +133,23 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, config: Config) -> torch.
     )
 
 
+def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
+    """One rank's DeepSpeed config: its share of an update in micro-batches of at most `learner.micro_batch_size`,
+    the gradient clip, `mixed_precision`, then `learner.deepspeed` (which config keeps off the keys set here)."""
+    per_rank = config.data.prompts_per_step * config.generator.group_size // config.learner.updates_per_step
+    per_rank //= world_size
+    micro = min(config.learner.micro_batch_size, per_rank)
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": per_rank // micro,
+        "gradient_clipping": config.learner.grad_clip,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        **mixed_precision(config),
+        **config.learner.deepspeed,
+    }
+
+
 class Learner:
     """One data-parallel rank. Construction is cheap; `setup` joins the ranks' process group (rank 0 hosts its
     store at `master_addr:master_port`) and builds the DeepSpeed engine, so the driver can ask rank 0 for a port
@@ -357,35 +198,17 @@ class Learner:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.num_params = sum(p.numel() for p in model.parameters())
-        per_rank = config.data.prompts_per_step * config.generator.group_size // config.learner.updates_per_step
-        per_rank //= self.world_size
-        micro = min(config.learner.micro_batch_size, per_rank)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": per_rank // micro,
-            "gradient_clipping": config.learner.grad_clip,
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-            **mixed_precision(config),
-            **config.learner.deepspeed,
-        }
+        ds_config = deepspeed_config(config, self.world_size)
         optimizer = make_optimizer(model, config)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=make_lr_schedule(optimizer, config), config=ds_config
         )  # DeepSpeed steps the schedule once per optimizer update and keeps its state in checkpoints
-        self.micro_batch_size = micro
-        # π_θ is the distribution the generator samples from, softmax(logits / T), and vLLM reports its processed
-        # log-probs likewise; greedy (T = 0) reports plain log-probs. (top_p < 1 is refused in config.)
-        self.temperature = config.generator.sampling.temperature or 1.0
+        self.micro_batch_size = ds_config["train_micro_batch_size_per_gpu"]
         self.zero_stage = self.engine.zero_optimization_stage()
-        # HF causal LMs compute logits only for the last k positions when asked (not the prompt's)
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        # HF turns the key/value cache off under gradient checkpointing, and the shared pass needs it
-        self.shares_prompts = (
-            config.learner.shared_prompts
-            and self.keeps_logits
-            and not config.learner.gradient_checkpointing
-            and full_attention_cache(model.config)
+        # ZeRO-3 releases a module's gathered parameters in the backward only after its last forward's use: several
+        # forwards before one backward would hold the whole model gathered, so the policy runs one padded forward.
+        self.forward = Forward.for_model(
+            model, self.pad_id, config, self.engine.device, policy_one_pass=self.zero_stage == 3
         )
         self.ref_model = None
         if config.algo.constraint == "static_kl" or config.algo.log_kl_to_ref:  # every rank: π0 on its own rows
@@ -393,181 +216,20 @@ class Learner:
             self.ref_model.to(self.engine.device)
 
     # ---- training -------------------------------------------------------------------------------------------
-    def _forward(
-        self, model, rows: _Rows, entropy_rows: int = 0, groups: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (N, T-1) of each next token at the sampling temperature, and the entropy (entropy_rows, T-1)
-        of the first `entropy_rows` rows (None for 0): the PPO ratio, the CE on a', the entropy and the KL to π0
-        (π0 tempered alike) all see the sampled π_θ. Positions that are no row's target are 0.
-        With `learner.shared_prompts`, each distinct prompt runs once and its rows continue from its key/value
-        cache; the rest of each row runs in `length_groups` (default `learner.length_groups`), each cut to its
-        own longest and scored from its first target position on. Under ZeRO-3 the policy runs one padded forward
-        (see below); π0, a plain module, still takes the cheaper path."""
-        device = rows.input_ids.device
-        width = rows.input_ids.shape[1]
-        lengths = rows.attention_mask.sum(-1).tolist()
-        out = torch.zeros(len(lengths), width - 1, device=device)
-        entropy = torch.zeros(entropy_rows, width - 1, device=device) if entropy_rows else None
-        max_groups = groups or self.config.learner.length_groups
-        if self.zero_stage == 3 and model is self.engine:
-            # ZeRO-3 releases a module's gathered parameters in the backward only after its last forward's use:
-            # several forwards before one backward would hold the whole model gathered. One padded forward.
-            max_groups = 1
-        elif self.shares_prompts:
-            self._shared_prompt_forward(model, rows, lengths, out, entropy, max_groups)
-            return out, entropy
-        starts = target_starts(rows.target_mask, lengths)
-        for group in length_groups(lengths, max_groups):
-            index = torch.tensor(group, device=device)
-            end = max(lengths[i] for i in group)
-            start = min(starts[i] for i in group) if self.keeps_logits else 0
-            kwargs = {"logits_to_keep": end - start} if self.keeps_logits else {}
-            ids = rows.input_ids[index, :end]
-            logits = model(input_ids=ids, attention_mask=rows.attention_mask[index, :end], **kwargs).logits
-            out[index, start : end - 1] = algo.token_logprobs(logits, ids[:, start + 1 :], self.temperature)
-            scored = sum(i < entropy_rows for i in group)  # groups list their rows in order: these come first
-            if scored:
-                entropy[index[:scored], start : end - 1] = algo.entropy_from_logits(
-                    logits[:scored], end - 1 - start, self.temperature
-                )
-            del logits  # token_logprobs keeps what its backward needs
-        return out, entropy
-
-    def _shared_prompt_forward(
-        self,
-        model,
-        rows: _Rows,
-        lengths: list[int],
-        out: torch.Tensor,
-        entropy: torch.Tensor | None,
-        max_groups: int,
-    ) -> None:
-        """`_forward` with one pass over the distinct prompts (left-padded, so each one's last token is the last
-        column), whose key/value cache each row's response then extends. A row's first response token is scored
-        from its prompt's last logits, the rest from its own; both scatter into `out` at the row's positions."""
-        from transformers import DynamicCache
-
-        device, temperature = rows.input_ids.device, self.temperature
-        ids = rows.input_ids.tolist()
-        prompts: dict[tuple[int, ...], int] = {}
-        owner = [prompts.setdefault(tuple(ids[i][:n]), len(prompts)) for i, n in enumerate(rows.prompt_lengths)]
-        longest = max(len(p) for p in prompts)
-        prompt_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
-        prompt_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-        for prompt, j in prompts.items():
-            prompt_ids[j, longest - len(prompt) :] = torch.tensor(prompt)
-            prompt_mask[j, longest - len(prompt) :] = 1
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        first = model(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = [(layer.keys, layer.values) for layer in first.past_key_values.layers]
-        model_config = getattr(model, "module", model).config  # the DeepSpeed engine wraps the HF model
-        last_logits = first.logits  # (P, 1, V): each prompt's prediction of its rows' first response token
-        del first
-        width = out.shape[1]
-        responses = [n - p for n, p in zip(lengths, rows.prompt_lengths)]
-        for group in length_groups(responses, max_groups):
-            index = torch.tensor(group, device=device)
-            own = torch.tensor([owner[i] for i in group], device=device)
-            span = max(1, max(responses[i] for i in group))  # an empty response still gets a (masked) position
-            response_ids = torch.full((len(group), span), self.pad_id, dtype=torch.long)
-            response_mask = torch.zeros((len(group), span))
-            for r, i in enumerate(group):
-                p = rows.prompt_lengths[i]
-                response_ids[r, : responses[i]] = torch.tensor(ids[i][p : p + responses[i]], dtype=torch.long)
-                response_mask[r, : responses[i]] = 1.0
-            response_ids, response_mask = response_ids.to(device), response_mask.to(device)
-            starts = torch.tensor([rows.prompt_lengths[i] for i in group], device=device)
-            logits = model(
-                input_ids=response_ids,
-                attention_mask=torch.cat([prompt_mask[own], response_mask.long()], -1),
-                position_ids=starts[:, None] + torch.arange(span, device=device),
-                past_key_values=DynamicCache([(k[own], v[own]) for k, v in cache], config=model_config),
-                use_cache=True,
-            ).logits  # (g, span, V)
-            # response token j of row i sits at position p_i + j and is predicted at p_i + j - 1
-            columns = starts[:, None] - 1 + torch.arange(span, device=device)
-
-            head = last_logits[own]
-            logprobs = torch.cat(
-                [
-                    algo.token_logprobs(head, response_ids[:, :1], temperature),
-                    algo.token_logprobs(logits, response_ids[:, 1:], temperature),
-                ],
-                -1,
-            )
-            out[index] = at_columns(logprobs * response_mask, columns, width)
-            scored = sum(i < (0 if entropy is None else len(entropy)) for i in group)  # listed first (in order)
-            if scored:
-                parts = [algo.entropy_from_logits(head[:scored], 1, temperature)]
-                if span > 1:
-                    parts.append(algo.entropy_from_logits(logits[:scored], span - 1, temperature))
-                values = torch.cat(parts, -1) * response_mask[:scored]
-                entropy[index[:scored]] = at_columns(values, columns[:scored], width)
-            del logits, head
-
     def _micro_step(
         self, samples: list[Sample], old_logprobs: torch.Tensor | None, norm: algo.Normaliser, kl_metric: bool
     ) -> dict[str, float]:
-        """Forward + backward of one micro-batch; `old_logprobs` (B, T-1) is None when the weights that sampled
-        the PPO ratio's denominator are the current ones (the step's first update). Returns this micro-batch's
-        shares (`SHARES`) of the update's means, whose denominators `norm` counts."""
-        cfg = self.config.algo
-        dynamic = cfg.constraint == "dynamic"
-        device = self.engine.device
-        rows = build_rows(samples, self.pad_id, with_refined=dynamic).to(device)
-        B = rows.policy_rows
-        logprobs, entropy = self._forward(self.engine, rows, entropy_rows=B)  # (N, T-1), (B, T-1)
-        policy_lp, policy_mask = logprobs[:B], rows.target_mask[:B]
-        advantages = torch.tensor([s.advantage for s in samples], device=device)
-        if old_logprobs is None:
-            old_lp = policy_lp.detach()
-        else:  # refined rows can make this batch wider than the policy-only pre-pass; the extra columns are masked
-            old_lp = torch.nn.functional.pad(old_logprobs, (0, policy_lp.shape[1] - old_logprobs.shape[1]))
-        tokens = float(policy_mask.sum())
-        share = tokens / max(norm.tokens, 1.0)  # turns this micro-batch's token means into its share of the update's
-        weights, metrics = None, {}
-        if cfg.tis_cap is not None:  # the generator's policy (stale, or numerically different) drew the tokens
-            behaviour = behaviour_logprobs(samples, policy_lp.shape[1]).to(device)
-            weights, tis = algo.truncated_importance_weights(old_lp, behaviour, cfg.tis_cap, policy_mask)
-            metrics = {f"learner/{k}": v * share for k, v in tis.items()}
-        loss_rl, rl_metrics = algo.ppo_clip_loss(
-            policy_lp, old_lp, advantages, policy_mask, cfg.clip_eps, cfg.clip_eps_high, cfg.loss_agg, weights, norm
-        )
-        loss = loss_rl
-        metrics.update({"learner/loss_rl": loss_rl.item(), "learner/clip_frac": rl_metrics["clip_frac"] * share})
-        metrics["learner/entropy"] = algo.masked_share(entropy, policy_mask, norm.tokens).item()
-        if dynamic:
-            index = torch.tensor(rows.refined_index, device=device)
-            ce, _ = algo.refined_ce(logprobs[index], rows.ce_mask, norm)
-            metrics["learner/ce_refined"] = ce.item()
-            loss = loss + cfg.ce_coef * ce
-        monitor = not dynamic and samples[0].refinement is not None  # `refiner.monitor`: the CE as a metric only
-        if monitor:  # the copies' share now, from this graph's log-probs; the changed a' after the backward
-            copies = [i for i, s in enumerate(samples) if _copied(s) and not s.refinement.fallback]
-            copied_lp = (policy_lp[copies].detach() * policy_mask[copies]).sum().item()
-        if self.ref_model is not None and (cfg.constraint == "static_kl" or kl_metric):
-            policy_only = rows.head(B)
-            with torch.no_grad():
-                ref_lp, _ = self._forward(self.ref_model, policy_only)
-            kl, kl_metrics = algo.kl_penalty(policy_lp, ref_lp, policy_mask, cfg.kl_estimator, norm)
-            metrics["learner/kl_to_ref"] = kl_metrics["kl_to_ref"]
-            if cfg.constraint == "static_kl":
-                loss = loss + cfg.kl_coef * kl
-        # `loss` is this micro-batch's share of its update's loss. DeepSpeed would divide it by the accumulation
+        """Forward + backward of one micro-batch (`Forward.micro_batch_loss`), and the optimizer update at the last
+        micro-batch of an update. Returns this micro-batch's shares (`SHARES`) of the update's means."""
+        part = self.forward.micro_batch_loss(self.engine, self.ref_model, samples, old_logprobs, norm, kl_metric)
+        # `part.loss` is this micro-batch's share of its update's loss. DeepSpeed would divide it by the accumulation
         # steps (not here: scale_wrt_gas=False) and average the gradients over ranks (undone by the factor), so
         # the update's gradient is that of Σ over micro-batches and ranks: the loss of the update taken whole.
-        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-        del logprobs, policy_lp
-        if monitor:  # out of the autograd graph, and after it is freed: a no-grad forward of the changed a' only
-            metrics["learner/ce_refined"] = -(copied_lp + self._changed_refined_lp(samples)) / max(
-                norm.refined_tokens, 1.0
-            )
+        self.engine.backward(part.loss * self.world_size, scale_wrt_gas=False)
+        metrics = part.metrics
+        if part.copied_logprob is not None:  # out of the autograd graph, and after it is freed: the changed a' only
+            changed_lp = self.forward.changed_refined_logprob(self.engine, samples)
+            metrics["learner/ce_refined"] = -(part.copied_logprob + changed_lp) / max(norm.refined_tokens, 1.0)
         boundary = self.engine.is_gradient_accumulation_boundary()
         # ZeRO 1-3 report the (pre-clip) norm after the step; stage 0 does not, so take it from the grads first.
         stage0_norm = self._grad_norm() if boundary and self.zero_stage == 0 else None
@@ -575,28 +237,13 @@ class Learner:
         if boundary:
             norm_value = self.engine.get_global_grad_norm()
             metrics["learner/grad_norm"] = float(norm_value) if norm_value is not None else stage0_norm
-        metrics["learner/loss"] = loss.item()
-        metrics["learner/trained_tokens"] = float(rows.attention_mask.sum())  # summed (not averaged) by step()
+        metrics["learner/loss"] = part.loss.item()
+        metrics["learner/trained_tokens"] = part.trained_tokens  # summed (not averaged) by step()
         return metrics
-
-    @torch.no_grad()
-    def _changed_refined_lp(self, samples: list[Sample]) -> float:
-        """Σ log π_θ over the refined tokens of the a' that differ from a (fallbacks carry no CE), from a no-grad
-        forward of those rows alone. Every rank runs exactly one forward here per micro-batch, a row of its own
-        batch when none of its a' changed: under ZeRO-3 a forward gathers parameters, a collective of all ranks."""
-        changed = [s for s in samples if not _copied(s)]
-        rows = build_rows(changed or samples[:1], self.pad_id, with_refined=bool(changed), refined_only=True)
-        logprobs, _ = self._forward(self.engine, rows.to(self.engine.device), groups=1)
-        return (logprobs.cpu() * rows.ce_mask).sum().item() if changed else 0.0
 
     def _grad_norm(self) -> float:
         grads = [p.grad.detach().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(grads)).item() if grads else 0.0
-
-    @torch.no_grad()
-    def _old_logprobs(self, samples: list[Sample]) -> torch.Tensor:
-        rows = build_rows(samples, self.pad_id, with_refined=False).to(self.engine.device)
-        return self._forward(self.engine, rows)[0]
 
     def _normalisers(self, updates: list[list[Sample]]) -> list[algo.Normaliser]:
         """Each update's denominators, counted over every rank's share of it (one all-reduce of a few floats)."""
@@ -628,7 +275,7 @@ class Learner:
         # With several updates per step, later ones must see the ratio against the weights before the first.
         old = [None] * len(micro_batches)
         if updates > 1:
-            old = [self._old_logprobs(micro) for micro in micro_batches]
+            old = [self.forward.response_logprobs(self.engine, micro) for micro in micro_batches]
         kl_metric = self._kl_metric_step()
         sums: dict[str, float] = {}
         grad_norms = []  # one per optimizer update, not per micro-batch

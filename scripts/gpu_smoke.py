@@ -94,7 +94,7 @@ def hf_reference(model_path: str, batch: Batch, dtype: torch.dtype, device: torc
     """Log-probs of the policy rows and the CE on the refined tokens from a plain HF forward (fp32 log-softmax)."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_refiner.learner import build_rows
+    from rlhf_refiner.forward import build_rows
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     samples = list(batch.samples)
@@ -113,7 +113,8 @@ def hf_reference(model_path: str, batch: Batch, dtype: torch.dtype, device: torc
 
 
 def run_stage(model_path: str, stage: int, micro: int, steps: int, args: argparse.Namespace, batch: Batch) -> dict:
-    from rlhf_refiner.learner import Learner, build_rows
+    from rlhf_refiner.forward import build_rows
+    from rlhf_refiner.learner import Learner
 
     device_overrides = (
         ["learner.num_gpus=0", "model.dtype=float32"] if args.cpu else ["learner.num_gpus=1", "model.dtype=bfloat16"]
@@ -143,7 +144,7 @@ def run_stage(model_path: str, stage: int, micro: int, steps: int, args: argpars
     samples = list(batch.samples)
     with torch.no_grad():  # the learner's batched, padded log-probs against the one-row HF reference
         rows = build_rows(samples, learner.pad_id, with_refined=False).to(device)
-        ours, _ = learner._forward(learner.engine, rows)
+        ours, _ = learner.forward.logprobs(learner.engine, rows, one_pass=learner.forward.policy_one_pass)
     ours = [ours[i][rows.target_mask[i].bool()].float().cpu() for i in range(len(samples))]
     reference, reference_ce = hf_reference(model_path, batch, dtype, device, learner.pad_id)
     logprob_error = max((a - b).abs().max().item() for a, b in zip(ours, reference, strict=True))

@@ -135,13 +135,13 @@ def test_learner_logprobs_are_the_generators_sampling_distribution(pi0_path, tem
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_refiner.learner import build_rows
+    from rlhf_refiner.forward import build_rows
 
     learner = _learner(pi0_path, "algo.constraint=none", f"generator.sampling.temperature={temperature}")
     samples = list(_batch(learner.tokenizer, PAIRS).samples)
     rows = build_rows(samples, learner.tokenizer.pad_token_id, with_refined=False)
     with torch.no_grad():
-        logprobs, _ = learner._forward(learner.engine, rows)
+        logprobs, _ = learner.forward.logprobs(learner.engine, rows)
         logits = AutoModelForCausalLM.from_pretrained(pi0_path)(rows.input_ids, attention_mask=rows.attention_mask)
     expected = torch.log_softmax(logits.logits[:, :-1] / divisor, -1).gather(-1, rows.input_ids[:, 1:, None])[..., 0]
     mask = rows.target_mask.bool()
@@ -204,21 +204,6 @@ def test_sampled_logprobs_look_each_token_up_in_vllms_flat_lists():
     flat.append({7: Logprob(-0.5, 1, None)})  # only the sampled token
     flat.append({3: Logprob(-0.1, 1, None), 9: Logprob(-2.5, 4, None)})  # the sampled 9 listed second
     assert sampled_logprobs(flat, [7, 9]) == (-0.5, -2.5)
-
-
-def test_tis_refuses_samples_generated_without_behaviour_logprobs(pi0_path):
-    """The generator returns log-probs only when algo.tis_cap is set; a sample without them (generated before
-    tis_cap was turned on) is refused rather than weighted against zeros."""
-    import dataclasses
-
-    from transformers import AutoTokenizer
-
-    from rlhf_refiner.learner import behaviour_logprobs
-
-    sample = _batch(AutoTokenizer.from_pretrained(pi0_path), UNEVEN).samples[0]
-    sample = dataclasses.replace(sample, rollout=dataclasses.replace(sample.rollout, response_logprobs=()))
-    with pytest.raises(ValueError, match="no behaviour log-probs"):
-        behaviour_logprobs([sample], 16)
 
 
 UNEVEN = [("12+34=", "6", "64"), ("50+55=", "50211", "501"), ("99+99=", "891", "891"), ("07+08=", "51+=8", "5")]
@@ -327,65 +312,6 @@ def test_kl_metric_outside_static_kl_runs_on_its_steps_only(pi0_path):
     assert logged == [True, True, False, True, True]
 
 
-def test_length_groups_pad_the_fewest_tokens():
-    """Hand-derived: rows of 2, 2, 2, 2, 5, 9 tokens. One group pads to 6 x 9 = 54 tokens; of the two-group
-    splits, {2,2,2,2} {5,9} pads 8 + 18 = 26 (against {2,2,2,2,5} {9}: 25 + 9 = 34); three groups: 8 + 5 + 9."""
-    from rlhf_refiner.learner import length_groups
-
-    lengths = [2, 9, 2, 5, 2, 2]
-    assert length_groups(lengths, 1) == [[0, 1, 2, 3, 4, 5]]
-    assert sorted(length_groups(lengths, 2)) == [[0, 2, 4, 5], [1, 3]]
-    assert sorted(length_groups(lengths, 3)) == [[0, 2, 4, 5], [1], [3]]
-    assert sorted(length_groups(lengths, 8)) == [[0, 2, 4, 5], [1], [3]]  # no more groups than lengths
-
-    # a row without targets (an empty response) keeps logits from its own last position, inside its group
-    import torch
-
-    from rlhf_refiner.learner import target_starts
-
-    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]], dtype=torch.float)
-    assert target_starts(mask, [5, 3, 3]) == [2, 2, 1]
-
-
-def test_the_shared_prompt_pass_is_only_for_full_attention_caches():
-    """Sliding-window, chunked and hybrid (linear-attention / state-space) layers cache no plain keys over the
-    whole prompt, so their models take the padded path."""
-    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3NextConfig
-
-    from rlhf_refiner.learner import full_attention_cache
-
-    assert full_attention_cache(LlamaConfig()) and full_attention_cache(Qwen2Config())
-    assert full_attention_cache(MistralConfig(sliding_window=None))
-    assert not full_attention_cache(MistralConfig(sliding_window=4096))
-    assert not full_attention_cache(Gemma2Config())
-    assert not full_attention_cache(Qwen3NextConfig())
-
-
-def test_length_groups_match_a_brute_force_search():
-    import itertools
-    import random
-
-    from rlhf_refiner.learner import length_groups
-
-    rng = random.Random(0)
-    for _ in range(40):
-        lengths = [rng.randint(1, 12) for _ in range(rng.randint(1, 14))]
-        k = rng.randint(1, 4)
-        groups = length_groups(lengths, k)
-        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # every row exactly once
-        assert all(g == sorted(g) for g in groups)
-        widths = sorted(set(lengths))
-        best = min(
-            sum(
-                sum(n <= widths[b - 1] and (a == 0 or n > widths[a - 1]) for n in lengths) * widths[b - 1]
-                for a, b in zip((0, *cuts), (*cuts, len(widths)))
-            )
-            for g in range(min(k, len(widths)))
-            for cuts in itertools.combinations(range(1, len(widths)), g)
-        )
-        assert sum(len(g) * max(lengths[i] for i in g) for g in groups) == best, (lengths, k, groups)
-
-
 MIXED = [("1+2=", "3", "3"), ("1+2=", "41+", "3"), ("12+34=", "6", "46"), ("123+4=", "1", "127")]
 
 
@@ -394,7 +320,8 @@ def test_grouped_and_shared_prompt_forwards_train_exactly_as_one_padded_batch(pi
     """The same update (prompts of 4 to 6 tokens, two rows sharing one, responses of 2 to 4 tokens) with its rows
     in one padded batch, in groups cut to their own length with logits kept only from the first target on, and
     with each prompt run once and its rows continuing from its cache: the same loss terms, gradient norm and
-    updated weights."""
+    updated weights, through DeepSpeed and the config that picks the paths (test_forward checks each path's
+    log-probs, loss and gradient against plain HF forwards without DeepSpeed)."""
     import dataclasses
 
     import torch
@@ -408,7 +335,9 @@ def test_grouped_and_shared_prompt_forwards_train_exactly_as_one_padded_batch(pi
             f"learner.shared_prompts={str(shared).lower()}",
             "trainer.steps=2",
         )
-        assert learner.keeps_logits and learner.shares_prompts == shared  # the Llama stand-in takes both paths
+        assert (
+            learner.forward.keeps_logits and learner.forward.shares_prompts == shared
+        )  # the Llama stand-in takes both paths
         samples = [
             dataclasses.replace(s, advantage=a)
             for s, a in zip(_batch(learner.tokenizer, MIXED).samples, (1.0, -0.5, 0.3, -0.8), strict=True)

@@ -7,7 +7,7 @@ import pytest
 from rlhf_refiner import refiner
 from rlhf_refiner.config import load
 from rlhf_refiner.engines import greedy_prefix_length
-from rlhf_refiner.learner import build_rows
+from rlhf_refiner.forward import build_rows
 from rlhf_refiner.pi0 import build_tokenizer
 from rlhf_refiner.records import Prompt, Reward, Rollout, Sample
 from rlhf_refiner.refiner import edit_distance, extract_refined, make_refinement

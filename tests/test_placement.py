@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from rlhf_refiner import placement
+from rlhf_refiner import placement, remote
 from rlhf_refiner.config import ConfigError, load
 
 GPU_RUN = [  # a disaggregated GPU layout: 2 learner ranks, generator TP 2, refiner 1 GPU
@@ -276,6 +276,7 @@ class _FakeRay:
 def _start_with_fake_ray(monkeypatch, overrides: list[str]) -> list[tuple[str, str]]:
     fake = _FakeRay()
     monkeypatch.setattr(placement, "ray", fake)
+    monkeypatch.setattr(remote, "ray", fake)  # placement's waits go through remote.wait
     group = type("PlacementGroup", (), {"ready": staticmethod(lambda: _FakeRef("pg.ready"))})
     monkeypatch.setattr(placement, "placement_group", lambda *_args, **_kwargs: group)
     monkeypatch.setattr(placement, "PlacementGroupSchedulingStrategy", lambda *_a, **_k: None)
@@ -318,7 +319,7 @@ def test_quickstart_on_a_two_cpu_cluster_fails_within_seconds():
     code = """
 import json, time
 import ray
-from rlhf_refiner import placement
+from rlhf_refiner import placement, remote
 from rlhf_refiner.config import load
 
 ray.init(address="local", num_cpus=2, include_dashboard=False)

@@ -4,8 +4,9 @@ Reads each run's metrics.jsonl and config.yaml, groups runs into arms (constrain
 estimator; runs that differ only in seed are one arm), and draws the paper's panels -- optimised reward, true task
 accuracy, degenerate rate, KL to π0, CE of refined responses, improved fraction -- one colour per arm, mean with
 a min/max band over seeds. Prints a table of final values (mean over the last `--last` steps of each run, then
-mean ± std over seeds), and warns on stderr when the runs' horizons differ, since the last steps of runs of
-different lengths are different points of training.
+mean ± std over seeds; `--first N` puts the first N steps' mean before it, `--keys` picks the columns), and
+warns on stderr when the runs' horizons differ, since the last steps of runs of different lengths are different
+points of training.
 """
 
 from __future__ import annotations
@@ -112,18 +113,24 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
-def final_table(arms: dict[str, list[list[dict]]], last: int) -> str:
-    lines = ["| arm | seeds | " + " | ".join(TABLE_KEYS) + " |", "|---|---|" + "---|" * len(TABLE_KEYS)]
+def final_table(arms: dict[str, list[list[dict]]], last: int, first: int | None = None, keys=TABLE_KEYS) -> str:
+    """Each arm's mean over the last `last` steps of each run, then mean ± std over its runs; with `first`, the
+    mean over the first `first` steps before it ("first → last", the std being the last value's)."""
+    lines = ["| arm | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for arm, runs in sorted(arms.items()):
         cells = []
-        for key in TABLE_KEYS:
-            finals = [statistics.fmean(v[-last:]) for v in (series(rows, key)[1] for rows in runs) if v]
-            if not finals:
+        for key in keys:
+            values = [v for v in (series(rows, key)[1] for rows in runs) if v]
+            if not values:
                 cells.append("–")
-            elif len(finals) == 1:
-                cells.append(f"{finals[0]:.3f}")
-            else:
-                cells.append(f"{statistics.fmean(finals):.3f} ± {statistics.stdev(finals):.3f}")
+                continue
+            finals = [statistics.fmean(v[-last:]) for v in values]
+            cell = f"{statistics.fmean(finals):.3f}"
+            if len(finals) > 1:
+                cell += f" ± {statistics.stdev(finals):.3f}"
+            if first is not None:
+                cell = f"{statistics.fmean(statistics.fmean(v[:first]) for v in values):.3f} → {cell}"
+            cells.append(cell)
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -190,6 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         "--smooth", type=positive_int, default=5, help="trailing moving-average window in steps (1: raw values)"
     )
     parser.add_argument("--last", type=positive_int, default=10, help="steps averaged for the final-value table")
+    parser.add_argument(
+        "--first", type=positive_int, help="also average each run's first FIRST steps: the table reads first → last"
+    )
+    parser.add_argument(
+        "--keys",
+        type=lambda text: text.split(","),
+        default=TABLE_KEYS,
+        help="comma-separated metric keys of the table (default: " + ",".join(TABLE_KEYS) + ")",
+    )
     args = parser.parse_args(argv)
     arms: dict[str, list[list[dict]]] = {}
     horizons: dict[Path, tuple[int, int | None]] = {}
@@ -209,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print(warning, file=sys.stderr)
     out = args.out or default_out(args.runs)
     write_figure(figure(arms, args.smooth), out)
-    print(final_table(arms, args.last))
+    print(final_table(arms, args.last, args.first, args.keys))
     print(f"figure: {out}")
     return 0
 

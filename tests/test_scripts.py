@@ -59,6 +59,19 @@ def test_compare_groups_seeds_into_arms_and_tabulates_final_values(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_tabulates_first_to_last_on_the_keys_asked(tmp_path):
+    runs = [
+        _run_dir(tmp_path, "dyn-s0", "dynamic", [0.1, 0.5, 0.7]),
+        _run_dir(tmp_path, "dyn-s1", "dynamic", [0.3, 0.3, 0.5]),
+    ]
+    args = [*map(str, runs), "--out", str(tmp_path / "f.png"), "--last", "2", "--first", "1", "--keys", "reward/mean"]
+    result = _compare(*args)
+    assert result.returncode == 0, result.stderr
+    # first step: 0.1 and 0.3 -> 0.200; last 2: 0.6 and 0.4 -> 0.500 ± 0.141; only the asked column
+    assert "| arm | seeds | reward/mean |" in result.stdout
+    assert "| dynamic | 2 | 0.200 → 0.500 ± 0.141 |" in result.stdout
+
+
 def test_compare_names_a_bad_metrics_line(tmp_path):
     run = _run_dir(tmp_path, "bad", "none", [0.1])
     with open(run / "metrics.jsonl", "a") as f:

@@ -2,7 +2,7 @@
 
 Inputs are tensors and floats, outputs are `(loss, metrics)` or tensors; nothing here knows about models,
 actors or configs. Shapes: B sequences, T tokens; masks are 1.0 on the tokens a term is averaged over.
-The dynamic constraint's CE is normalised over refined tokens, separately from the RL term (METHOD.md).
+The dynamic constraint's CE is normalised over refined tokens, separately from the RL term (docs/method.md).
 
 Every mean over tokens or sequences divides by a `Normaliser`: the counts of the whole optimizer update (every
 micro-batch of every rank), so that a loss accumulated over micro-batches and summed over ranks is the update's

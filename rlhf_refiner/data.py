@@ -342,7 +342,7 @@ class PromptSource:
                 query, messages = _query_of(data.source, row)
                 tests = code_tests_of(data.source, row) if data.source in CODE_FORMATS else None
             except NoTestsError:
-                stats["dropped_no_tests"] += 1  # METHOD.md: APPS rows without tests are skipped and counted
+                stats["dropped_no_tests"] += 1  # APPS rows without tests are skipped and counted (docs/tasks.md)
                 continue
             except InvalidRowError as e:
                 if not data.skip_invalid:

@@ -20,6 +20,9 @@ from rlhf_refiner.records import Collected, Prompt, Refinement, Reward, Rollout,
 from rlhf_refiner.remote import flat, gather_stage, wait
 from rlhf_refiner.reward import merge
 
+# `Collected` stays importable from here on purpose: async checkpoints written before it moved to records.py
+# pickled it as `rlhf_refiner.rollout.Collected` (tests/test_checkpoint.py loads such bytes).
+
 if TYPE_CHECKING:
     import torch
 

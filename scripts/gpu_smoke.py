@@ -160,6 +160,7 @@ def run_stage(model_path: str, stage: int, micro: int, steps: int, args: argpars
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "zero_stage": stage,
+        "policy_one_pass": learner.forward.policy_one_pass,  # ZeRO-3: one padded forward, or it holds the model
         "micro_batch_size": micro,
         "dtype": config.model.dtype,
         "params": learner.num_params,

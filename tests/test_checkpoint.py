@@ -303,3 +303,17 @@ def test_an_extension_past_a_decay_to_zero_is_refused_with_the_ways_out(tmp_path
     assert checkpoint.keep_lr_schedule(tmp_path / "ck", saved, replanned).learner.lr_schedule_updates == 80
     finished = checkpoint.keep_lr_schedule(tmp_path / "ck", saved, load(None, [*base, "trainer.steps=50"]))
     assert finished.learner.lr_schedule_updates == 50  # a plain resume is never refused
+
+
+def test_rollouts_ahead_pickled_before_collected_moved_to_records_still_load():
+    """Async checkpoints keep the next step's `Collected` pickled; before it moved to records.py its pickle named
+    `rlhf_refiner.rollout.Collected`. Such bytes must still load (rollout.py keeps the name importable)."""
+    import pickle
+
+    from rlhf_refiner.records import Collected
+
+    current = pickle.dumps(Collected([], None, [], {"time/rollout_phase": 1.5}))
+    assert b"rlhf_refiner.records" in current
+    written_before = current.replace(b"rlhf_refiner.records", b"rlhf_refiner.rollout")  # same length: valid
+    loaded = pickle.loads(written_before)
+    assert isinstance(loaded, Collected) and loaded.metrics == {"time/rollout_phase": 1.5}

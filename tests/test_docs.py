@@ -11,7 +11,7 @@ import pytest
 from rlhf_refiner import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "cluster" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 200  # issue 24: a newcomer reads it in five minutes; the rest belongs in docs/
 
 FENCE = re.compile(r"^(```|~~~).*?^\1\s*$", re.S | re.M)
@@ -129,10 +129,14 @@ def test_repeated_headings_get_numbered_anchors():
     assert list(anchors("# A\n## A\n```\n# A\n```\n### A\n")) == ["a", "a-1", "a-2"]
 
 
+def missing_configs(named: set[str], root: Path) -> list[str]:
+    return sorted(path for path in named if not (root / path).is_file())
+
+
 def test_every_config_the_docs_name_exists_and_loads():
     named = {path for page in PAGES for path in configs_named(page)}
     assert "configs/quickstart.yaml" in named and any(path.startswith("configs/paper/") for path in named)
-    missing = sorted(path for path in named if not (ROOT / path).is_file())
+    missing = missing_configs(named, ROOT)
     assert not missing, f"configs named in README.md or docs/ that do not exist: {missing}"
     for path in sorted(named):
         config_lib.load(ROOT / path)  # raises ConfigError naming the file and the field
@@ -142,6 +146,9 @@ def test_the_config_check_catches_a_missing_or_invalid_config(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("Run `configs/quickstart.yaml`, then configs/paper/apps_dynamic.yaml, not configs/*.yaml.\n")
     assert configs_named(page) == ["configs/paper/apps_dynamic.yaml", "configs/quickstart.yaml"]
+    assert missing_configs({"configs/quickstart.yaml", "configs/paper/apps_dynamc.yaml"}, ROOT) == [
+        "configs/paper/apps_dynamc.yaml"
+    ]
     bad = tmp_path / "configs" / "bad.yaml"
     bad.parent.mkdir()
     bad.write_text("algo:\n  kl_coeff: 0.1\n")

@@ -216,6 +216,7 @@ def test_gpu_smoke_runs_the_learner_without_ray_or_vllm(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert [r["zero_stage"] for r in results] == [1, 3]
+    assert [r["policy_one_pass"] for r in results] == [False, True]  # the learner wires ZeRO-3's single pass
     for r in results:
         assert r["logprob_max_abs_error"] < 1e-4
         assert r["ce_first_step"] == pytest.approx(r["ce_hf_reference"], rel=1e-4)

@@ -66,6 +66,19 @@ class EmbeddedModelConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    """Train a LoRA adapter (peft) instead of every weight; π0 is the base with the adapter off."""
+
+    rank: int = Field(0, ge=0)
+    """LoRA rank r; 0 (the default) trains every weight."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA alpha: the adapter's update is scaled by alpha / rank."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input (training only)."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Names (last name component) of the linear layers that get an adapter; each must exist in the model."""
+
+
 class ModelConfig(_Strict):
     path: str = "embedded"
     """HF hub id or local dir of π0 (policy init and refiner), or `embedded` to build the tiny CPU π0."""
@@ -73,6 +86,8 @@ class ModelConfig(_Strict):
     """Parameter dtype in the learner, and in the engines unless their `engine.dtype` says otherwise."""
     embedded: EmbeddedModelConfig = EmbeddedModelConfig()
     """Build settings used when `path` is `embedded`."""
+    lora: LoraConfig = LoraConfig()
+    """LoRA: the learner trains only an adapter on the frozen base (off at `rank` 0)."""
 
 
 class TaskConfig(_Strict):

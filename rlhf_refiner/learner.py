@@ -3,7 +3,8 @@
 every update, and the methods that touch the model are collectives the driver calls on every rank. A step is
 `learner.updates_per_step` optimizer updates, each accumulated over micro-batches (their forward and loss: forward.py)
 whose backward undoes DeepSpeed's averaging over accumulation steps and ranks, so an update's gradient is the same
-however it is split. π0 is loaded only for a KL in the loss or its metric. The only module that touches DeepSpeed.
+however it is split. π0 is loaded only for a KL in the loss or its metric (with `model.lora`, it is the policy with
+its adapter off, and what leaves the learner is merged: lora.py). The only module that touches DeepSpeed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rlhf_refiner import algo
+from rlhf_refiner import algo, lora
 from rlhf_refiner.config import DEEPSPEED_PRECISION, Config
 from rlhf_refiner.forward import Forward
 from rlhf_refiner.metrics import redirect_actor_output
@@ -106,11 +107,12 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimi
     """AdamW; DeepSpeed's CPU Adam (the same update, in AdamW mode, on host memory) when the optimizer state is
     offloaded, which DeepSpeed requires: it refuses a torch optimizer there."""
     lr, decay = config.learner.lr, config.learner.weight_decay
+    trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapter only
     if offloads_optimizer(config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-builds its C++ op on first use (cached)
 
-        return DeepSpeedCPUAdam(model.parameters(), lr=lr, weight_decay=decay, adamw_mode=True)
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay)
+        return DeepSpeedCPUAdam(trained, lr=lr, weight_decay=decay, adamw_mode=True)
+    return torch.optim.AdamW(trained, lr=lr, weight_decay=decay)
 
 
 def mixed_precision(config: Config) -> dict[str, Any]:
@@ -148,6 +150,32 @@ def deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
         **mixed_precision(config),
         **config.learner.deepspeed,
     }
+
+
+def reference_model(engine: Any, model_path: str, config: Config) -> torch.nn.Module | lora.AdapterOff | None:
+    """π0 for the KL in the loss (`static_kl`) or its metric (`algo.log_kl_to_ref`), on every rank for its own rows:
+    with LoRA the policy itself with the adapter off, else a frozen copy loaded from `model_path`; None if unused."""
+    if not (config.algo.constraint == "static_kl" or config.algo.log_kl_to_ref):
+        return None
+    if config.model.lora.rank:
+        return lora.AdapterOff(engine)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, config.model.dtype)).eval()
+    return model.requires_grad_(False).to(engine.device)
+
+
+@contextlib.contextmanager
+def replacing_dir(path: str) -> Iterator[str]:
+    """A temp dir to write into that then replaces `path`, keeping the previous copy until the new one is in place."""
+    tmp = f"{path}.tmp"
+    yield tmp
+    if os.path.exists(path):
+        os.rename(path, f"{path}.old")
+        os.rename(tmp, path)
+        shutil.rmtree(f"{path}.old")
+    else:
+        os.rename(tmp, path)
 
 
 class Learner:
@@ -198,6 +226,10 @@ class Learner:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.num_params = sum(p.numel() for p in model.parameters())
+        hf_model = model
+        self.lora = config.model.lora.rank > 0
+        if self.lora:  # only the adapter trains; π0 is the base with the adapter off
+            model = lora.with_lora(model, config.model.lora, model_path)
         ds_config = deepspeed_config(config, self.world_size)
         optimizer = make_optimizer(model, config)
         self.engine, *_ = deepspeed.initialize(
@@ -208,12 +240,10 @@ class Learner:
         # ZeRO-3 releases a module's gathered parameters in the backward only after its last forward's use: several
         # forwards before one backward would hold the whole model gathered, so the policy runs one padded forward.
         self.forward = Forward.for_model(
-            model, self.pad_id, config, self.engine.device, policy_one_pass=self.zero_stage == 3
+            hf_model, self.pad_id, config, self.engine.device, policy_one_pass=self.zero_stage == 3
         )
-        self.ref_model = None
-        if config.algo.constraint == "static_kl" or config.algo.log_kl_to_ref:  # every rank: π0 on its own rows
-            self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval().requires_grad_(False)
-            self.ref_model.to(self.engine.device)
+        self.sync_sources = lora.sync_sources(self.engine.module)  # HF name -> what it is made of (LoRA: merged)
+        self.ref_model = reference_model(self.engine, model_path, config)
 
     # ---- training -------------------------------------------------------------------------------------------
     def _micro_step(
@@ -316,24 +346,27 @@ class Learner:
     # ---- weights out ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _full_params(self, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-        """The full (un-partitioned) parameters `names` by HF name; under ZeRO-3 just those are all-gathered, for
-        the duration of the block."""
-        all_params = dict(self.engine.module.named_parameters())
-        named = {name: all_params[name] for name in names}
-        if self.zero_stage == 3:
-            import deepspeed
+        """The full (un-partitioned) HF parameters `names` (with LoRA: each adapted weight merged with its
+        adapter); under ZeRO-3 just the parameters they are made of are all-gathered, for the block."""
+        params = dict(self.engine.module.named_parameters())
+        sources = {name: self.sync_sources[name] for name in names}
+        with self._gathered([params[part] for source in sources.values() for part in source.parts]):
+            yield {name: source.tensor(params) for name, source in sources.items()}
 
-            with deepspeed.zero.GatheredParameters(list(named.values()), modifier_rank=None):
-                yield {k: v.data for k, v in named.items()}
-        else:
-            yield {k: v.data for k, v in named.items()}
+    def _gathered(self, params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def weight_metas(self) -> list[ParamMeta]:
-        """Full shapes without gathering (ZeRO-3 keeps them as `ds_shape`)."""
-        named = self.engine.module.named_parameters()
+        """Full shapes of the HF parameters, without gathering (ZeRO-3 keeps them as `ds_shape`)."""
+        params = dict(self.engine.module.named_parameters())
+        bases = {name: params[source.base] for name, source in self.sync_sources.items()}
         return [
             ParamMeta(name, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
-            for name, p in named
+            for name, p in bases.items()
         ]
 
     def init_weight_sync(self, host: str, port: int, world_size: int, timeout_s: float) -> None:
@@ -368,7 +401,9 @@ class Learner:
     def save_checkpoint(self, directory: str) -> None:
         """Weights, optimizer, RNG and policy version, as a DeepSpeed checkpoint in `directory` (the driver commits
         the checkpoint atomically once every part is written). Every rank writes its ZeRO partition and its RNG."""
-        self.engine.save_checkpoint(directory, tag="state", client_state={"policy_version": self.policy_version})
+        # LoRA: the frozen base is the model's own files, so a checkpoint holds the adapter and its optimizer state
+        state = {"policy_version": self.policy_version}
+        self.engine.save_checkpoint(directory, tag="state", client_state=state, exclude_frozen_parameters=self.lora)
         torch.save(rng_state(), os.path.join(directory, f"torch_rng_rank{self.rank}.pt"))
 
     def load_checkpoint(self, directory: str) -> int:
@@ -376,7 +411,7 @@ class Learner:
         decay are this config's from the next update on: the checkpoint's optimizer and schedule hold the saved
         ones, which would silently undo a change that `trainer.allow_config_change` let through and recorded.
         (On a plain resume they are the same numbers, computed as the schedule computes them: bitwise.)"""
-        path, client_state = self.engine.load_checkpoint(directory, tag="state")
+        path, client_state = self.engine.load_checkpoint(directory, tag="state", load_module_strict=not self.lora)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint (tag 'state') under {directory}")
         set_rng_state(torch.load(os.path.join(directory, f"torch_rng_rank{self.rank}.pt")))
@@ -397,15 +432,18 @@ class Learner:
         for tensors in self._gathered_buckets(buckets):
             if self.rank == 0:
                 state.update({k: v.detach().to("cpu", copy=True) for k, v in tensors.items()})
+        adapter = {}
+        if self.lora:  # small: gathered at once
+            params = dict(self.engine.module.named_parameters())
+            names = lora.adapter_names(self.engine.module)
+            with self._gathered([params[name] for name in names]):
+                adapter = {name: params[name].data.detach().to("cpu", copy=True) for name in names}
         if self.rank != 0:
             return None
-        tmp = f"{path}.tmp"
-        self.engine.module.save_pretrained(tmp, state_dict=state)
-        self.tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):  # keep the previous copy until the new one is in place
-            os.rename(path, f"{path}.old")
-            os.rename(tmp, path)
-            shutil.rmtree(f"{path}.old")
-        else:
-            os.rename(tmp, path)
+        with replacing_dir(path) as tmp:
+            model = self.engine.module.get_base_model() if self.lora else self.engine.module
+            model.save_pretrained(tmp, state_dict=state)  # LoRA: merged, under the base model's names
+            self.tokenizer.save_pretrained(tmp)
+            if self.lora:
+                self.engine.module.save_pretrained(os.path.join(tmp, "adapter"), state_dict=adapter)
         return path

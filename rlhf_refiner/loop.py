@@ -266,6 +266,10 @@ def run(config: Config) -> dict[str, Any]:
             stacklevel=2,
         )
     model_path = resolve_model_path(config)  # bad input fails here, before any actor starts or file is written
+    if config.model.lora.rank:
+        from rlhf_refiner import lora
+
+        lora.check_model(model_path, config.model.lora)  # target modules the model lacks, too
     stages = ", ".join(placement.plan(config).actors)  # impossible GPU arithmetic fails here too
     check_wandb_login(config)  # and a missing W&B login
     from transformers import AutoTokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rlhf_refiner.config import load
 from rlhf_refiner.records import Batch, Prompt, Reward, Rollout, Sample
@@ -398,3 +399,101 @@ def test_stale_samples_without_tis_are_counted(pi0_path):
     assert learner.step(batch)["learner/uncorrected_stale_frac"] == 0.0  # made by the version it trains
     stale = Batch(batch.samples, policy_version=1, dropped_stale=0)  # one version old, as async_steps=1 makes them
     assert learner.step(stale)["learner/uncorrected_stale_frac"] == 1.0
+
+
+# ---- LoRA (peft): the adapter trains, π0 is the base with it off, what leaves the learner is merged ------------
+LORA = ["model.lora.rank=4", "model.lora.alpha=8", "learner.lr=1e-2"]
+
+
+def _hf_params(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_lora_trains_only_the_adapter_and_its_pi0_is_the_base_with_the_adapter_off(pi0_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_refiner.forward import build_rows
+    from rlhf_refiner.lora import AdapterOff
+
+    learner = _learner(pi0_path, *LORA, "algo.constraint=static_kl")
+    module = learner.engine.module
+    trained = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in name for name in trained)
+    optimized = sum(p.numel() for group in learner.engine.optimizer.param_groups for p in group["params"])
+    assert optimized == sum(p.numel() for name, p in module.named_parameters() if name in trained)
+    assert isinstance(learner.ref_model, AdapterOff)  # no second copy of the model
+    batch = _batch(AutoTokenizer.from_pretrained(pi0_path), PAIRS, advantage=1.0)
+    frozen = {k: v for k, v in _hf_params(module).items() if ".lora_" not in k}
+    first = learner.step(batch)
+    assert first["learner/kl_to_ref"] == 0.0  # B = 0 at the start: the policy is π0 exactly
+    second = learner.step(batch)
+    assert second["learner/kl_to_ref"] > 0
+    after = _hf_params(module)
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())  # the base never moves
+    # π0 through the adapter-off policy scores every row as π0's own files do
+    pi0 = AutoModelForCausalLM.from_pretrained(pi0_path).eval()
+    rows = build_rows(list(batch.samples), learner.pad_id, with_refined=False)
+    with torch.no_grad():
+        ours, _ = learner.forward.logprobs(learner.ref_model, rows)
+        theirs, _ = learner.forward.logprobs(pi0, rows)
+        policy, _ = learner.forward.logprobs(learner.engine, rows)
+    mask = rows.target_mask
+    assert torch.allclose(ours * mask, theirs * mask, atol=1e-6)
+    assert not torch.allclose(policy * mask, theirs * mask, atol=1e-3)  # while the policy has moved off π0
+
+
+def test_lora_syncs_and_exports_the_merged_weights_under_the_models_own_names(pi0_path, tmp_path):
+    import copy
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    learner = _learner(pi0_path, *LORA)
+    learner.step(_batch(AutoTokenizer.from_pretrained(pi0_path), PAIRS, advantage=1.0))
+    plain = AutoModelForCausalLM.from_pretrained(pi0_path)
+    metas = learner.weight_metas()
+    assert [m.name for m in metas] == [name for name, _ in plain.named_parameters()]
+    merged = copy.deepcopy(learner.engine.module).merge_and_unload().state_dict()  # peft's own merge
+    with learner._full_params([m.name for m in metas]) as sent:
+        assert all(torch.allclose(sent[name], merged[name], atol=1e-6) for name in sent)
+        moved = [name for name in sent if not torch.equal(sent[name], plain.state_dict()[name])]
+    assert moved and all(name.endswith("proj.weight") for name in moved)  # the adapted layers, merged
+    final = learner.save_pretrained(str(tmp_path / "final"))
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    with torch.no_grad():
+        expected = learner.engine.module(input_ids=ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(final)(input_ids=ids).logits  # what users deploy
+        adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pi0_path), f"{final}/adapter")
+        reloaded = adapter(input_ids=ids).logits
+    assert torch.allclose(exported, expected, atol=1e-5) and torch.allclose(reloaded, expected, atol=1e-5)
+
+
+def test_a_lora_checkpoint_holds_the_adapter_and_resumes_bitwise(pi0_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    batch = _batch(AutoTokenizer.from_pretrained(pi0_path), PAIRS, advantage=1.0)
+    first = _learner(pi0_path, *LORA)
+    first.step(batch)
+    first.save_checkpoint(str(tmp_path / "ckpt"))
+    expected = first.step(batch)
+    weights = _hf_params(first.engine.module)
+    saved = torch.load(tmp_path / "ckpt" / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert saved and all(".lora_" in name for name in saved)  # the frozen base stays in the model's own files
+    resumed = _learner(pi0_path, *LORA)
+    assert resumed.load_checkpoint(str(tmp_path / "ckpt")) == 1
+    again = resumed.step(batch)
+    drop = ("time/learner_compute", "learner/tokens_per_s")
+    assert {k: v for k, v in again.items() if k not in drop} == {k: v for k, v in expected.items() if k not in drop}
+    assert all(torch.equal(p, weights[name]) for name, p in _hf_params(resumed.engine.module).items())
+
+
+def test_lora_target_modules_the_model_lacks_are_named(pi0_path):
+    from rlhf_refiner import lora
+    from rlhf_refiner.config import ConfigError
+
+    overrides = ["model.lora.rank=4", "model.lora.target_modules=[q_proj,qkv_proj]"]
+    named = r"model\.lora\.target_modules: \['qkv_proj'\] are not linear layers"
+    with pytest.raises(ConfigError, match=named):  # at the driver, before any actor starts (no weights loaded)
+        lora.check_model(pi0_path, load(None, overrides).model.lora)
+    with pytest.raises(ConfigError, match=named):  # and in the learner itself
+        _learner(pi0_path, *overrides)

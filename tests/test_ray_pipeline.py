@@ -107,9 +107,14 @@ def test_dynamic_run_fans_every_stage_out_across_nodes(ray_cluster, tiny_pi0, tm
         assert row["learner/loss"] == pytest.approx(row["learner/loss_rl"] + row["learner/ce_refined"], rel=1e-5)
 
 
+LORA = ["model.lora.rank=4", "model.lora.alpha=8", "learner.lr=1e-2"]  # an adapter learns at a larger rate
+
+
 @pytest.mark.parametrize("config_file", ["configs/dapo.yaml", "configs/reinforce_pp.yaml"])
 def test_loop_runs_dapo_and_reinforce_pp(ray_cluster, tiny_pi0, tmp_path, config_file):
-    """DAPO (dynamic constraint, dynamic sampling) and REINFORCE++ with no constraint at all."""
+    """DAPO (dynamic constraint, dynamic sampling) and REINFORCE++ with no constraint at all, the latter training a
+    LoRA adapter (`model.lora`): π0 for the KL metric is the policy with its adapter off, the engine gets the merged
+    weights, and `final/` is the merged model with `final/adapter/` beside it."""
     from rlhf_refiner import config as config_lib
     from rlhf_refiner import loop
 
@@ -123,7 +128,7 @@ def test_loop_runs_dapo_and_reinforce_pp(ray_cluster, tiny_pi0, tmp_path, config
         "learner.micro_batch_size=16",
         "metrics.progress_bar=false",
         "metrics.wandb_mode=disabled",
-        *(["algo.constraint=none"] if name == "reinforce_pp" else []),
+        *(["algo.constraint=none", *LORA] if name == "reinforce_pp" else []),
     ]
     config = config_lib.load(config_file, overrides)
     summary = loop.run(config)
@@ -133,6 +138,8 @@ def test_loop_runs_dapo_and_reinforce_pp(ray_cluster, tiny_pi0, tmp_path, config
     else:  # no constraint: the loss is the RL term alone (the KL to π0 is only logged)
         assert all(r["learner/loss"] == pytest.approx(r["learner/loss_rl"], rel=1e-6) for r in rows)
         assert all("learner/kl_to_ref" in r and "learner/ce_refined" not in r for r in rows)
+        assert rows[0]["learner/kl_to_ref"] == 0.0 < rows[-1]["learner/kl_to_ref"]  # the adapter starts at B = 0
+        assert (Path(summary["final"]) / "adapter" / "adapter_config.json").is_file()
 
 
 def test_zero2_with_the_optimizer_offloaded_to_cpu_trains(ray_cluster, tiny_pi0, tmp_path):

@@ -354,3 +354,26 @@ def test_a_tied_head_moves_with_the_embeddings_after_a_sync(ray_cluster, tiny_pi
     gap, moved = logprob_gaps(trip["after"], hf, AutoModelForCausalLM.from_pretrained(tied).eval())
     print(f"tied: engine vs learner max |Δ log-prob| {gap:.5f}; learner vs π0 {moved:.4f}")
     assert gap < 2e-3 < 0.05 < moved  # the step moved the head far more than the engine may differ
+
+
+@pytest.mark.ray
+def test_a_lora_policy_syncs_its_merged_adapter_into_the_engine(ray_cluster, tiny_pi0, tmp_path):
+    """`model.lora`: a step trains only the adapter, and the sync sends each adapted weight merged with it, under
+    the model's own names, into a plain engine: afterwards the engine samples what the merged export (`final/`)
+    and peft's adapter (`final/adapter/`) on π0 score, far from π0's own log-probs."""
+    from conftest import logprob_gaps, sync_round_trip
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = ["model.lora.rank=4", "model.lora.alpha=8", "sync.verify=true"]
+    config = _round_trip_config(tiny_pi0, tmp_path, *lora)
+    trip = sync_round_trip(config, tiny_pi0, tmp_path)
+    assert trip["received"][0]["checksums"] == trip["sent"]["checksums"] and trip["metrics"]["learner/grad_norm"] > 0
+    after = trip["after"][:: config.generator.group_size]
+    pi0 = AutoModelForCausalLM.from_pretrained(tiny_pi0).eval()
+    merged = AutoModelForCausalLM.from_pretrained(trip["final"]).eval()
+    gap, moved = logprob_gaps(after, merged, pi0)
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_pi0), f"{trip['final']}/adapter")
+    adapter_gap, _ = logprob_gaps(after, adapter.eval(), pi0)
+    print(f"lora: engine vs merged export max |Δ log-prob| {gap:.5f}, peft adapter {adapter_gap:.5f}; π0 {moved:.4f}")
+    assert max(gap, adapter_gap) < 2e-3 < 0.05 < moved

@@ -49,6 +49,10 @@ RESUMABLE_CHANGES = (
     "eval.max_new_tokens",
 )
 
+# Fields no resume may change, even with `trainer.allow_config_change`: the checkpoint's trained parameters are an
+# adapter of these layers and rank (or the full weights), and its scaling is part of the model they make.
+NEVER_RESUMABLE = ("model.lora.rank", "model.lora.target_modules", "model.lora.alpha")
+
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 HASH_LIMIT = 64 * 2**20  # files smaller than this are hashed; larger ones (weights, optimizer) are size-checked
 MANIFEST = "MANIFEST.json"
@@ -276,6 +280,13 @@ def check_resume_config(directory: Path, state: dict[str, Any], config: Config) 
         return {}
     changes = config_changes(state["config"], saved_config(config))
     refused = {k: v for k, v in changes.items() if not k.startswith(RESUMABLE_CHANGES)}
+    fixed = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items() if key.startswith(NEVER_RESUMABLE)]
+    if fixed:
+        raise ConfigError(
+            f"resuming {directory} with another adapter: " + "; ".join(fixed) + ". Its checkpoint holds the trained "
+            "parameters of the saved one (no trainer.allow_config_change can turn them into these): resume with the "
+            "saved model.lora, or start afresh elsewhere"
+        )
     if refused and not config.trainer.allow_config_change:
         lines = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
         raise ConfigError(

@@ -198,7 +198,9 @@ class MicroBatchLoss:
 class Forward:
     """How one learner rank runs a model over rows (π_θ, or π0 for the KL), and the loss of one micro-batch.
     `policy_one_pass`: the model that trains runs one padded forward (the learner sets it where several forwards
-    before one backward would cost it, under ZeRO-3); π0 still takes the cheaper path."""
+    before one backward would cost it, under ZeRO-3); π0 still takes the cheaper path unless `reference_one_pass`:
+    π0 is then the partitioned policy itself (LoRA, its adapter off), whose every forward is a collective of all
+    ranks, so each rank runs exactly one, whatever its rows' lengths."""
 
     pad_id: int
     temperature: float  # the generator's sampling temperature: π_θ is softmax(logits / T)
@@ -208,10 +210,17 @@ class Forward:
     keeps_logits: bool = False  # the model's forward takes `logits_to_keep` (logits only from the first target)
     shares_prompts: bool = False  # each distinct prompt runs once and its rows continue from its key/value cache
     policy_one_pass: bool = False
+    reference_one_pass: bool = False
 
     @classmethod
     def for_model(
-        cls, model: torch.nn.Module, pad_id: int, config: Config, device: torch.device, policy_one_pass: bool = False
+        cls,
+        model: torch.nn.Module,
+        pad_id: int,
+        config: Config,
+        device: torch.device,
+        policy_one_pass: bool = False,
+        reference_one_pass: bool = False,
     ) -> Forward:
         """The forward `config` asks for, where the HF causal LM `model` (π_θ's architecture, π0's too) allows it."""
         # HF causal LMs compute logits only for the last k positions when asked (not the prompt's)
@@ -235,6 +244,7 @@ class Forward:
             keeps_logits=keeps_logits,
             shares_prompts=shares_prompts,
             policy_one_pass=policy_one_pass,
+            reference_one_pass=reference_one_pass,
         )
 
     def logprobs(
@@ -416,7 +426,7 @@ class Forward:
         if reference is not None and (cfg.constraint == "static_kl" or kl_metric):
             policy_only = rows.head(B)
             with torch.no_grad():
-                ref_lp, _ = self.logprobs(reference, policy_only)
+                ref_lp, _ = self.logprobs(reference, policy_only, one_pass=self.reference_one_pass)
             kl, kl_metrics = algo.kl_penalty(policy_lp, ref_lp, policy_mask, cfg.kl_estimator, norm)
             metrics["learner/kl_to_ref"] = kl_metrics["kl_to_ref"]
             if cfg.constraint == "static_kl":

@@ -238,9 +238,11 @@ class Learner:
         self.micro_batch_size = ds_config["train_micro_batch_size_per_gpu"]
         self.zero_stage = self.engine.zero_optimization_stage()
         # ZeRO-3 releases a module's gathered parameters in the backward only after its last forward's use: several
-        # forwards before one backward would hold the whole model gathered, so the policy runs one padded forward.
+        # forwards before one backward would hold the whole model gathered, so the policy runs one padded forward;
+        # so does π0 when it is the partitioned policy (LoRA): its forwards are collectives, one per rank.
+        zero3 = self.zero_stage == 3
         self.forward = Forward.for_model(
-            hf_model, self.pad_id, config, self.engine.device, policy_one_pass=self.zero_stage == 3
+            hf_model, self.pad_id, config, self.engine.device, zero3, reference_one_pass=zero3 and self.lora
         )
         self.sync_sources = lora.sync_sources(self.engine.module)  # HF name -> what it is made of (LoRA: merged)
         self.ref_model = reference_model(self.engine, model_path, config)

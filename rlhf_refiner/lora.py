@@ -25,13 +25,22 @@ def linear_layer_names(model: torch.nn.Module) -> set[str]:
 
 
 def check_targets(model: torch.nn.Module, lora: LoraConfig, model_path: str) -> None:
-    """Every target module must be a linear layer of the model (peft's own error names no field)."""
+    """Every target module must be a linear layer of the model (peft's own error names no field), and not a head
+    tied to the input embeddings: their one tensor cannot hold the head's adapter merged (peft only warns)."""
     layers = linear_layer_names(model)
     missing = sorted(set(lora.target_modules) - layers)
     if missing:
         raise ConfigError(
             f"model.lora.target_modules: {missing} are not linear layers of {model_path} (it has: {sorted(layers)})"
         )
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is embeddings.weight:
+        name = next(name for name, module in model.named_modules() if module is head).rsplit(".", 1)[-1]
+        if name in lora.target_modules:
+            raise ConfigError(
+                f"model.lora.target_modules: '{name}' is tied to the input embeddings in {model_path}; a tied "
+                "checkpoint has no tensor of its own for the head's merged adapter: leave it out"
+            )
 
 
 def check_model(model_path: str, lora: LoraConfig) -> None:

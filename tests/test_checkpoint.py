@@ -113,6 +113,20 @@ def test_a_resume_with_a_different_experiment_is_refused_with_the_fields(tmp_pat
     assert not (tmp_path / "config_changes.jsonl").exists()
 
 
+def test_a_resume_with_another_lora_adapter_is_refused_even_when_changes_are_allowed(tmp_path):
+    """A LoRA checkpoint holds one adapter's trained parameters: resumed with other layers, rank or scaling (or
+    as a full fine-tune), DeepSpeed's non-strict load would start a fresh adapter beside the old optimizer state."""
+    from rlhf_refiner.config import ConfigError, load
+
+    base = [f"trainer.output_dir={tmp_path}", "trainer.allow_config_change=true"]
+    saved = _saved(load(None, [*base, "model.lora.rank=4"]))
+    for change in ("model.lora.rank=0", "model.lora.target_modules=[o_proj]", "model.lora.alpha=32"):
+        with pytest.raises(ConfigError, match=r"another adapter: model\.lora\."):
+            checkpoint.check_resume_config(tmp_path / "ck", saved, load(None, [*base, "model.lora.rank=4", change]))
+    dropout = load(None, [*base, "model.lora.rank=4", "model.lora.dropout=0.1"])  # the same parameters: allowed
+    assert checkpoint.check_resume_config(tmp_path / "ck", saved, dropout) == {"model.lora.dropout": (0.0, 0.1)}
+
+
 def test_an_allowed_config_change_is_recorded_in_the_runs_history(tmp_path):
     from rlhf_refiner.config import load
 

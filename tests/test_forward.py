@@ -212,6 +212,26 @@ def test_the_changed_refined_pass_runs_one_forward_whatever_changed(policy):
         hook.remove()
 
 
+def test_a_partitioned_reference_runs_one_forward_per_micro_batch(policy, reference):
+    """With LoRA under ZeRO-3, π0 is the partitioned policy with its adapter off: every forward of it is a
+    collective, so a rank must run exactly one per micro-batch whatever its rows' lengths (`reference_one_pass`);
+    the cheaper path runs several (shared prompts, length groups), which deadlocked two ranks of uneven lengths."""
+    calls = []
+    hook = reference.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        samples, norm = _samples(), algo.Normaliser(40.0, 5.0, 40.0)
+        args = (policy, reference, samples, None, norm, True)
+        _forward(policy, "algo.constraint=static_kl", length_groups=4, shares_prompts=True).micro_batch_loss(*args)
+        cheaper = len(calls)
+        one = _forward(
+            policy, "algo.constraint=static_kl", length_groups=4, shares_prompts=True, reference_one_pass=True
+        )
+        one.micro_batch_loss(*args)
+        assert cheaper > 1 and len(calls) - cheaper == 1
+    finally:
+        hook.remove()
+
+
 def test_the_cheaper_paths_are_taken_only_where_config_and_model_allow(policy):
     """A Llama's forward keeps logits from a position on, and its cache is plain keys and values: both cheaper
     paths, unless `learner.shared_prompts` is off or gradient checkpointing drops the cache. Greedy sampling

@@ -497,3 +497,17 @@ def test_lora_target_modules_the_model_lacks_are_named(pi0_path):
         lora.check_model(pi0_path, load(None, overrides).model.lora)
     with pytest.raises(ConfigError, match=named):  # and in the learner itself
         _learner(pi0_path, *overrides)
+
+
+def test_a_lora_target_on_a_head_tied_to_the_embeddings_is_refused(pi0_path, tmp_path):
+    """A tied checkpoint (SmolLM2, Qwen2.5 as shipped) holds one tensor for embeddings and head: the head's merged
+    adapter has nowhere to go, and the sync and `final/` would silently drop it (peft only warns)."""
+    from conftest import tie_embeddings
+
+    from rlhf_refiner import lora
+    from rlhf_refiner.config import ConfigError
+
+    targets = load(None, ["model.lora.rank=4", "model.lora.target_modules=[q_proj,lm_head]"]).model.lora
+    lora.check_model(pi0_path, targets)  # untied: the head has its own tensor, merged like any layer
+    with pytest.raises(ConfigError, match=r"model\.lora\.target_modules: 'lm_head' is tied to the input embeddings"):
+        lora.check_model(tie_embeddings(pi0_path, tmp_path / "tied"), targets)

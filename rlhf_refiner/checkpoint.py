@@ -280,7 +280,8 @@ def check_resume_config(directory: Path, state: dict[str, Any], config: Config) 
         return {}
     changes = config_changes(state["config"], saved_config(config))
     refused = {k: v for k, v in changes.items() if not k.startswith(RESUMABLE_CHANGES)}
-    fixed = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items() if key.startswith(NEVER_RESUMABLE)]
+    described = {key: f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items()}
+    fixed = [line for key, line in described.items() if key.startswith(NEVER_RESUMABLE)]
     if fixed:
         raise ConfigError(
             f"resuming {directory} with another adapter: " + "; ".join(fixed) + ". Its checkpoint holds the trained "
@@ -288,7 +289,7 @@ def check_resume_config(directory: Path, state: dict[str, Any], config: Config) 
             "saved model.lora, or start afresh elsewhere"
         )
     if refused and not config.trainer.allow_config_change:
-        lines = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+        lines = "\n".join(f"  {line}" for line in described.values())
         raise ConfigError(
             f"resuming {directory} with a different config:\n{lines}\nRun with the checkpoint's values, start "
             "afresh elsewhere (another trainer.output_dir, or trainer.resume=none with trainer.overwrite=true), "

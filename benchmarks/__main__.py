@@ -1,12 +1,12 @@
 """The benchmark suite: every figure, each a ratio measured side by side in one run (machines here are shared and
 noisy, so absolute times do not compare across runs).
 
-    python -m benchmarks [--quick] [--only refine,gate,steps,sandbox,async_overlap] [--results PATH]
+    python -m benchmarks [--quick] [--only refine,gate,steps,sandbox,async_overlap,lora] [--results PATH]
 
 Prints one JSON line per figure (name, value, goal, what was measured) on stdout, and nothing else there
 (engine and training logs go to stderr), and appends dated rows with machine info to benchmarks/RESULTS.md.
 `--quick` (a few minutes; CI's smoke test) uses a briefly trained π0 and short runs; the full suite adds
-SmolLM2-135M (`scripts/setup.sh --bench`, then `scripts/prepare_smollm2.py`) and the async figure.
+SmolLM2-135M (`scripts/setup.sh --bench`, then `scripts/prepare_smollm2.py`), the async figure and the LoRA figures.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ GROUPS = {
     "steps": False,
     "sandbox": False,
     "async_overlap": True,
+    "lora": True,  # three training runs and TRL's: too long for CI's smoke test
 }  # name -> full suite only
 
 

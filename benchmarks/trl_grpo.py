@@ -7,6 +7,8 @@ vLLM: TRL's vLLM colocate mode fails on CPU at its first weight sync ("'Paramete
 
     python -m benchmarks.trl_grpo --config configs/quickstart.yaml --steps 6 [--bf16] [overrides...]
 
+With `model.lora.rank` > 0 among the overrides, TRL trains the same peft LoRA adapter.
+
 Prints one JSON object: samples/s over the steps after the warm-up, the mean step time, and where a step's time
 goes (`stages`: seconds per step in generation, reward, the policy's and the reference's forwards, backward and
 optimizer; what is left is TRL's own work between them: advantages, gradient clipping, logging).
@@ -101,6 +103,15 @@ def main() -> None:
         )
         clock = StepClock()
         started = time.perf_counter()
+        lora = config.model.lora
+        peft_config = None
+        if lora.rank:  # the same adapter as ours; TRL then takes π0 as the policy with the adapter off, as we do
+            import peft
+
+            peft_config = peft.LoraConfig(
+                r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+            )  # fmt: skip
         trainer = GRPOTrainer(
             model=model_path,
             reward_funcs=[reward],
@@ -108,6 +119,7 @@ def main() -> None:
             train_dataset=dataset,
             processing_class=tokenizer,
             callbacks=[clock],
+            peft_config=peft_config,
         )
         trainer._generate = timed(trainer._generate, "generate")  # HF generate, decoding included
         trainer._calculate_rewards = timed(trainer._calculate_rewards, "reward")

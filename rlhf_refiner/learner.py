@@ -244,7 +244,10 @@ class Learner:
         self.forward = Forward.for_model(
             hf_model, self.pad_id, config, self.engine.device, zero3, reference_one_pass=zero3 and self.lora
         )
-        self.sync_sources = lora.sync_sources(self.engine.module)  # HF name -> what it is made of (LoRA: merged)
+        # HF name -> what it is made of (LoRA: merged): `final/`, and the sync unless it sends the adapter alone
+        self.export_sources = lora.sync_sources(self.engine.module)
+        adapter_sync = self.lora and config.model.lora.sync == "adapter"
+        self.sync_sources = lora.adapter_sources(self.engine.module) if adapter_sync else self.export_sources
         self.ref_model = reference_model(self.engine, model_path, config)
 
     # ---- training -------------------------------------------------------------------------------------------
@@ -347,11 +350,12 @@ class Learner:
 
     # ---- weights out ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _full_params(self, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-        """The full (un-partitioned) HF parameters `names` (with LoRA: each adapted weight merged with its
-        adapter); under ZeRO-3 just the parameters they are made of are all-gathered, for the block."""
+    def _full_params(self, names: list[str], sources: dict[str, lora.SyncSource]) -> Iterator[dict[str, torch.Tensor]]:
+        """The full (un-partitioned) tensors `names` of `sources` (with LoRA: each adapted weight merged with its
+        adapter, or the adapter's own); under ZeRO-3 just the parameters they are made of are all-gathered, for the
+        block."""
         params = dict(self.engine.module.named_parameters())
-        sources = {name: self.sync_sources[name] for name in names}
+        sources = {name: sources[name] for name in names}
         with self._gathered([params[part] for source in sources.values() for part in source.parts]):
             yield {name: source.tensor(params) for name, source in sources.items()}
 
@@ -362,10 +366,11 @@ class Learner:
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
-    def weight_metas(self) -> list[ParamMeta]:
-        """Full shapes of the HF parameters, without gathering (ZeRO-3 keeps them as `ds_shape`)."""
+    def weight_metas(self, sources: dict[str, lora.SyncSource] | None = None) -> list[ParamMeta]:
+        """Full shapes of what the sync sends (default; `sources`: of those), without gathering (ZeRO-3 keeps them
+        as `ds_shape`)."""
         params = dict(self.engine.module.named_parameters())
-        bases = {name: params[source.base] for name, source in self.sync_sources.items()}
+        bases = {name: params[source.base] for name, source in (sources or self.sync_sources).items()}
         return [
             ParamMeta(name, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
             for name, p in bases.items()
@@ -384,7 +389,7 @@ class Learner:
         seconds. Every rank is called: under ZeRO-3 each bucket's gather is a collective of all ranks."""
         started = time.perf_counter()
         buckets = plan_buckets(self.weight_metas(), bucket_bytes)
-        gathered = self._gathered_buckets(buckets)
+        gathered = self._gathered_buckets(buckets, self.sync_sources)
         if self.rank != 0:
             for _ in gathered:  # take part in rank 0's gathers
                 pass
@@ -393,10 +398,12 @@ class Learner:
         sums, nbytes = send_weights(self.sync_group, buckets, gathered, verify=self.config.sync.verify)
         return {"checksums": sums, "bytes": nbytes, "seconds": time.perf_counter() - started, "buckets": len(buckets)}
 
-    def _gathered_buckets(self, buckets: list[list[ParamMeta]]) -> Iterator[dict[str, torch.Tensor]]:
+    def _gathered_buckets(
+        self, buckets: list[list[ParamMeta]], sources: dict[str, lora.SyncSource]
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Each bucket's full tensors in turn (gathered under ZeRO-3), in the order rank 0 sends them."""
         for bucket in buckets:
-            with self._full_params([m.name for m in bucket]) as tensors:
+            with self._full_params([m.name for m in bucket], sources) as tensors:
                 yield tensors
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
@@ -429,9 +436,9 @@ class Learner:
         """The policy in HF format (weights + config + tokenizer), written by rank 0 to a temp dir then renamed;
         returns the path there (None on other ranks). Under ZeRO-3 the parameters are gathered one bucket at a
         time and copied to host memory, so no device ever holds the whole model twice."""
-        buckets = plan_buckets(self.weight_metas(), bucket_bytes)
+        buckets = plan_buckets(self.weight_metas(self.export_sources), bucket_bytes)
         state = {}
-        for tensors in self._gathered_buckets(buckets):
+        for tensors in self._gathered_buckets(buckets, self.export_sources):
             if self.rank == 0:
                 state.update({k: v.detach().to("cpu", copy=True) for k, v in tensors.items()})
         adapter = {}

@@ -10,6 +10,15 @@ step k's batch, a driver thread makes step k+1's rollouts with the generator sti
 the broadcast makes it version k, and step k+1 trains on them at staleness 1 (TIS corrects, `algo.tis_cap`). A
 generator engine recreated inside that thread gets the weights the learner holds by then (version k), stamped k.
 A checkpoint follows the step's sync, so it never splits a rollout from its weights.
+
+LoRA with adapter sync: the generator's base weights never change; a sync replaces its one adapter whole (the
+old one is dropped only once the new one is built), and only then does the generator report the new version and
+name that adapter in its requests. With `placement.shared_engine` the generator actors refine too, and what
+orders a step's generation, refinement and sync on an engine is the actor: Ray runs its calls one at a time, so
+no sync lands inside a generation or a refinement, and refinement requests carry no adapter (π0 is the base,
+whichever version the engine holds). Above, step k's rollouts are generated at version k-1 and refined before the
+sync (the rollout phase gathers the refinements; async: `pending.result()` waits for them), so a refinement never
+waits behind a sync, and the sync never waits behind more than the step's own calls.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """LoRA on the learner's policy (peft): only the adapter trains, and π0 is the same base with the adapter off.
 
-What leaves the learner is plain HF weights: every adapted linear layer's weight merged with its adapter
-(W + (alpha / r)·B·A), under the base model's own parameter names, so the generator's engine and `final/` load
-them as any checkpoint of the base architecture; `final/adapter/` holds the adapter alone, in peft's format.
+What leaves the learner each step (`model.lora.sync`) is the adapter alone, under peft's saved names, which the
+generator's vLLM engine serves on its base (`adapter_sources`); or every adapted linear layer's weight merged with
+its adapter (W + (alpha / r)·B·A) under the base model's own names, as any checkpoint of the base architecture
+(`sync_sources`). `final/` is always merged, and `final/adapter/` holds the adapter in peft's format.
 Nothing here knows DeepSpeed: the learner gathers (ZeRO-3) the parameters a `SyncSource` names before reading it.
 """
 
@@ -103,6 +104,17 @@ def sync_sources(model: torch.nn.Module) -> dict[str, SyncSource]:
         adapter = [f"{owner.removesuffix('.base_layer')}.lora_{ab}.{ADAPTER}.weight" for ab in "AB"]
         sources[hf_name] = SyncSource(name, layer, (name, *adapter))
     return sources
+
+
+def adapter_sources(model: torch.nn.Module) -> dict[str, SyncSource]:
+    """The adapter's parameters under the names peft saves them with (`...q_proj.lora_A.weight`: the adapter's
+    own name dropped), which vLLM's LoRA loader reads, in the model's parameter order."""
+    return {name.replace(f".{ADAPTER}.", "."): SyncSource(name, parts=(name,)) for name in adapter_names(model)}
+
+
+def vllm_adapter_config(lora: LoraConfig) -> dict[str, Any]:
+    """The adapter's peft config as vLLM's `PEFTHelper` reads it (`adapter_config.json`'s fields it needs)."""
+    return {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": list(lora.target_modules)}
 
 
 def adapter_names(model: torch.nn.Module) -> list[str]:

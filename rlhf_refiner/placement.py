@@ -44,7 +44,9 @@ ACTOR_ENV = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false", "
 class Actors:
     learners: list[Any]  # one per data-parallel rank; learners[0] is rank 0, the weight-sync sender
     generators: list[Any]  # one per policy engine; every one receives every weight sync
-    refiners: list[Any]  # one per π0 engine (or client of `refiner.base_url`); empty when the refiner is not used
+    # one per π0 engine (or client of `refiner.base_url`); empty when the refiner is not used; `generators` itself
+    # with placement.shared_engine (recreating a generator recreates the refiner)
+    refiners: list[Any]
     rewards: list[Any]  # RewardWorker actors (rule, code, http sources); empty when only `model` is weighted
     reward_models: list[Any]  # RewardModel actors; empty unless `model` is weighted
     buffer: Any
@@ -55,7 +57,8 @@ class Actors:
         """Every actor by its name."""
         named = {f"learner-{i}": a for i, a in enumerate(self.learners)}
         named.update({f"generator-{i}": a for i, a in enumerate(self.generators)})
-        named.update({f"refiner-{i}": a for i, a in enumerate(self.refiners)})
+        if self.refiners is not self.generators:  # placement.shared_engine: the generators are the refiners
+            named.update({f"refiner-{i}": a for i, a in enumerate(self.refiners)})
         named.update({f"reward-{i}": a for i, a in enumerate(self.rewards)})
         named.update({f"reward-model-{i}": a for i, a in enumerate(self.reward_models)})
         named["buffer"] = self.buffer
@@ -68,6 +71,13 @@ class Actors:
 
 def uses_refiner(config: Config) -> bool:
     return config.algo.constraint == "dynamic" or config.refiner.monitor
+
+
+def refiner_engines(config: Config) -> int:
+    """The refiner's own engine actors: none when it is not used, or when the generators serve it (shared)."""
+    if not uses_refiner(config) or config.placement.shared_engine:
+        return 0
+    return config.refiner.engine.num_engines
 
 
 def reward_worker_count(config: Config) -> int:
@@ -168,7 +178,7 @@ def plan(config: Config) -> Plan:
         for i in range(engine.num_engines):
             add(f"generator-{i}", "generator", engine.num_cpus, engine.num_gpus)
     refiner = config.refiner.engine
-    for i in range(refiner.num_engines if uses_refiner(config) else 0):
+    for i in range(refiner_engines(config)):
         add(f"refiner-{i}", "refiner", refiner.num_cpus, refiner.num_gpus)
     for i in range(reward_worker_count(config)):
         add(f"reward-{i}", "reward", config.reward.num_cpus, 0)
@@ -370,8 +380,10 @@ def start_actors(config: Config, model_path: str, timeout_s: float) -> Actors:
         refiner_cls.options(**options(f"refiner-{i}", restartable=True)).remote(
             model_path, config.refiner, config.model.dtype, config.trainer.seed
         )
-        for i in range(config.refiner.engine.num_engines if uses_refiner(config) else 0)
+        for i in range(refiner_engines(config))
     ]
+    if config.placement.shared_engine and uses_refiner(config):
+        refiners = generators  # the same list: a recreated generator is the refiner too
     reward_cls = ray.remote(RewardWorker)
     rewards = [
         reward_cls.options(**options(f"reward-{i}", restartable=True)).remote(config.reward, config.task)

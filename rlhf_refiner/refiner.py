@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from rapidfuzz.distance import Levenshtein
 
@@ -287,7 +288,9 @@ class ForwardScorer:
 
 
 class Refiner:
-    def __init__(self, model_path: str, config: RefinerConfig, dtype: str, seed: int) -> None:
+    def __init__(self, model_path: str, config: RefinerConfig, dtype: str, seed: int, llm: Any = None) -> None:
+        """π0 behind `config.base_url`, else on its own vLLM engine, else (`llm`: `placement.shared_engine`) on
+        the generator's engine, whose base weights are π0 (its requests here carry no adapter)."""
         redirect_actor_output()  # metrics.actor_output=file: into the run's logs/
         from transformers import AutoTokenizer
 
@@ -303,14 +306,14 @@ class Refiner:
             and not sampling.stop
             and config.extract_pattern is None
         )
-        self.llm = None
+        self.llm = llm
         self.client = None
         self.model_path, self.dtype = model_path, config.engine.dtype or dtype  # the scorer's π0 as the engine's
         self.scorer = None
         self.spec_counters = (0, 0)  # (drafted, accepted) speculative tokens at the last reading
-        if config.base_url is None:
+        if llm is None and config.base_url is None:
             self.llm = engines.start_engine(model_path, config.engine, dtype, seed, speculative=config.speculative)
-        else:
+        elif llm is None:
             import openai
 
             self.client = openai.OpenAI(

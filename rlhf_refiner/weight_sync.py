@@ -318,3 +318,45 @@ class WeightReceiver:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return result
+
+    # ---- LoRA: the adapter alone (`model.lora.sync: adapter`) -----------------------------------------------------
+    def rlhf_lora_modules(self) -> list[str]:
+        """The linear layers (HF names' last component) this engine can hold an adapter on: vLLM's LoRA-capable
+        modules, each fused one (qkv_proj, gate_up_proj) as the parts a peft adapter names (q_proj, ...)."""
+        manager = self.model_runner.lora_manager._adapter_manager
+        packed = manager.packed_modules_mapping
+        return sorted({part for module in manager.supported_lora_modules for part in packed.get(module, [module])})
+
+    def rlhf_receive_adapter(self, verify: bool, adapter_id: int, peft_config: dict) -> dict:
+        """Receive the adapter's tensors (see `receive_weights`) and make them this worker's only adapter, as id
+        `adapter_id`. They become the LoRA model vLLM's own loader builds from a peft directory
+        (`LoRAModel.from_lora_tensors`, under the model's name mapping), added to the worker's adapter manager
+        directly: no file, and each TP worker slices its share when the adapter is activated. The adapter it held
+        is dropped only once the new one is built, so a failed sync leaves the old version whole (the generator
+        keeps reporting it) and never a half-loaded one. The base weights are never touched."""
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        tensors: dict[str, torch.Tensor] = {}
+        result = receive_weights(self.rlhf_sync_group, self.rlhf_buckets, verify, tensors.update)
+        workers = self.model_runner.lora_manager  # vLLM's WorkerLoRAManager; its `_adapter_manager` holds the slots
+        manager = workers._adapter_manager
+        helper = PEFTHelper.from_dict({**peft_config, "vllm_max_position_embeddings": workers.max_position_embeddings})
+        helper.validate_legal(workers.lora_config)  # the rank against the engine's max_lora_rank
+        mapper = getattr(manager.model, "hf_to_vllm_mapper", None)
+        adapter = LoRAModel.from_lora_tensors(
+            adapter_id,
+            tensors,
+            helper,
+            device="cpu",  # as vLLM's loader: the manager copies it into the slot on the device when it activates
+            dtype=workers.lora_config.lora_dtype,
+            model_vocab_size=workers.vocab_size,
+            weights_mapper=None if mapper is None else mapper.get_rename_mapper(),
+            skip_prefixes=getattr(manager.model, "lora_skip_prefixes", None),
+        )
+        for old in list(manager.list_adapters()):
+            manager.remove_adapter(old)
+        manager.add_adapter(adapter)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return result

@@ -4,7 +4,8 @@ load by path. (`final/` is written this way at the end of every run; this is for
     python scripts/export_hf.py RUN_DIR/checkpoints/step-00000080 --out exported/ [--base MODEL_PATH]
 
 The checkpoint is verified against its manifest first. Under ZeRO 1-3 the fp32 master weights are gathered from
-the optimizer shards (DeepSpeed's zero_to_fp32); under ZeRO 0 the module state is used as saved. `--base` (the
+the optimizer shards (DeepSpeed's zero_to_fp32); under ZeRO 0 the module state is used as saved. A LoRA run's
+checkpoint holds the adapter alone: it is put on the base and merged, and written beside it in `adapter/`. `--base` (the
 run's model path, for the architecture and tokenizer) defaults to the `model_path` in the run's summary.json.
 """
 
@@ -35,6 +36,26 @@ def checkpoint_state_dict(learner_dir: Path) -> dict:
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(learner_dir), tag="state"))
 
 
+def with_adapter(model, lora: dict, adapter_state: dict, checkpoint_dir: Path, base: str):
+    """`model` wrapped by peft with the run's adapter settings (`model.lora`), holding the checkpoint's adapter."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM",
+    )  # fmt: skip
+    wrapped = peft.get_peft_model(model, config)
+    expected = {name for name, _ in wrapped.named_parameters() if ".lora_" in name}
+    missing, unexpected = sorted(expected - adapter_state.keys()), sorted(adapter_state.keys() - expected)
+    if missing or unexpected:
+        raise SystemExit(
+            f"{checkpoint_dir}: the adapter does not fit {base} with model.lora {lora} (missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]})"
+        )
+    wrapped.load_state_dict(adapter_state, strict=False)
+    return wrapped
+
+
 def export(checkpoint_dir: Path, out: Path, base: str | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,13 +68,22 @@ def export(checkpoint_dir: Path, out: Path, base: str | None = None) -> Path:
             raise SystemExit(f"{summary} not found: pass --base MODEL_PATH (the run's model.path)")
         base = json.loads(summary.read_text())["model_path"]
     model = AutoModelForCausalLM.from_pretrained(base)
-    missing, unexpected = model.load_state_dict(checkpoint_state_dict(checkpoint_dir / "learner"), strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]:
-        raise SystemExit(
-            f"{checkpoint_dir}: checkpoint does not fit {base} (missing {missing}, unexpected {unexpected})"
-        )
+    learner_state = checkpoint_state_dict(checkpoint_dir / "learner")
+    lora = state.get("config", {}).get("model", {}).get("lora", {})
+    adapter = None
+    if lora.get("rank"):  # the checkpoint holds the adapter alone: on the base, then merged, as final/ is
+        adapter = with_adapter(model, lora, learner_state, checkpoint_dir, base)
+        model = adapter.merge_and_unload(safe_merge=True)
+    else:
+        missing, unexpected = model.load_state_dict(learner_state, strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]:
+            raise SystemExit(
+                f"{checkpoint_dir}: checkpoint does not fit {base} (missing {missing}, unexpected {unexpected})"
+            )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if adapter is not None:
+        adapter.save_pretrained(tmp / "adapter")  # before the merge's model is saved: peft's format, as final/
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
     (tmp / "rlhf_refiner_checkpoint.json").write_text(json.dumps({"checkpoint": str(checkpoint_dir), **state}))

@@ -4,8 +4,10 @@ A tied, Qwen2.5-0.5B-shaped Llama (hidden 896, 24 layers, 14/2 heads, vocabulary
 config (no hub), so the run needs only torch, transformers, DeepSpeed and this package. For each ZeRO stage, in
 bf16 with gradient checkpointing and the dynamic constraint, it checks the learner's log-probs and the first
 step's CE and loss against a plain HF forward of the same weights, and the same update's loss and gradient norm in 4x
-as many micro-batches, then times a few steps: peak memory, tokens/s, MFU. Each run is a process of its own.
-Prints one JSON object per stage and a markdown table for docs/cluster.md's GPU status.
+as many micro-batches, then times a few steps: peak memory, tokens/s, MFU. Then the same with a LoRA adapter
+(`--lora` rank, default 16; the adapter starts at B = 0, so the same checks hold) for its peak memory and tokens/s
+against full fine-tuning. Each run is a process of its own. Prints one JSON object per run and a markdown table for
+docs/cluster.md's GPU status.
 
     python scripts/gpu_smoke.py                      # on a CUDA machine (scripts/gpu_smoke.sh installs what is missing)
     python scripts/gpu_smoke.py --cpu --tiny         # the same code path on CPU with a tiny model (tests run this)
@@ -112,7 +114,9 @@ def hf_reference(model_path: str, batch: Batch, dtype: torch.dtype, device: torc
     return logprobs, ce_sum / ce_tokens
 
 
-def run_stage(model_path: str, stage: int, micro: int, steps: int, args: argparse.Namespace, batch: Batch) -> dict:
+def run_stage(
+    model_path: str, stage: int, micro: int, steps: int, args: argparse.Namespace, batch: Batch, lora: int
+) -> dict:
     from rlhf_refiner.forward import build_rows
     from rlhf_refiner.learner import Learner
 
@@ -135,6 +139,7 @@ def run_stage(model_path: str, stage: int, micro: int, steps: int, args: argpars
             f"data.prompts_per_step={len(batch.samples) // 8}",
             "generator.group_size=8",
             f"generator.sampling.max_new_tokens={args.max_response}",
+            *([f"model.lora.rank={lora}", f"model.lora.alpha={2 * lora}"] if lora else []),
         ],
     )
     dtype = getattr(torch, config.model.dtype)
@@ -160,6 +165,7 @@ def run_stage(model_path: str, stage: int, micro: int, steps: int, args: argpars
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "zero_stage": stage,
+        "lora_rank": lora,
         "policy_one_pass": learner.forward.policy_one_pass,  # ZeRO-3: one padded forward, or it holds the model
         "micro_batch_size": micro,
         "dtype": config.model.dtype,
@@ -185,14 +191,16 @@ def run_stage(model_path: str, stage: int, micro: int, steps: int, args: argpars
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| card | ZeRO | dtype | log-prob max error vs HF | CE step 1 / HF | step (s) | tokens/s | MFU | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| card | ZeRO | LoRA r | dtype | log-prob max error vs HF | CE step 1 / HF | step (s) | tokens/s | MFU | "
+        "peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "–"
         peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "–"
         lines.append(
-            f"| {r['device']} | {r['zero_stage']} | {r['dtype']} | {r['logprob_max_abs_error']:.3g} | "
+            f"| {r['device']} | {r['zero_stage']} | {r['lora_rank'] or '–'} | {r['dtype']} | "
+            f"{r['logprob_max_abs_error']:.3g} | "
             f"{r['ce_first_step']:.4f} / {r['ce_hf_reference']:.4f} | {r['step_seconds_median']:.2f} | "
             f"{r['tokens_per_s']:.0f} | {mfu} | {peak} |"
         )
@@ -200,20 +208,24 @@ def table(results: list[dict]) -> str:
 
 
 def child(args: argparse.Namespace, shape: dict) -> int:
-    """One (stage, micro-batch size) run in a process of its own, so that no stage's memory outlives it."""
-    stage, micro, steps = args.child
+    """One (stage, micro-batch size, LoRA rank) run in a process of its own, so that no run's memory outlives it."""
+    stage, micro, steps, lora = args.child
     batch = make_batch(shape["vocab_size"], args.samples, args.prompt_len, args.max_response)
-    result = run_stage(str(args.model), stage, micro, steps, args, batch)
+    result = run_stage(str(args.model), stage, micro, steps, args, batch, lora)
     args.out.write_text(json.dumps(result))
     return 0
 
 
-def spawn(args: argparse.Namespace, model: Path, stage: int, micro: int, steps: int, out: Path) -> dict:
+def spawn(args: argparse.Namespace, model: Path, stage: int, micro: int, steps: int, out: Path, lora: int = 0) -> dict:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in PASSED and v is not None]
     flags += ["--cpu"] * args.cpu + ["--tiny"] * args.tiny
     command = [sys.executable, __file__, *flags, "--model", str(model), "--out", str(out), "--child"]
-    subprocess.run([*command, str(stage), str(micro), str(steps)], check=True)
+    subprocess.run([*command, str(stage), str(micro), str(steps), str(lora)], check=True)
     return json.loads(out.read_text())
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
 
 
 PASSED = ("samples", "prompt_len", "max_response", "peak_tflops")  # the child's batch and MFU need these
@@ -230,10 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-response", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one card (H100/H200)")
+    parser.add_argument("--lora", type=int, default=16, help="LoRA rank of the adapter runs (0: none)")
     parser.add_argument("--tolerance", type=float, default=None, help="log-prob error bound (default: by dtype)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)  # child runs: the parent's model
-    parser.add_argument("--child", type=int, nargs=3, help=argparse.SUPPRESS)  # STAGE MICRO STEPS
+    parser.add_argument("--child", type=int, nargs=4, help=argparse.SUPPRESS)  # STAGE MICRO STEPS LORA
     args = parser.parse_args(argv)
     shape = TINY_SHAPE if args.tiny else QWEN_05B_SHAPE
     if args.child:
@@ -252,18 +265,28 @@ def main(argv: list[str] | None = None) -> int:
             split = spawn(args, model, stage, max(1, args.micro_batch_size // 4), 0, Path(tmp) / f"split{stage}.json")
             result["grad_norm_split"] = split["grad_norm_first_step"]
             result["loss_split"] = split["loss_first_step"]
-            print(json.dumps(result), flush=True)
-            results.append(result)
-            checks = {
-                "log-probs vs HF (max abs)": (result["logprob_max_abs_error"], 0.0),
-                "CE vs HF": (result["ce_first_step"], result["ce_hf_reference"]),
-                "loss vs HF": (result["loss_first_step"], result["loss_hf_reference"]),
-                "loss, 4x micro-batches": (result["loss_split"], result["loss_first_step"]),
-                "grad norm, 4x micro-batches": (result["grad_norm_split"], result["grad_norm_first_step"]),
-            }
-            for name, (ours, reference) in checks.items():
-                if abs(ours - reference) > tolerance * max(1.0, abs(reference)):
-                    problems.append(f"ZeRO-{stage}: {name}: {ours:.6g} vs {reference:.6g} (tolerance {tolerance})")
+            runs = [result]
+            if args.lora:  # the adapter on the same model: peak memory and tokens/s against full fine-tuning
+                out = Path(tmp) / f"lora{stage}.json"
+                adapter = spawn(args, model, stage, args.micro_batch_size, args.steps, out, args.lora)
+                adapter["peak_memory_vs_full"] = ratio(adapter["peak_memory_gib"], result["peak_memory_gib"])
+                adapter["tokens_per_s_vs_full"] = ratio(adapter["tokens_per_s"], result["tokens_per_s"])
+                runs.append(adapter)
+            for run in runs:
+                print(json.dumps(run), flush=True)
+                results.append(run)
+                name = f"ZeRO-{stage}" + (f", LoRA r={run['lora_rank']}" if run["lora_rank"] else "")
+                checks = {
+                    "log-probs vs HF (max abs)": (run["logprob_max_abs_error"], 0.0),
+                    "CE vs HF": (run["ce_first_step"], run["ce_hf_reference"]),
+                    "loss vs HF": (run["loss_first_step"], run["loss_hf_reference"]),
+                }
+                if "loss_split" in run:
+                    checks["loss, 4x micro-batches"] = (run["loss_split"], run["loss_first_step"])
+                    checks["grad norm, 4x micro-batches"] = (run["grad_norm_split"], run["grad_norm_first_step"])
+                for check, (ours, reference) in checks.items():
+                    if abs(ours - reference) > tolerance * max(1.0, abs(reference)):
+                        problems.append(f"{name}: {check}: {ours:.6g} vs {reference:.6g} (tolerance {tolerance})")
     print(table(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

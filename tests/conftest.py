@@ -102,11 +102,13 @@ def build_tiny_reward_model(out_dir) -> str:
     return str(out_dir)
 
 
-def sync_round_trip(config, model_path: str, out_dir):
+def sync_round_trip(config, model_path: str, out_dir, probe=None):
     """Start the stages, train one step (every learner rank), sync with checksums into every generator engine,
     and sample again: what the CPU (`ray`) and GPU sync tests check. Returns a dict: `sent` (rank 0's checksums,
     bytes, buckets), `received` (one result per engine), `final` (the learner's weights as an HF dir), `batch`
-    and the step's `metrics`, and the rollouts `before` and `after` the sync (all engines', in prompt order)."""
+    and the step's `metrics`, the rollouts `before` and `after` the sync (all engines', in prompt order), the
+    refinements of `before` made before the sync (`refined`, if the refiner is used), and `probe(actors, trip so
+    far)`'s result, called after the sync while the actors are up."""
     import ray
     from transformers import AutoTokenizer
 
@@ -141,13 +143,15 @@ def sync_round_trip(config, model_path: str, out_dir):
         saves = [learner.save_pretrained.remote(str(out_dir / "learner")) for learner in actors.learners]
         final = ray.get(saves, timeout=120)[0]
         after = generate(prompts, 2)
+        trip = {"sent": sent, "received": received, "final": final, "metrics": metrics,
+                "before": rollouts, "after": after, "refined": refinements}  # fmt: skip
+        if probe is not None:
+            trip["probe"] = probe(actors, trip)
     finally:
         for actor in actors.named().values():
             ray.kill(actor)
         ray.util.remove_placement_group(actors.placement_group)
-    batch = Batch(tuple(samples), policy_version=0, dropped_stale=0)
-    return {"sent": sent, "received": received, "final": final, "batch": batch, "metrics": metrics,
-            "before": rollouts, "after": after}  # fmt: skip
+    return {**trip, "batch": Batch(tuple(samples), policy_version=0, dropped_stale=0)}
 
 
 def logprob_gaps(rollouts, learner_model, pi0_model) -> tuple[float, float]:

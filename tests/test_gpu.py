@@ -146,3 +146,49 @@ def test_tied_model_round_trip_after_a_sync(gpu_cluster, tied_pi0_dir, tmp_path)
     assert hf.config.tie_word_embeddings and hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     gap, moved = logprob_gaps(trip["after"], hf, AutoModelForCausalLM.from_pretrained(tied_pi0_dir).eval())
     assert gap < 5e-3 < 0.05 < moved  # the engine is the learner, which the step moved off π0
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_lora_adapter_syncs_alone_into_vllms_lora_slot(gpu_cluster, pi0_dir, tmp_path, shared):
+    """LoRA with adapter sync on GPU: after a step the engine, serving the base with vLLM's LoRA support
+    (`enable_lora`), samples what the merged export scores; on a shared engine the refiner's requests (no adapter)
+    still decode as π0. The shared engine takes the generator's whole GPU: on one GPU the learner is on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_refiner import engines
+    from rlhf_refiner.config import SamplingConfig
+
+    lora = ["model.lora.rank=8", "model.lora.alpha=16", "learner.lr=0.01", "sync.verify=true"]
+    sampling = ["generator.sampling.temperature=0", "generator.logprobs=true"]
+    layout = _layout(_gpus())
+    if shared:
+        lora += ["placement.shared_engine=true", "refiner.mode=decode", "refiner.speculative.method=none"]
+        layout = layout if _gpus() >= 2 else ["learner.num_gpus=0", "generator.engine.num_gpus=1"]
+    config = _config(tmp_path, pi0_dir, "algo.constraint=dynamic", *lora, *sampling, *layout)
+
+    def pi0_decoding(actors, trip):
+        if not shared:
+            return None
+        prompts = [list(r.prompt.prompt_token_ids) for r in trip["after"]]
+        params = [engines.sampling_params(SamplingConfig(temperature=0.0, max_new_tokens=12), 0, True)] * len(prompts)
+
+        def decode(generator):
+            return [(list(c.token_ids), c.logprobs) for c in engines.complete(generator.refiner.llm, prompts, params)]
+
+        import ray
+
+        return ray.get(actors.generators[0].__ray_call__.remote(decode), timeout=300)
+
+    trip = sync_round_trip(config, pi0_dir, tmp_path, probe=pi0_decoding)
+    assert trip["received"][0]["checksums"] == trip["sent"]["checksums"]
+    pi0 = AutoModelForCausalLM.from_pretrained(pi0_dir).eval()
+    gap, moved = logprob_gaps(trip["after"], AutoModelForCausalLM.from_pretrained(trip["final"]).eval(), pi0)
+    assert gap < 5e-3 < 0.05 < moved
+    if shared:
+        prompts = [list(r.prompt.prompt_token_ids) for r in trip["after"]]
+        as_pi0 = [
+            abs(a - b)
+            for prompt, (ids, logprobs) in zip(prompts, trip["probe"])
+            for a, b in zip(logprobs, hf_logprobs(pi0, prompt, ids))
+        ]
+        assert max(as_pi0) < 5e-3

@@ -442,19 +442,36 @@ def test_lora_trains_only_the_adapter_and_its_pi0_is_the_base_with_the_adapter_o
     assert not torch.allclose(policy * mask, theirs * mask, atol=1e-3)  # while the policy has moved off π0
 
 
+def test_lora_syncs_the_adapter_alone_under_the_names_peft_saves(pi0_path):
+    """`model.lora.sync=adapter` (the default): the sync's tensors are the adapter's, named as peft's own
+    `adapter_model.safetensors` names them (what vLLM's LoRA loader parses), and nothing of the base."""
+    from peft import get_peft_model_state_dict
+    from transformers import AutoTokenizer
+
+    learner = _learner(pi0_path, *LORA)
+    learner.step(_batch(AutoTokenizer.from_pretrained(pi0_path), PAIRS, advantage=1.0))
+    saved = get_peft_model_state_dict(learner.engine.module)
+    metas = learner.weight_metas()
+    assert [m.name for m in metas] == list(saved) and all(".lora_" in m.name for m in metas)
+    assert [m.shape for m in metas] == [tuple(t.shape) for t in saved.values()]
+    with learner._full_params([m.name for m in metas], learner.sync_sources) as sent:
+        assert all(torch.equal(sent[name], saved[name]) for name in saved)
+    assert any(name.endswith("lora_B.weight") and sent[name].abs().sum() > 0 for name in saved)  # B trained
+
+
 def test_lora_syncs_and_exports_the_merged_weights_under_the_models_own_names(pi0_path, tmp_path):
     import copy
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    learner = _learner(pi0_path, *LORA)
+    learner = _learner(pi0_path, *LORA, "model.lora.sync=merged")
     learner.step(_batch(AutoTokenizer.from_pretrained(pi0_path), PAIRS, advantage=1.0))
     plain = AutoModelForCausalLM.from_pretrained(pi0_path)
     metas = learner.weight_metas()
     assert [m.name for m in metas] == [name for name, _ in plain.named_parameters()]
     merged = copy.deepcopy(learner.engine.module).merge_and_unload().state_dict()  # peft's own merge
-    with learner._full_params([m.name for m in metas]) as sent:
+    with learner._full_params([m.name for m in metas], learner.sync_sources) as sent:
         assert all(torch.allclose(sent[name], merged[name], atol=1e-6) for name in sent)
         moved = [name for name in sent if not torch.equal(sent[name], plain.state_dict()[name])]
     assert moved and all(name.endswith("proj.weight") for name in moved)  # the adapted layers, merged

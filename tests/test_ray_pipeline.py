@@ -525,9 +525,10 @@ NONDETERMINISTIC = (
 )  # fmt: skip
 
 
-def test_sigterm_checkpoints_and_resume_is_bitwise_identical(ray_cluster, tiny_pi0, tmp_path):
-    """4 steps straight vs. a run stopped by a real SIGTERM after step 1 and resumed (trainer.resume=auto) to 4:
-    the final weights are bitwise identical, and so are the metrics rows, timings aside."""
+def _straight_and_stopped_runs_agree(tmp_path, straight, interrupted) -> dict:
+    """Run `straight`; run `interrupted` (the same experiment in another dir), stopped by a real SIGTERM after
+    its first logged step and resumed (trainer.resume=auto): the final weights are bitwise identical, and so are
+    the metrics rows, timings aside. Returns the final weights."""
     import os
     import signal
 
@@ -536,11 +537,8 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_identical(ray_cluster, tiny_p
 
     from rlhf_refiner import loop
 
-    straight = _config(tmp_path, tiny_pi0, "trainer.steps=4", "metrics.wandb_mode=disabled", run="straight")
     loop.run(straight)
-
-    interrupted = _config(tmp_path, tiny_pi0, "trainer.steps=4", "metrics.wandb_mode=disabled", run="stopped")
-    metrics_file = tmp_path / "stopped" / "metrics.jsonl"
+    metrics_file = Path(interrupted.trainer.output_dir) / "metrics.jsonl"
 
     def sigterm_after_step_1():  # what `ray job stop` does to the driver, delivered while a step runs
         deadline = time.monotonic() + 600
@@ -554,21 +552,36 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_identical(ray_cluster, tiny_p
     watcher.start()
     first = loop.run(interrupted)
     watcher.join()
-    stopped_at = first["stopped"]["step"]
-    assert first["stopped"]["signal"] == "SIGTERM" and 1 <= stopped_at < 4 and "final" not in first
+    stopped_at, steps = first["stopped"]["step"], interrupted.trainer.steps
+    assert first["stopped"]["signal"] == "SIGTERM" and 1 <= stopped_at < steps and "final" not in first
     assert first["checkpoint"].endswith(f"step-{stopped_at:08d}")
 
     second = loop.run(interrupted)  # resume=auto is the default
-    assert second["resumed_from"] == first["checkpoint"] and second["policy_version"] == 4
+    assert second["resumed_from"] == first["checkpoint"] and second["policy_version"] == steps
 
-    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
-    b = load_file(str(tmp_path / "stopped" / "final" / "model.safetensors"))
+    a = load_file(f"{straight.trainer.output_dir}/final/model.safetensors")
+    b = load_file(f"{interrupted.trainer.output_dir}/final/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
 
-    def comparable(run):
-        return [{k: v for k, v in r.items() if not k.startswith(NONDETERMINISTIC)} for r in _rows(tmp_path / run)]
+    def comparable(config):
+        rows = _rows(Path(config.trainer.output_dir))
+        return [{k: v for k, v in r.items() if not k.startswith(NONDETERMINISTIC)} for r in rows]
 
-    assert comparable("stopped") == comparable("straight")
+    assert comparable(interrupted) == comparable(straight)
+    return a
+
+
+def test_sigterm_checkpoints_and_resume_is_bitwise_identical(ray_cluster, tiny_pi0, tmp_path):
+    """4 steps straight vs. a run stopped by a real SIGTERM after step 1 and resumed (trainer.resume=auto) to 4:
+    the final weights are bitwise identical, and so are the metrics rows, timings aside."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rlhf_refiner import loop
+
+    straight = _config(tmp_path, tiny_pi0, "trainer.steps=4", "metrics.wandb_mode=disabled", run="straight")
+    interrupted = _config(tmp_path, tiny_pi0, "trainer.steps=4", "metrics.wandb_mode=disabled", run="stopped")
+    a = _straight_and_stopped_runs_agree(tmp_path, straight, interrupted)
 
     # The same command once more: complete, nothing started and nothing rewritten. Extending it as another
     # experiment is refused, naming the field, before anything starts.
@@ -590,6 +603,39 @@ def test_sigterm_checkpoints_and_resume_is_bitwise_identical(ray_cluster, tiny_p
     exported = export(tmp_path / "straight" / "checkpoints" / "step-00000004", tmp_path / "exported")
     c = load_file(str(exported / "model.safetensors"))
     assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_lora_run_on_a_shared_engine_trains_and_resumes_bitwise(ray_cluster, tiny_pi0, tmp_path):
+    """The quickstart with a LoRA adapter, synced alone, into one engine that is generator and refiner
+    (`placement.shared_engine`): no refiner actor starts, every step is refined and trained on, each sync sends
+    the adapter's bytes, not the model's, and a run stopped by SIGTERM and resumed ends bitwise where the
+    straight run does."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_refiner import placement
+
+    shared = ["placement.shared_engine=true", "refiner.speculative.method=none", "metrics.wandb_mode=disabled"]
+    lora = [*LORA, *shared]
+    straight = _config(tmp_path, tiny_pi0, *lora, run="lora-straight")
+    assert placement.refiner_engines(straight) == 0 and "refiner-0" not in placement.plan(straight).actors
+    interrupted = _config(tmp_path, tiny_pi0, *lora, run="lora-stopped")
+    final = _straight_and_stopped_runs_agree(tmp_path, straight, interrupted)
+    # scripts/export_hf.py puts the checkpoint's adapter (all it holds) on the base and merges it, as final/ is
+    sys.path.insert(0, "scripts")
+    from export_hf import export
+
+    exported = export(tmp_path / "lora-straight" / "checkpoints" / "step-00000003", tmp_path / "lora-exported")
+    merged = load_file(str(exported / "model.safetensors"))
+    assert merged.keys() == final.keys() and all(torch.allclose(final[k], merged[k], atol=1e-6) for k in final)
+    assert (exported / "adapter" / "adapter_config.json").is_file()
+    rows = _rows(tmp_path / "lora-straight")
+    full_bytes = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(tiny_pi0).parameters())
+    for row in rows:
+        assert all(k in row for k in REFINER_METRICS) and row["learner/samples"] == 16
+        assert 0 < row["sync/bytes"] < full_bytes / 4  # the adapter alone
+    assert rows[-1]["learner/kl_to_ref"] > 0  # π0 = the base with the adapter off; the adapter moved
 
 
 def test_killed_reward_refiner_and_generator_recover_without_losing_samples(ray_cluster, tiny_pi0, tmp_path):

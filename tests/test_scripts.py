@@ -204,7 +204,8 @@ def test_benchmarks_quick_runs_every_figure(tmp_path):
 
 def test_gpu_smoke_runs_the_learner_without_ray_or_vllm(tmp_path):
     """scripts/gpu_smoke.py, as the GPU machine runs it (no Ray, no vLLM importable), on CPU with a tiny model:
-    ZeRO-1 and ZeRO-3 steps whose log-probs and first CE agree with a plain HF forward, and its results file."""
+    ZeRO-1 and ZeRO-3 steps, full fine-tuning and a LoRA adapter, whose log-probs and first CE agree with a plain
+    HF forward, and its results file."""
     out = tmp_path / "smoke.json"
     blocker = tmp_path / "site"  # every process of the run, the per-stage children too, cannot import them
     blocker.mkdir()
@@ -215,12 +216,16 @@ def test_gpu_smoke_runs_the_learner_without_ray_or_vllm(tmp_path):
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert [r["zero_stage"] for r in results] == [1, 3]
-    assert [r["policy_one_pass"] for r in results] == [False, True]  # the learner wires ZeRO-3's single pass
+    assert [(r["zero_stage"], r["lora_rank"]) for r in results] == [(1, 0), (1, 16), (3, 0), (3, 16)]
+    assert [r["policy_one_pass"] for r in results] == [False, False, True, True]  # ZeRO-3's single pass is wired
     for r in results:
         assert r["logprob_max_abs_error"] < 1e-4
         assert r["ce_first_step"] == pytest.approx(r["ce_hf_reference"], rel=1e-4)
         assert r["loss_first_step"] == pytest.approx(r["loss_hf_reference"], rel=1e-4)
-        assert r["grad_norm_split"] == pytest.approx(r["grad_norm_first_step"], rel=1e-4)  # 8 vs 2 a micro-batch
         assert r["tokens_per_s"] > 0
-    assert "| cpu | 3 | float32 |" in done.stdout
+        if r["lora_rank"]:  # against the full fine-tune before it (peak memory is CUDA's: none on CPU)
+            assert r["tokens_per_s_vs_full"] > 0 and r["peak_memory_vs_full"] is None
+            assert r["params"] == results[0]["params"]  # the same base model
+        else:
+            assert r["grad_norm_split"] == pytest.approx(r["grad_norm_first_step"], rel=1e-4)  # 8 vs 2 a micro-batch
+    assert "| cpu | 3 | – | float32 |" in done.stdout and "| cpu | 3 | 16 | float32 |" in done.stdout

@@ -357,23 +357,78 @@ def test_a_tied_head_moves_with_the_embeddings_after_a_sync(ray_cluster, tiny_pi
 
 
 @pytest.mark.ray
-def test_a_lora_policy_syncs_its_merged_adapter_into_the_engine(ray_cluster, tiny_pi0, tmp_path):
-    """`model.lora`: a step trains only the adapter, and the sync sends each adapted weight merged with it, under
-    the model's own names, into a plain engine: afterwards the engine samples what the merged export (`final/`)
-    and peft's adapter (`final/adapter/`) on π0 score, far from π0's own log-probs."""
+def test_a_shared_engine_samples_the_policy_with_its_adapter_and_refines_as_pi0(ray_cluster, tiny_pi0, tmp_path):
+    """`placement.shared_engine`: one engine actor is generator and refiner. After an adapter sync its samples
+    are the trained policy's (the merged export's log-probs, far from π0's), while the refiner's requests on the
+    same engine score those very samples as π0 does, and refine the rollouts of version 0 exactly as they were
+    refined then: they are served by the base, with the policy's adapter loaded beside it."""
+    import ray
+    from conftest import hf_logprobs, logprob_gaps, sync_round_trip
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_refiner import engines
+    from rlhf_refiner.config import SamplingConfig
+
+    shared = ["placement.shared_engine=true", "refiner.mode=decode", "refiner.speculative.method=none"]
+    lora = ["model.lora.rank=4", "model.lora.alpha=8", "sync.verify=true", *shared]
+    config = _round_trip_config(tiny_pi0, tmp_path, *lora)
+
+    def as_refiner(actors, trip):  # on the same actor, now at version 1
+        assert actors.refiners is actors.generators and len(actors.generators) == 1
+        engine = actors.generators[0]
+        prompts = [list(r.prompt.prompt_token_ids) for r in trip["after"]]
+        greedy = SamplingConfig(temperature=0.0, max_new_tokens=12)
+
+        def decode(generator):  # a request as the refiner's engine calls send them: no adapter
+            params = [engines.sampling_params(greedy, 0, logprobs=True)] * len(prompts)
+            return [(list(c.token_ids), c.logprobs) for c in engines.complete(generator.refiner.llm, prompts, params)]
+
+        calls = [engine.__ray_call__.remote(decode), engine.refine.remote(trip["before"])]
+        calls.append(engine.__ray_call__.remote(lambda generator: generator.policy_version))
+        decoded, (again, _), version = ray.get(calls, timeout=300)
+        return decoded, again, version
+
+    trip = sync_round_trip(config, tiny_pi0, tmp_path, probe=as_refiner)
+    assert trip["received"][0]["checksums"] == trip["sent"]["checksums"]
+    decoded, again, version = trip["probe"]
+    pi0 = AutoModelForCausalLM.from_pretrained(tiny_pi0).eval()
+    policy = AutoModelForCausalLM.from_pretrained(trip["final"]).eval()
+    gap, moved = logprob_gaps(trip["after"], policy, pi0)
+    prompts = [list(r.prompt.prompt_token_ids) for r in trip["after"]]
+    as_pi0, as_policy = [], []
+    for prompt, (ids, logprobs) in zip(prompts, decoded):
+        as_pi0 += [abs(a - b) for a, b in zip(logprobs, hf_logprobs(pi0, prompt, ids))]
+        as_policy += [abs(a - b) for a, b in zip(logprobs, hf_logprobs(policy, prompt, ids))]
+    print(
+        f"shared: generation vs the merged export {gap:.5f} (vs π0 {moved:.4f}); the refiner's decoding vs π0 "
+        f"{max(as_pi0):.5f} (vs the policy {max(as_policy):.4f})"
+    )
+    assert version == 1 and gap < 2e-3 < 0.05 < moved and max(as_pi0) < 2e-3 < 0.05 < max(as_policy)
+    assert [r.refined_token_ids for r in again] == [r.refined_token_ids for r in trip["refined"]]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("sync", ["adapter", "merged"])
+def test_a_lora_policy_syncs_into_the_engine(ray_cluster, tiny_pi0, tmp_path, sync):
+    """`model.lora`: a step trains only the adapter. `adapter`: the sync sends the adapter alone, which the engine
+    serves on its base with vLLM's LoRA support; `merged`: each adapted weight merged with it, under the model's
+    own names, into a plain engine. Either way the engine then samples what the merged export (`final/`) and
+    peft's adapter (`final/adapter/`) on π0 score, far from π0's own log-probs."""
     from conftest import logprob_gaps, sync_round_trip
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    lora = ["model.lora.rank=4", "model.lora.alpha=8", "sync.verify=true"]
+    lora = ["model.lora.rank=4", "model.lora.alpha=8", "sync.verify=true", f"model.lora.sync={sync}"]
     config = _round_trip_config(tiny_pi0, tmp_path, *lora)
     trip = sync_round_trip(config, tiny_pi0, tmp_path)
     assert trip["received"][0]["checksums"] == trip["sent"]["checksums"] and trip["metrics"]["learner/grad_norm"] > 0
+    full_bytes = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(tiny_pi0).parameters())
+    assert (trip["sent"]["bytes"] < full_bytes / 2) == (sync == "adapter")
     after = trip["after"][:: config.generator.group_size]
     pi0 = AutoModelForCausalLM.from_pretrained(tiny_pi0).eval()
     merged = AutoModelForCausalLM.from_pretrained(trip["final"]).eval()
     gap, moved = logprob_gaps(after, merged, pi0)
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_pi0), f"{trip['final']}/adapter")
     adapter_gap, _ = logprob_gaps(after, adapter.eval(), pi0)
-    print(f"lora: engine vs merged export max |Δ log-prob| {gap:.5f}, peft adapter {adapter_gap:.5f}; π0 {moved:.4f}")
+    print(f"lora {sync}: engine vs merged export {gap:.5f}, peft adapter {adapter_gap:.5f}; π0 {moved:.4f}")
     assert max(gap, adapter_gap) < 2e-3 < 0.05 < moved

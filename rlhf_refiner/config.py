@@ -892,6 +892,11 @@ class Config(_Strict):
         self._check_lora()
         return self
 
+    @property
+    def uses_refiner(self) -> bool:
+        """Whether π0 refines: for the dynamic constraint's CE, or as a monitor of any constraint."""
+        return self.algo.constraint == "dynamic" or self.refiner.monitor
+
     def _check_lora(self) -> None:
         """The adapter must fit the generator engine's LoRA slots; the shared engine needs what makes the base π0."""
         lora = self.model.lora
@@ -914,7 +919,16 @@ class Config(_Strict):
                 lora.sync != "adapter",
                 "model.lora.sync=adapter (is merged): a merged sync overwrites the base weights the refiner reads",
             ),
-            (self.placement.layout == "colocated", "placement.layout=disaggregated: the engine cannot sleep for π0"),
+            (
+                self.placement.layout == "colocated" or self.generator.engine.enable_sleep_mode,
+                "placement.layout=disaggregated without generator.engine.enable_sleep_mode: the engine cannot sleep "
+                "while π0 is asked for",
+            ),
+            (
+                (self.refiner.engine.max_model_len or 0) > (self.generator.engine.max_model_len or 1 << 62),
+                f"generator.engine.max_model_len >= refiner.engine.max_model_len ({self.refiner.engine.max_model_len}"
+                "): the generator's engine serves the refiner's prompts",
+            ),
             (self.refiner.base_url is not None, "no refiner.base_url: the refiner is the generator's engine"),
             (
                 self.refiner.speculative.method != "none",

@@ -41,8 +41,9 @@ def start_engine(
     comes from `engine.kv_cache_gb` and the compute threads from `engine.torch_threads`. `logprobs_mode`:
     vLLM's engine arg; `processed_logprobs` reports the sampling distribution's log-probs (after temperature and
     top-k/top-p; greedy: untempered), where vLLM's default, `raw_logprobs`, reports the model's at T = 1.
-    `max_lora_rank`: serve one LoRA adapter of up to that rank beside the base (`enable_lora`, one slot: the policy
-    holds one adapter at a time, and a request without one runs the base)."""
+    `max_lora_rank`: serve one LoRA adapter of up to that rank beside the base (`enable_lora`, one active slot: the
+    policy holds one adapter at a time, and a request without one runs the base; two registered, so a new version
+    is added before the old one is dropped)."""
     # The engine core in this process (read when the engine is built). vLLM then seeds this process's global RNGs
     # with `seed`, which is harmless here: every request carries its own seed.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -70,7 +71,7 @@ def start_engine(
     if logprobs_mode is not None:
         kwargs["logprobs_mode"] = logprobs_mode
     if max_lora_rank is not None:
-        kwargs.update(enable_lora=True, max_loras=1, max_cpu_loras=1, max_lora_rank=max_lora_rank)
+        kwargs.update(enable_lora=True, max_loras=1, max_cpu_loras=2, max_lora_rank=max_lora_rank)
     if engine.num_gpus > 0:
         kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
         kwargs["enable_sleep_mode"] = engine.enable_sleep_mode

@@ -65,8 +65,10 @@ class Generator:
         self.asleep = False
         # placement.shared_engine: this engine is also the refiner (π0: the base, requests without the adapter)
         self.refiner = None
-        if config.placement.shared_engine:
-            self.refiner = Refiner(model_path, config.refiner, config.model.dtype, config.trainer.seed, llm=self.llm)
+        if config.placement.shared_engine and config.uses_refiner:
+            # on this engine: its device and dtype are the refiner's (the torch gate scorer's too), not refiner.engine
+            refiner = config.refiner.model_copy(update={"engine": config.generator.engine})
+            self.refiner = Refiner(model_path, refiner, config.model.dtype, config.trainer.seed, llm=self.llm)
 
     def _check_adapter_targets(self, model_path: str) -> None:
         """A target module the engine cannot hold an adapter on would be dropped by vLLM without a word, and the
@@ -179,7 +181,8 @@ class Generator:
         # Every TP worker receives the full weights; a worker whose checksums differ is the one reported.
         result = dict(next((r for r in results if r["checksums"] != results[0]["checksums"]), results[0]))
         result["peak_buffered_bytes"] = max(r["peak_buffered_bytes"] for r in results)
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        if not self.adapter_sync:  # cached KV blocks were computed with the old weights (an adapter's blocks are
+            self.llm.reset_prefix_cache()  # keyed by its name, one per version, and π0's stay valid)
         self.policy_version = policy_version
         if self.adapter_sync:  # only now: every worker holds the new adapter
             self.adapter = adapter

@@ -109,7 +109,11 @@ def sync_sources(model: torch.nn.Module) -> dict[str, SyncSource]:
 def adapter_sources(model: torch.nn.Module) -> dict[str, SyncSource]:
     """The adapter's parameters under the names peft saves them with (`...q_proj.lora_A.weight`: the adapter's
     own name dropped), which vLLM's LoRA loader reads, in the model's parameter order."""
-    return {name.replace(f".{ADAPTER}.", "."): SyncSource(name, parts=(name,)) for name in adapter_names(model)}
+
+    def saved(name: str) -> str:  # peft's `get_peft_model_state_dict`: only the adapter's own segment goes
+        return name.replace(f".lora_A.{ADAPTER}.", ".lora_A.").replace(f".lora_B.{ADAPTER}.", ".lora_B.")
+
+    return {saved(name): SyncSource(name, parts=(name,)) for name in adapter_names(model)}
 
 
 def vllm_adapter_config(lora: LoraConfig) -> dict[str, Any]:

@@ -70,7 +70,7 @@ class Actors:
 
 
 def uses_refiner(config: Config) -> bool:
-    return config.algo.constraint == "dynamic" or config.refiner.monitor
+    return config.uses_refiner
 
 
 def refiner_engines(config: Config) -> int:

@@ -102,12 +102,13 @@ def start_refine_groups(refiners: list[Any], rollouts: list[Rollout], groups: li
     return start_refine(refiners, [ray.put([rollouts[i] for indices in groups for i in indices])])
 
 
-def gather_refine(
-    refiners: list[Any], calls: list[list[Any]], deadline: float
-) -> tuple[list[Refinement], dict[str, float]]:
-    """Wait for `start_refine` calls (any number of submissions): the refinements in call order, metrics merged."""
-    names = [f"refiner-{i}" for _ in range(len(calls) // len(refiners)) for i in range(len(refiners))]
-    return gather_stage(calls, names, "refine (refiner-*)", "time/refine", deadline)
+def gather_refine(actors: Actors, calls: list[list[Any]], deadline: float) -> tuple[list[Refinement], dict[str, float]]:
+    """Wait for `start_refine` calls (any number of submissions): the refinements in call order, metrics merged.
+    Timeouts name the actors that refine: `generator-*` on a shared engine."""
+    role = "generator" if actors.refiners is actors.generators else "refiner"
+    n = len(actors.refiners)
+    names = [f"{role}-{i}" for _ in range(len(calls) // n) for i in range(n)]
+    return gather_stage(calls, names, f"refine ({role}-*)", "time/refine", deadline)
 
 
 def score_improvement(
@@ -153,7 +154,7 @@ def collect(actors: Actors, prompts: list[Prompt], step: int, config: Config, re
     rewards = merge([flat(wait(refs, "score (reward-*, reward-model-*)", deadline)) for refs in reward_refs])
     refinements = None
     if refine_calls:
-        refinements, refine_metrics = gather_refine(actors.refiners, refine_calls, deadline)
+        refinements, refine_metrics = gather_refine(actors, refine_calls, deadline)
         metrics.update(refine_metrics)
         metrics.update(score_improvement(actors, rollouts, refinements, rewards, step, config))
     return Collected(rollouts, refinements, rewards, metrics)
@@ -197,7 +198,7 @@ def refill_groups(
     rollouts, rewards = [rollouts[i] for i in chosen], [rewards[i] for i in chosen]
     refinements = None
     if refine_calls:
-        refinements, refine_metrics = gather_refine(actors.refiners, refine_calls, deadline)
+        refinements, refine_metrics = gather_refine(actors, refine_calls, deadline)
         metrics.update(refine_metrics)
         metrics.update(score_improvement(actors, rollouts, refinements, rewards, step, config))
     metrics.update({"algo/fill_rate": min(len(kept), wanted) / wanted, "algo/sampling_rounds": rounds})

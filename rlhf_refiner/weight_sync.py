@@ -332,8 +332,9 @@ class WeightReceiver:
         `adapter_id`. They become the LoRA model vLLM's own loader builds from a peft directory
         (`LoRAModel.from_lora_tensors`, under the model's name mapping), added to the worker's adapter manager
         directly: no file, and each TP worker slices its share when the adapter is activated. The adapter it held
-        is dropped only once the new one is built, so a failed sync leaves the old version whole (the generator
-        keeps reporting it) and never a half-loaded one. The base weights are never touched."""
+        is dropped only once the new one is built and added beside it (the engine has two registered slots, one
+        active), so a failed sync leaves the old version whole (the generator keeps reporting it) and never a
+        half-loaded one; only a re-sync of the same version replaces it in place. The base is never touched."""
         from vllm.lora.lora_model import LoRAModel
         from vllm.lora.peft_helper import PEFTHelper
 
@@ -354,9 +355,12 @@ class WeightReceiver:
             weights_mapper=None if mapper is None else mapper.get_rename_mapper(),
             skip_prefixes=getattr(manager.model, "lora_skip_prefixes", None),
         )
-        for old in list(manager.list_adapters()):
-            manager.remove_adapter(old)
+        held = set(manager.list_adapters())
+        if adapter_id in held:  # the same version again (a re-sync after an engine was recreated): in place
+            manager.remove_adapter(adapter_id)
         manager.add_adapter(adapter)
+        for old in held - {adapter_id}:
+            manager.remove_adapter(old)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return result

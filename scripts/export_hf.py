@@ -46,13 +46,14 @@ def with_adapter(model, lora: dict, adapter_state: dict, checkpoint_dir: Path, b
     )  # fmt: skip
     wrapped = peft.get_peft_model(model, config)
     expected = {name for name, _ in wrapped.named_parameters() if ".lora_" in name}
-    missing, unexpected = sorted(expected - adapter_state.keys()), sorted(adapter_state.keys() - expected)
+    buffers = {name for name, _ in wrapped.named_buffers()}  # a module state may hold persistent buffers too
+    missing, unexpected = sorted(expected - adapter_state.keys()), sorted(adapter_state.keys() - expected - buffers)
     if missing or unexpected:
         raise SystemExit(
             f"{checkpoint_dir}: the adapter does not fit {base} with model.lora {lora} (missing {missing[:4]}, "
             f"unexpected {unexpected[:4]})"
         )
-    wrapped.load_state_dict(adapter_state, strict=False)
+    wrapped.load_state_dict({k: v for k, v in adapter_state.items() if k in expected}, strict=False)
     return wrapped
 
 
@@ -70,9 +71,11 @@ def export(checkpoint_dir: Path, out: Path, base: str | None = None) -> Path:
     model = AutoModelForCausalLM.from_pretrained(base)
     learner_state = checkpoint_state_dict(checkpoint_dir / "learner")
     lora = state.get("config", {}).get("model", {}).get("lora", {})
-    adapter = None
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     if lora.get("rank"):  # the checkpoint holds the adapter alone: on the base, then merged, as final/ is
         adapter = with_adapter(model, lora, learner_state, checkpoint_dir, base)
+        adapter.save_pretrained(tmp / "adapter")  # peft's format, as final/adapter/; before the merge unloads it
         model = adapter.merge_and_unload(safe_merge=True)
     else:
         missing, unexpected = model.load_state_dict(learner_state, strict=False)
@@ -80,10 +83,6 @@ def export(checkpoint_dir: Path, out: Path, base: str | None = None) -> Path:
             raise SystemExit(
                 f"{checkpoint_dir}: checkpoint does not fit {base} (missing {missing}, unexpected {unexpected})"
             )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if adapter is not None:
-        adapter.save_pretrained(tmp / "adapter")  # before the merge's model is saved: peft's format, as final/
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
     (tmp / "rlhf_refiner_checkpoint.json").write_text(json.dumps({"checkpoint": str(checkpoint_dir), **state}))

@@ -94,6 +94,17 @@ def test_generation_names_the_adapter_of_the_version_the_engine_reports(monkeypa
     assert llm.requests[-1].lora_int_id == 4 and rollouts[0].policy_version == 3
 
 
+def test_a_shared_engine_refines_with_its_own_engine_settings_and_only_when_the_refiner_is_used(
+    monkeypatch, tokenizer_dir
+):
+    """The refiner on the generator's engine takes that engine's settings (the torch gate scorer's device and
+    dtype follow them), and none is built where nothing refines."""
+    generator, _, _ = _generator(monkeypatch, tokenizer_dir, [*SHARED, "refiner.engine.dtype=bfloat16"])
+    assert generator.refiner.config.engine == generator.config.generator.engine
+    generator, _, _ = _generator(monkeypatch, tokenizer_dir, [*SHARED, "algo.constraint=static_kl"])
+    assert generator.refiner is None
+
+
 def test_merged_sync_and_full_fine_tuning_load_weights_into_a_plain_engine(monkeypatch, tokenizer_dir):
     for overrides in ([*LORA, "model.lora.sync=merged"], []):
         generator, llm, started = _generator(monkeypatch, tokenizer_dir, overrides)
@@ -134,6 +145,11 @@ def test_an_architecture_vllm_serves_without_adapters_is_refused(monkeypatch, to
         ([*SHARED, "refiner.mode=gated", "refiner.gate_scorer=engine"], r"refiner.gate_scorer=torch"),
         ([*SHARED, "refiner.copy_verify=true"], r"refiner.copy_verify=false"),
         ([*SHARED, "refiner.base_url=http://localhost:1"], r"no refiner.base_url"),
+        ([*SHARED, "generator.engine.num_gpus=1", "generator.engine.enable_sleep_mode=true"], r"enable_sleep_mode"),
+        (
+            [*SHARED, "generator.engine.max_model_len=128", "refiner.engine.max_model_len=256"],
+            r"generator.engine.max_model_len >= refiner.engine.max_model_len \(256\)",
+        ),
     ],
 )
 def test_lora_settings_an_engine_cannot_serve_are_refused_naming_the_fields(overrides, message):

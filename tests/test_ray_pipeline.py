@@ -629,7 +629,9 @@ def test_a_lora_run_on_a_shared_engine_trains_and_resumes_bitwise(ray_cluster, t
     exported = export(tmp_path / "lora-straight" / "checkpoints" / "step-00000003", tmp_path / "lora-exported")
     merged = load_file(str(exported / "model.safetensors"))
     assert merged.keys() == final.keys() and all(torch.allclose(final[k], merged[k], atol=1e-6) for k in final)
-    assert (exported / "adapter" / "adapter_config.json").is_file()
+    adapter = load_file(str(exported / "adapter" / "adapter_model.safetensors"))
+    shipped = load_file(str(tmp_path / "lora-straight" / "final" / "adapter" / "adapter_model.safetensors"))
+    assert adapter and adapter.keys() == shipped.keys() and all(torch.equal(adapter[k], shipped[k]) for k in adapter)
     rows = _rows(tmp_path / "lora-straight")
     full_bytes = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(tiny_pi0).parameters())
     for row in rows:

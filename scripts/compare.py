@@ -1,12 +1,12 @@
 """Compare runs: python scripts/compare.py RUN_DIR... [--out fig.png]
 
 Reads each run's metrics.jsonl and config.yaml, groups runs into arms (constraint, β for static_kl, advantage
-estimator, LoRA rank and learning rate; runs that differ only in seed are one arm), and draws the paper's panels
--- optimised reward, true task accuracy, degenerate rate, KL to π0, CE of refined responses, improved fraction --
-one colour per arm, mean with a min/max band over seeds. Prints a table of final values (mean over the last
-`--last` steps of each run, then mean ± std over seeds; `--first N` puts the first N steps' mean before it,
-`--keys` picks the columns), and warns on stderr when the runs' horizons differ, since the last steps of runs of
-different lengths are different points of training.
+estimator, LoRA rank, alpha, learning rate, sync and shared engine; runs that differ only in seed are one arm),
+and draws the paper's panels -- optimised reward, true task accuracy, degenerate rate, KL to π0, CE of refined
+responses, improved fraction -- one colour per arm, mean with a min/max band over seeds. Prints a table of final
+values (mean over the last `--last` steps of each run, then mean ± std over seeds; `--first N` puts the first N
+steps' mean before it, `--keys` picks the columns), and warns on stderr when the runs' horizons differ, since the
+last steps of runs of different lengths are different points of training.
 """
 
 from __future__ import annotations
@@ -61,9 +61,12 @@ def load_run(run_dir: Path) -> tuple[str, list[dict], int | None]:
         arm += f" λ={algo['ce_coef']:g}"
     if algo.get("advantage", "grpo") != "grpo":
         arm += f"+{algo['advantage']}"
-    lora = ((config.get("model") or {}).get("lora") or {}).get("rank", 0)
-    if lora:  # an adapter of another rank, or at another learning rate, is another arm
-        arm += f" LoRA r={lora} lr={(config.get('learner') or {}).get('lr', 1e-4):g}"
+    lora = (config.get("model") or {}).get("lora") or {}
+    if lora.get("rank"):  # an adapter of another rank, alpha, learning rate, sync or engine layout: another arm
+        arm += f" LoRA r={lora['rank']}" + (f" α={lora['alpha']:g}" if "alpha" in lora else "")
+        arm += f" lr={(config.get('learner') or {}).get('lr', 1e-4):g}"
+        arm += " merged" if lora.get("sync") == "merged" else ""
+        arm += " shared engine" if (config.get("placement") or {}).get("shared_engine") else ""
     return arm, rows, (config.get("trainer") or {}).get("steps")
 
 

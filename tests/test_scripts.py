@@ -23,13 +23,15 @@ def _run_dir(
     ce_coef: float = 1.0,
     trainer_steps: int | None = None,
     lora: tuple[int, float] | None = None,
+    merged: bool = False,
 ) -> Path:
     run = tmp_path / name
     run.mkdir(parents=True)
     algo = {"constraint": constraint, "advantage": "grpo", "kl_coef": kl_coef, "ce_coef": ce_coef}
     config = {"algo": algo} if trainer_steps is None else {"algo": algo, "trainer": {"steps": trainer_steps}}
     if lora is not None:  # (rank, learning rate)
-        config.update(model={"lora": {"rank": lora[0]}}, learner={"lr": lora[1]})
+        sync = {"sync": "merged"} if merged else {}
+        config.update(model={"lora": {"rank": lora[0], **sync}}, learner={"lr": lora[1]})
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     rows = [{"step": i + 1, "reward/mean": r, "learner/kl_to_ref": 0.1 * i} for i, r in enumerate(rewards)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -46,6 +48,7 @@ def test_compare_groups_seeds_into_arms_and_tabulates_final_values(tmp_path):
         _run_dir(tmp_path, "dyn-half", "dynamic", [0.0, 0.4, 0.4], ce_coef=0.5),
         _run_dir(tmp_path, "dyn-r8", "dynamic", [0.0, 0.6, 0.6], lora=(8, 1e-3)),
         _run_dir(tmp_path, "dyn-r32", "dynamic", [0.0, 0.8, 0.8], lora=(32, 1e-3)),
+        _run_dir(tmp_path, "dyn-r32-merged", "dynamic", [0.0, 0.2, 0.2], lora=(32, 1e-3), merged=True),
     ]
     out = tmp_path / "fig.png"
     result = subprocess.run(
@@ -62,7 +65,8 @@ def test_compare_groups_seeds_into_arms_and_tabulates_final_values(tmp_path):
     assert "| static_kl β=0.3 | 1 | 0.300 |" in result.stdout and "| static_kl β=1 | 1 | 0.900 |" in result.stdout
     assert "| dynamic λ=0.5 | 1 | 0.400 |" in result.stdout  # and dynamic at another λ is its own arm
     assert "| dynamic LoRA r=8 lr=0.001 | 1 | 0.600 |" in result.stdout  # and each LoRA rank
-    assert "| dynamic LoRA r=32 lr=0.001 | 1 | 0.800 |" in result.stdout
+    assert "| dynamic LoRA r=32 lr=0.001 | 1 | 0.800 |" in result.stdout  # and a merged sync: not one arm's seed
+    assert "| dynamic LoRA r=32 lr=0.001 merged | 1 | 0.200 |" in result.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

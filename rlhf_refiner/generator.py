@@ -190,8 +190,8 @@ class Generator:
 
     @staticmethod
     def _adapter_request(policy_version: int) -> Any:
-        """The request naming the adapter of `policy_version`, which `WeightReceiver.rlhf_receive_adapter` put in
-        the engine's one slot as id `policy_version + 1` (vLLM ids start at 1). vLLM reads a request's path only
+        """The request naming the adapter of `policy_version`, which `WeightReceiver.rlhf_receive_adapter` gave
+        the engine as id `policy_version + 1` (vLLM ids start at 1). vLLM reads a request's path only
         for an id it does not hold, which the loop never sends: the path says where the adapter came from."""
         from vllm.lora.request import LoRARequest
 

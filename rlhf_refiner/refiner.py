@@ -289,8 +289,8 @@ class ForwardScorer:
 
 class Refiner:
     def __init__(self, model_path: str, config: RefinerConfig, dtype: str, seed: int, llm: Any = None) -> None:
-        """π0 behind `config.base_url`, else on its own vLLM engine, else (`llm`: `placement.shared_engine`) on
-        the generator's engine, whose base weights are π0 (its requests here carry no adapter)."""
+        """π0 on `llm`, the generator's engine (`placement.shared_engine`: its base weights are π0, and the
+        requests sent from here carry no adapter); else behind `config.base_url`; else on an engine of its own."""
         redirect_actor_output()  # metrics.actor_output=file: into the run's logs/
         from transformers import AutoTokenizer
 

@@ -37,6 +37,7 @@ def main() -> None:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from rlhf_refiner import lora
     from rlhf_refiner.data import PromptSource
     from rlhf_refiner.loop import resolve_model_path
     from rlhf_refiner.reward.rules import arithmetic
@@ -103,15 +104,8 @@ def main() -> None:
         )
         clock = StepClock()
         started = time.perf_counter()
-        lora = config.model.lora
-        peft_config = None
-        if lora.rank:  # the same adapter as ours; TRL then takes π0 as the policy with the adapter off, as we do
-            import peft
-
-            peft_config = peft.LoraConfig(
-                r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
-            )  # fmt: skip
+        # the same adapter as ours; TRL then takes π0 as the policy with the adapter off, as we do
+        peft_config = lora.peft_config(config.model.lora) if config.model.lora.rank else None
         trainer = GRPOTrainer(
             model=model_path,
             reward_funcs=[reward],

@@ -53,19 +53,25 @@ def check_model(model_path: str, lora: LoraConfig) -> None:
     check_targets(model, lora, model_path)
 
 
-def with_lora(model: torch.nn.Module, lora: LoraConfig, model_path: str) -> torch.nn.Module:
-    """`model` wrapped by peft with a fresh adapter (B = 0: the policy starts as π0); only the adapter trains."""
+def peft_config(lora: LoraConfig) -> Any:
+    """`model.lora` as peft's `LoraConfig` (also what TRL's trainers take as `peft_config`)."""
     import peft
 
-    check_targets(model, lora, model_path)
-    config = peft.LoraConfig(
+    return peft.LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    return peft.get_peft_model(model, config)
+
+
+def with_lora(model: torch.nn.Module, lora: LoraConfig, model_path: str) -> torch.nn.Module:
+    """`model` wrapped by peft with a fresh adapter (B = 0: the policy starts as π0); only the adapter trains."""
+    import peft
+
+    check_targets(model, lora, model_path)
+    return peft.get_peft_model(model, peft_config(lora))
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,10 @@ def checkpoint_state_dict(learner_dir: Path) -> dict:
 
 def with_adapter(model, lora: dict, adapter_state: dict, checkpoint_dir: Path, base: str):
     """`model` wrapped by peft with the run's adapter settings (`model.lora`), holding the checkpoint's adapter."""
-    import peft
+    from rlhf_refiner import lora as lora_lib
+    from rlhf_refiner.config import LoraConfig
 
-    config = peft.LoraConfig(
-        r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM",
-    )  # fmt: skip
-    wrapped = peft.get_peft_model(model, config)
+    wrapped = lora_lib.with_lora(model, LoraConfig.model_validate(lora), base)
     expected = {name for name, _ in wrapped.named_parameters() if ".lora_" in name}
     buffers = {name for name, _ in wrapped.named_buffers()}  # a module state may hold persistent buffers too
     missing, unexpected = sorted(expected - adapter_state.keys()), sorted(adapter_state.keys() - expected - buffers)

@@ -26,6 +26,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
 
+Band = tuple[float, float]
+
+
+class Pi0Targets(_Strict):
+    """Quality bands [low, high] the embedded π0's build stops inside (docs/tasks.md, "π0 built to a quality
+    target"). The build checks them every `model.embedded.eval_every` SFT steps, on held-out problems fixed by its
+    seed, and stops at the first check where every band set here holds; one that reaches `model.embedded.sft_steps`
+    first fails, naming the band it missed. A band left null is reported, not targeted;
+    `model.embedded.targets=null` sets none, and the build trains exactly `sft_steps` steps."""
+
+    solve_accuracy: Band | None = (0.55, 0.65)
+    """Greedy exact match on 256 held-out problems."""
+    copy_when_correct: Band | None = (0.9, 1.0)
+    """Share of correct answers the refiner template copies verbatim (greedy): a refiner that rewrites right
+    answers would pull the policy away from them."""
+    fix_rate: Band | None = None
+    """Share of corrupted answers the refiner template turns into the correct one (greedy)."""
+    degenerate_rate: Band | None = None
+    """Share of T=1 samples (4 per held-out problem, fixed seed) with the pattern the verbosity flaw pays for
+    (`task.Score.degenerate`): how often RL can find the flaw."""
+    fixes_degenerate: Band | None = None
+    """Share of right answers with their work shown that the refiner strips to the clean answer (greedy)."""
+
+    @field_validator("*")
+    @classmethod
+    def _ordered(cls, band: Band | None, info) -> Band | None:
+        if band is not None and not 0 <= band[0] <= band[1] <= 1:
+            raise ValueError(f"a band is [low, high] with 0 <= low <= high <= 1, not {list(band)}")
+        return band
+
+    def bands(self) -> dict[str, Band]:
+        """The bands the build stops on, by metric name."""
+        return {name: band for name, band in self.model_dump().items() if band is not None}
+
+
 class EmbeddedModelConfig(_Strict):
     """How the embedded CPU π0 is built when `model.path` is `embedded` (docs/tasks.md, "The embedded task and π0")."""
 
@@ -37,12 +72,21 @@ class EmbeddedModelConfig(_Strict):
     """Attention heads (also key/value heads); head size = hidden_size / num_heads."""
     max_positions: int = Field(512, ge=64)
     """Longest sequence (prompt + response) the model and its engines accept; real-dataset prompts need room."""
-    sft_steps: int = Field(800, ge=1)
-    """Optimizer steps of π0's SFT (solving + refining)."""
+    targets: Pi0Targets | None = Pi0Targets()
+    """Quality bands the build stops inside; null: train exactly `sft_steps` steps, whatever quality that gives
+    (quick builds in tests)."""
+    sft_steps: int = Field(3000, ge=1)
+    """Most optimizer steps of π0's SFT (solving + refining): the length of its cosine schedule and, with `targets`,
+    the cap at which a build that has not reached its bands fails."""
+    eval_every: int = Field(5, ge=1)
+    """SFT steps between checks of `targets` (a check of solve accuracy alone costs about as much as 2 steps)."""
     sft_batch_size: int = Field(64, ge=1)
     """Sequences per SFT step."""
-    sft_lr: float = Field(3e-3, gt=0)
-    """Peak AdamW learning rate of π0's SFT (cosine decay)."""
+    sft_lr: float = Field(5e-4, gt=0)
+    """Peak AdamW learning rate of π0's SFT (cosine decay over `sft_steps`). Small enough that accuracy climbs
+    through a band over several checks instead of jumping over it, and that copying is learned before solving."""
+    threads: int = Field(2, ge=1)
+    """Torch threads of the build: they set its float reduction order, so they are part of the cache key."""
     refine_fraction: float = Field(0.5, ge=0, le=1)
     """Fraction of SFT sequences that teach the refiner template rather than solving."""
     verbose_fraction: float = Field(0.0, ge=0, le=0.5)

@@ -1,8 +1,10 @@
 """Builds the embedded CPU π0: a character tokenizer and a tiny Llama, SFT-trained to solve and to refine.
 
 The result is an ordinary HF model dir (`save_pretrained`), loaded downstream by path exactly like a hub model.
-It is cached under a hash of everything that determines it (build config, task, refiner template, seed, and
-this file's format version) and rebuilt deterministically: fixed seed, fixed thread count, deterministic ops.
+It is built to quality bands, not to a step count (`model.embedded.targets`): the SFT stops at the first check
+where every band holds, because the same steps give another π0 on another CPU's float kernels. It is cached under
+a hash of everything that determines it (build config with its bands and thread count, task, refiner template,
+seed, and this file's format version) and rebuilt deterministically on one machine.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import tempfile
@@ -20,9 +23,9 @@ from pathlib import Path
 import torch
 
 from rlhf_refiner import task
-from rlhf_refiner.config import EmbeddedModelConfig, TaskConfig
+from rlhf_refiner.config import ConfigError, EmbeddedModelConfig, TaskConfig
 
-BUILD_FORMAT = 2  # bump when the build procedure changes, so old caches are not reused
+BUILD_FORMAT = 3  # bump when the build procedure changes, so old caches are not reused
 SPECIAL_TOKENS = ["<|pad|>", "<|unk|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHARS = "0123456789+=>"
 CHAT_TEMPLATE = (
@@ -50,7 +53,7 @@ def ensure_built(build: EmbeddedModelConfig, task_config: TaskConfig, refiner_te
     target = root / cache_key(build, task_config, refiner_template)
     if (target / "quality.json").exists():
         quality = json.loads((target / "quality.json").read_text())
-        print(f"[pi0] cached at {target}: {_format_quality(quality)}", flush=True)
+        print(f"[pi0] cached at {target}: {format_quality(quality)}", flush=True)
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
@@ -60,21 +63,27 @@ def ensure_built(build: EmbeddedModelConfig, task_config: TaskConfig, refiner_te
             shutil.rmtree(tmp)
         else:
             tmp.rename(target)
+    except Pi0BuildError as e:  # no π0 is cached; what its checks measured is kept for the user to read
+        shutil.rmtree(tmp, ignore_errors=True)
+        missed = root / f"{target.name}.missed.json"
+        missed.write_text(json.dumps(e.report, indent=2))
+        raise Pi0BuildError(f"{e}\nEvery check's values: {missed}", e.report) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"[pi0] built at {target}: {_format_quality(quality)}", flush=True)
+    print(f"[pi0] built at {target}: {format_quality(quality)}", flush=True)
     return target
 
 
-def _format_quality(q: dict) -> str:
-    line = (
+def format_quality(q: dict) -> str:
+    """The one line a run prints about its π0 (and `reproduce_cpu.sh` writes into its table)."""
+    bands = ", ".join(f"{name} [{low}, {high}]" for name, (low, high) in q["targets"].items()) or "none"
+    return (
         f"solve accuracy {q['solve_accuracy']:.1%}, copy-when-correct {q['copy_when_correct']:.1%}, "
-        f"fix rate {q['fix_rate']:.1%}"
+        f"fix rate {q['fix_rate']:.1%}, degenerate at T=1 {q['degenerate_rate']:.1%}, "
+        f"fixes degenerate {q['fixes_degenerate']:.1%}; stopped at SFT step {q['stopped_at_step']} of "
+        f"{q['sft_steps']} (bands: {bands}); built on {q['cpu']} ({q['cpu_capability']}, torch threads {q['threads']})"
     )
-    if "degenerate_rate" in q:  # caches built before these were measured lack them
-        line += f", degenerate at T=1 {q['degenerate_rate']:.1%}, fixes degenerate {q['fixes_degenerate']:.1%}"
-    return line
 
 
 def build_tokenizer(out_dir: Path):
@@ -161,35 +170,90 @@ def _collate(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.
     return input_ids, labels, attention
 
 
+class Pi0BuildError(ConfigError):
+    """A π0 build that reached its step cap outside its quality bands: the build config must change. `report`:
+    the values at the cap and at every check."""
+
+    def __init__(self, message: str, report: dict) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def cpu_model() -> str:
+    """The CPU's model name (what the build's float kernels follow), as /proc/cpuinfo or the platform says."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def build_pi0(build: EmbeddedModelConfig, task_config: TaskConfig, template: str, out_dir: Path) -> dict:
-    """Train π0 into `out_dir` and return its quality report (also saved as quality.json)."""
+    """Train π0 into `out_dir` until it is inside `build.targets` (or for `build.sft_steps` without targets) and
+    return its quality report (also saved as quality.json). Raises Pi0BuildError at the cap outside a band."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     started = time.perf_counter()
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # fixed, so the float reductions (and the cache) do not depend on the machine
-    torch.manual_seed(build.seed)
-    rng = random.Random(build.seed)
-    tokenizer = build_tokenizer(out_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=build.hidden_size,
-        intermediate_size=build.hidden_size * 4,
-        num_hidden_layers=build.num_layers,
-        num_attention_heads=build.num_heads,
-        num_key_value_heads=build.num_heads,
-        max_position_embeddings=build.max_positions,
-        tie_word_embeddings=False,  # as every published number's π0 was built; tied models: the ray tier ties a copy
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    torch.set_num_threads(build.threads)  # part of the cache key: the float reductions follow it
+    try:
+        torch.manual_seed(build.seed)
+        rng = random.Random(build.seed)
+        tokenizer = build_tokenizer(out_dir)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=build.hidden_size,
+            intermediate_size=build.hidden_size * 4,
+            num_hidden_layers=build.num_layers,
+            num_attention_heads=build.num_heads,
+            num_key_value_heads=build.num_heads,
+            max_position_embeddings=build.max_positions,
+            tie_word_embeddings=False,  # as every published π0 was built; tied models: the ray tier ties a copy
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = LlamaForCausalLM(config)
+        held_out = HeldOut(task_config, random.Random(build.seed + 1))
+        bands = build.targets.bands() if build.targets is not None else {}
+        stopped, checks = _sft(model, tokenizer, build, task_config, template, rng, held_out, bands)
+        model.eval()
+        quality = measure(model, tokenizer, template, held_out, QUALITY_METRICS)
+        targets = {name: list(band) for name, band in bands.items()}
+        if bands and not _inside(quality, bands):
+            report = {"at_cap": quality, "targets": targets, "checks": checks}
+            raise Pi0BuildError(_missed_message(build, bands, checks, quality), report)
+        quality.update(
+            eval_problems=len(held_out.problems),
+            stopped_at_step=stopped,
+            sft_steps=build.sft_steps,
+            targets=targets,
+            checks=checks,
+            cpu=cpu_model(),
+            cpu_capability=torch.backends.cpu.get_cpu_capability(),
+            threads=build.threads,
+            torch=torch.__version__,
+            build_seconds=round(time.perf_counter() - started, 1),
+            num_parameters=sum(p.numel() for p in model.parameters()),
+        )
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(out_dir)
+        (out_dir / "quality.json").write_text(json.dumps(quality, indent=2))
+        return quality
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sft(model, tokenizer, build, task_config, template, rng, held_out, bands) -> tuple[int, list[dict]]:
+    """SFT until every band holds at a check (or for `sft_steps` without bands); the step it stopped after, and
+    each check's values."""
     chat = ChatEncoder(tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=build.sft_lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, build.sft_steps // 20)
-    for step in range(build.sft_steps):
-        lr_scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / build.sft_steps))
+    checks: list[dict] = []
+    for step in range(1, build.sft_steps + 1):
+        lr_scale = min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * (step - 1) / build.sft_steps))
         for group in optimizer.param_groups:
             group["lr"] = build.sft_lr * max(lr_scale, 0.02)
         examples = [_sft_example(rng, chat, task_config, template, build) for _ in range(build.sft_batch_size)]
@@ -199,17 +263,56 @@ def build_pi0(build: EmbeddedModelConfig, task_config: TaskConfig, template: str
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if step % 250 == 0 or step == build.sft_steps - 1:
+        if bands and step % build.eval_every == 0:
+            model.eval()
+            values = measure(model, tokenizer, template, held_out, bands, stop_outside=bands)
+            model.train()
+            checks.append({"step": step, **values})
+            if _inside(values, bands):
+                print(f"[pi0] sft step {step}: inside every band ({_format_values(values)})", flush=True)
+                return step, checks
+        if step % 250 == 0 or step == build.sft_steps:
             print(f"[pi0] sft step {step}/{build.sft_steps} loss {loss.item():.3f}", flush=True)
-    model.eval()
-    quality = evaluate_pi0(model, tokenizer, task_config, template, random.Random(build.seed + 1))
-    quality["build_seconds"] = round(time.perf_counter() - started, 1)
-    quality["num_parameters"] = sum(p.numel() for p in model.parameters())
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    (out_dir / "quality.json").write_text(json.dumps(quality, indent=2))
-    torch.set_num_threads(threads)
-    return quality
+    return build.sft_steps, checks
+
+
+def _inside(values: dict[str, float], bands: dict[str, tuple[float, float]]) -> bool:
+    return all(name in values and low <= values[name] <= high for name, (low, high) in bands.items())
+
+
+def _format_values(values: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.3f}" for name, value in values.items())
+
+
+def _missed_message(build: EmbeddedModelConfig, bands: dict, checks: list[dict], final: dict) -> str:
+    def held(values: dict) -> list[str]:
+        return [name for name, (low, high) in bands.items() if name in values and low <= values[name] <= high]
+
+    def outside(values: dict) -> str:
+        return "; ".join(
+            f"model.embedded.targets.{name} = [{low}, {high}]: {values[name]:.3f}"
+            for name, (low, high) in bands.items()
+            if name in values and not low <= values[name] <= high
+        )
+
+    lines = [
+        f"the embedded π0 reached model.embedded.sft_steps = {build.sft_steps} outside its quality bands "
+        f"(CPU: {cpu_model()}, torch {torch.__version__}, {build.threads} threads):",
+        f"  at the cap: {outside(final)}",
+    ]
+    if checks:  # the check that held the most bands (the latest of equals): what kept the build from stopping there
+        best = max(reversed(checks), key=lambda check: len(held(check)))
+        lines.append(
+            f"  closest check, at step {best['step']} ({len(checks)} checks, every {build.eval_every} steps): inside "
+            f"{', '.join(held(best)) or 'no band'}; outside: {outside(best)}"
+        )
+    lines.append(
+        "A π0 outside its bands would make every number of the run incomparable, so none was cached. Change the "
+        "build: more model.embedded.sft_steps if it was still climbing, a lower model.embedded.sft_lr or a smaller "
+        "model.embedded.eval_every if it jumped over a band, a training mix that moves the metric that missed, or a "
+        "wider band; model.embedded.targets=null builds to the step count alone."
+    )
+    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -233,30 +336,48 @@ def greedy_answers(model, tokenizer, users: list[str], max_new_tokens: int = 12,
     return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
-def evaluate_pi0(model, tokenizer, task_config: TaskConfig, template: str, rng: random.Random, n: int = 256) -> dict:
-    """Solve accuracy, copy-when-correct rate and fix rate of π0, greedy, on fresh problems."""
-    problems = [task.make_problem(rng, task_config.digits) for _ in range(n)]
-    corrupted = [task.corrupt(p.answer, rng) for p in problems]
-    solved = greedy_answers(model, tokenizer, [p.query for p in problems])
-    copied = greedy_answers(model, tokenizer, [template.format(query=p.query, response=p.answer) for p in problems])
-    fixed = greedy_answers(
-        model, tokenizer, [template.format(query=p.query, response=c) for p, c in zip(problems, corrupted)]
-    )
-    # What RL can find: π0's own T=1 samples that carry the flaw's pattern (`task.Score.degenerate`), and whether
-    # the refiner strips it from a right answer with its work shown (what a degenerating policy writes).
-    torch.manual_seed(rng.randrange(2**31))
-    sampled = greedy_answers(model, tokenizer, [p.query for p in problems] * 4, sample=True)
-    stripped = greedy_answers(
-        model, tokenizer, [template.format(query=p.query, response=p.answer + task.working(p)) for p in problems]
-    )
-    degenerate = [task.score(s, p.answer, 0.0, 0.0).degenerate for s, p in zip(sampled, problems * 4)]
-    return {
-        "solve_accuracy": sum(s == p.answer for s, p in zip(solved, problems)) / n,
-        "copy_when_correct": sum(c == p.answer for c, p in zip(copied, problems)) / n,
-        "fix_rate": sum(f == p.answer for f, p in zip(fixed, problems)) / n,
-        "changed_when_corrupted": sum(f != c for f, c in zip(fixed, corrupted)) / n,
-        "degenerate_rate": sum(degenerate) / len(degenerate),
-        "fixes_degenerate": sum(not task.score(f, p.answer, 0.0, 0.0).degenerate for f, p in zip(stripped, problems))
-        / n,
-        "eval_problems": n,
-    }
+QUALITY_METRICS = ("solve_accuracy", "copy_when_correct", "fix_rate", "degenerate_rate", "fixes_degenerate")
+
+
+class HeldOut:
+    """The build's held-out problems, drawn once from `rng`: every check and the final report measure these, so a
+    value at the stopping check is the value in quality.json."""
+
+    def __init__(self, task_config: TaskConfig, rng: random.Random, n: int = 256) -> None:
+        self.problems = [task.make_problem(rng, task_config.digits) for _ in range(n)]
+        self.corrupted = [task.corrupt(p.answer, rng) for p in self.problems]
+        self.sample_seed = rng.randrange(2**31)
+        self.answer_tokens = max(len(p.answer) for p in self.problems) + 1  # + <|end|>; one char per token
+
+
+def measure(model, tokenizer, template: str, held_out: HeldOut, names, stop_outside: dict | None = None) -> dict:
+    """The named quality metrics of π0 on `held_out` (greedy, or T=1 under the held-out seed: deterministic for a
+    given model). With `stop_outside`, stops after the first metric outside its band (checks skip the rest)."""
+    problems = held_out.problems
+    n = len(problems)
+    values: dict[str, float] = {}
+    for name in [m for m in QUALITY_METRICS if m in names]:
+        if name == "solve_accuracy":  # decoding stops one token past the longest answer: exact match is unchanged
+            solved = greedy_answers(model, tokenizer, [p.query for p in problems], held_out.answer_tokens)
+            values[name] = sum(s == p.answer for s, p in zip(solved, problems)) / n
+        elif name == "copy_when_correct":
+            users = [template.format(query=p.query, response=p.answer) for p in problems]
+            values[name] = sum(c == p.answer for c, p in zip(greedy_answers(model, tokenizer, users), problems)) / n
+        elif name == "fix_rate":
+            users = [template.format(query=p.query, response=c) for p, c in zip(problems, held_out.corrupted)]
+            values[name] = sum(f == p.answer for f, p in zip(greedy_answers(model, tokenizer, users), problems)) / n
+        elif name == "degenerate_rate":
+            # What RL can find: π0's own T=1 samples that carry the flaw's pattern (`task.Score.degenerate`).
+            rng_state = torch.get_rng_state()
+            torch.manual_seed(held_out.sample_seed)
+            sampled = greedy_answers(model, tokenizer, [p.query for p in problems] * 4, sample=True)
+            torch.set_rng_state(rng_state)
+            flagged = [task.score(s, p.answer, 0.0, 0.0).degenerate for s, p in zip(sampled, problems * 4)]
+            values[name] = sum(flagged) / len(flagged)
+        else:  # fixes_degenerate: the refiner strips the work from a right answer that shows it
+            users = [template.format(query=p.query, response=p.answer + task.working(p)) for p in problems]
+            stripped = greedy_answers(model, tokenizer, users)
+            values[name] = sum(not task.score(f, p.answer, 0.0, 0.0).degenerate for f, p in zip(stripped, problems)) / n
+        if stop_outside and name in stop_outside and not stop_outside[name][0] <= values[name] <= stop_outside[name][1]:
+            break
+    return values

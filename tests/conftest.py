@@ -50,7 +50,14 @@ def tiny_pi0(tmp_path_factory):
     from rlhf_refiner import pi0
     from rlhf_refiner.config import load
 
-    config = load(None, ["model.embedded.sft_steps=60", f"model.embedded.cache_dir={tmp_path_factory.mktemp('pi0')}"])
+    config = load(
+        None,
+        [
+            "model.embedded.sft_steps=60",
+            "model.embedded.targets=null",
+            f"model.embedded.cache_dir={tmp_path_factory.mktemp('pi0')}",
+        ],
+    )
     return str(pi0.ensure_built(config.model.embedded, config.task, config.refiner.template))
 
 

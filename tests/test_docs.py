@@ -83,7 +83,8 @@ def test_configuration_reference_lists_every_key_once_with_escaped_cells():
     # a `|` inside a cell is escaped, so every row has exactly the table's four cells
     assert "`float32\\|bfloat16\\|float16`" in text
     assert all(len(re.split(r"(?<!\\)\|", row)) == 6 for row in rows)
-    assert "## `generator`" in text and "### `generator.sampling`" in text and "#### " not in text
+    assert "## `generator`" in text and "### `generator.sampling`" in text
+    assert "#### `model.embedded.targets`" in text and "##### " not in text  # a heading level per depth
 
 
 def test_every_relative_link_resolves():

@@ -14,7 +14,14 @@ from rlhf_refiner.refiner import make_refinement
 def pi0_path(tmp_path_factory):
     from rlhf_refiner import pi0
 
-    config = load(None, ["model.embedded.sft_steps=30", f"model.embedded.cache_dir={tmp_path_factory.mktemp('pi0')}"])
+    config = load(
+        None,
+        [
+            "model.embedded.sft_steps=30",
+            "model.embedded.targets=null",
+            f"model.embedded.cache_dir={tmp_path_factory.mktemp('pi0')}",
+        ],
+    )
     return str(pi0.ensure_built(config.model.embedded, config.task, config.refiner.template))
 
 

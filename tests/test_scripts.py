@@ -240,3 +240,34 @@ def test_gpu_smoke_runs_the_learner_without_ray_or_vllm(tmp_path):
         else:
             assert r["grad_norm_split"] == pytest.approx(r["grad_norm_first_step"], rel=1e-4)  # 8 vs 2 a micro-batch
     assert "| cpu | 3 | – | float32 |" in done.stdout and "| cpu | 3 | 16 | float32 |" in done.stdout
+
+
+def test_reproduce_cpu_ends_its_table_with_the_cpu_and_the_pi0_the_runs_trained_from(tmp_path):
+    """Runs already trained to STEPS are skipped (how a stopped reproduction resumes), so the script's tail runs
+    here on synthetic runs: the comparison's table, then the CPU and each π0 quality line, also in machine.md."""
+    from rlhf_refiner import pi0
+
+    quality = {
+        "solve_accuracy": 0.6, "copy_when_correct": 0.95, "fix_rate": 0.55, "degenerate_rate": 0.05,
+        "fixes_degenerate": 1.0, "stopped_at_step": 560, "sft_steps": 3000, "cpu": "Some CPU",
+        "cpu_capability": "AVX2", "threads": 2, "targets": {"solve_accuracy": [0.55, 0.65]},
+    }  # fmt: skip
+    out = tmp_path / "repro"
+    arms = [("dynamic", "dynamic", 0.05), ("none", "none", 0.05), ("static_kl-b1", "static_kl", 1.0)]
+    for name, constraint, kl_coef in arms:
+        run = _run_dir(out, f"{name}-s0", constraint, [0.1, 0.2], kl_coef=kl_coef, trainer_steps=2)
+        (run / "summary.json").write_text(json.dumps({"policy_version": 2, "pi0_quality": quality}))
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts/reproduce_cpu.sh"), "configs/repro/reward_hacking.yaml", str(out), "2", "0"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "BETAS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not list(out.glob("*.log"))  # nothing was trained: every run was found complete
+    table = (out / "table.md").read_text()
+    assert "| dynamic | 1 |" in table and "| static_kl β=1 | 1 |" in table
+    assert f"CPU: {pi0.cpu_model()}, {os.cpu_count()} cores" in table
+    line = "π0 (3 runs): " + pi0.format_quality(quality)
+    assert line in table and "stopped at SFT step 560 of 3000" in line
+    assert "built on Some CPU (AVX2, torch threads 2)" in line
+    assert line in (out / "machine.md").read_text()
+    assert table.rstrip().splitlines()[-1].startswith("total: ")

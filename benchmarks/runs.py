@@ -8,7 +8,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # `--quick` (a smoke test, not a measurement): a π0 trained for fewer steps, smaller batches, short runs.
-QUICK = ["model.embedded.sft_steps=200", "model.embedded.targets=null", "data.prompts_per_step=8"]
+QUICK = [
+    "model.embedded.sft_steps=200",
+    "model.embedded.sft_lr=3e-3",
+    "model.embedded.targets=null",
+    "data.prompts_per_step=8",
+]
 
 
 def load_config(config_file: str, quick: bool, *overrides: str):

@@ -76,14 +76,17 @@ def ensure_built(build: EmbeddedModelConfig, task_config: TaskConfig, refiner_te
 
 
 def format_quality(q: dict) -> str:
-    """The one line a run prints about its π0 (and `reproduce_cpu.sh` writes into its table)."""
-    bands = ", ".join(f"{name} [{low}, {high}]" for name, (low, high) in q["targets"].items()) or "none"
-    return (
-        f"solve accuracy {q['solve_accuracy']:.1%}, copy-when-correct {q['copy_when_correct']:.1%}, "
-        f"fix rate {q['fix_rate']:.1%}, degenerate at T=1 {q['degenerate_rate']:.1%}, "
-        f"fixes degenerate {q['fixes_degenerate']:.1%}; stopped at SFT step {q['stopped_at_step']} of "
-        f"{q['sft_steps']} (bands: {bands}); built on {q['cpu']} ({q['cpu_capability']}, torch threads {q['threads']})"
-    )
+    """The one line a run prints about its π0 (and `reproduce_cpu.sh` writes into its table). Older reports (a
+    run's summary.json from before π0 was built to bands) lack the build's fields: they are left out."""
+    line = f"solve accuracy {q['solve_accuracy']:.1%}, copy-when-correct {q['copy_when_correct']:.1%}, "
+    line += f"fix rate {q['fix_rate']:.1%}"
+    if "degenerate_rate" in q:
+        line += f", degenerate at T=1 {q['degenerate_rate']:.1%}, fixes degenerate {q['fixes_degenerate']:.1%}"
+    if "stopped_at_step" in q:
+        bands = ", ".join(f"{name} [{low}, {high}]" for name, (low, high) in q["targets"].items()) or "none"
+        line += f"; stopped at SFT step {q['stopped_at_step']} of {q['sft_steps']} (bands: {bands})"
+        line += f"; built on {q['cpu']} ({q['cpu_capability']}, torch threads {q['threads']})"
+    return line
 
 
 def build_tokenizer(out_dir: Path):
@@ -302,15 +305,18 @@ def _missed_message(build: EmbeddedModelConfig, bands: dict, checks: list[dict],
     ]
     if checks:  # the check that held the most bands (the latest of equals): what kept the build from stopping there
         best = max(reversed(checks), key=lambda check: len(held(check)))
+        unmeasured = [name for name in bands if name not in best]  # a check stops at its first band outside
         lines.append(
             f"  closest check, at step {best['step']} ({len(checks)} checks, every {build.eval_every} steps): inside "
             f"{', '.join(held(best)) or 'no band'}; outside: {outside(best)}"
+            + (f"; not measured after that: {', '.join(unmeasured)}" if unmeasured else "")
         )
     lines.append(
         "A π0 outside its bands would make every number of the run incomparable, so none was cached. Change the "
-        "build: more model.embedded.sft_steps if it was still climbing, a lower model.embedded.sft_lr or a smaller "
-        "model.embedded.eval_every if it jumped over a band, a training mix that moves the metric that missed, or a "
-        "wider band; model.embedded.targets=null builds to the step count alone."
+        "build: a lower model.embedded.sft_lr or a smaller model.embedded.eval_every if it jumped over a band, a "
+        "training mix that moves the metric that missed (model.embedded.verbose_fraction, refine_fraction), a wider "
+        "band, or more model.embedded.sft_steps if it was still climbing at the cap (the cosine schedule is that "
+        "long, so this is another build from step 1); model.embedded.targets=null builds to the step count alone."
     )
     return "\n".join(lines)
 
@@ -357,21 +363,25 @@ def measure(model, tokenizer, template: str, held_out: HeldOut, names, stop_outs
     n = len(problems)
     values: dict[str, float] = {}
     for name in [m for m in QUALITY_METRICS if m in names]:
-        if name == "solve_accuracy":  # decoding stops one token past the longest answer: exact match is unchanged
+        if name == "solve_accuracy":  # decoding stops one token past the longest answer: a longer response is wrong
             solved = greedy_answers(model, tokenizer, [p.query for p in problems], held_out.answer_tokens)
             values[name] = sum(s == p.answer for s, p in zip(solved, problems)) / n
         elif name == "copy_when_correct":
             users = [template.format(query=p.query, response=p.answer) for p in problems]
             values[name] = sum(c == p.answer for c, p in zip(greedy_answers(model, tokenizer, users), problems)) / n
-        elif name == "fix_rate":
+        elif name == "fix_rate":  # and the share of corrupted answers it changed at all (reported, not a band)
             users = [template.format(query=p.query, response=c) for p, c in zip(problems, held_out.corrupted)]
-            values[name] = sum(f == p.answer for f, p in zip(greedy_answers(model, tokenizer, users), problems)) / n
+            fixed = greedy_answers(model, tokenizer, users)
+            values[name] = sum(f == p.answer for f, p in zip(fixed, problems)) / n
+            values["changed_when_corrupted"] = sum(f != c for f, c in zip(fixed, held_out.corrupted)) / n
         elif name == "degenerate_rate":
             # What RL can find: π0's own T=1 samples that carry the flaw's pattern (`task.Score.degenerate`).
             rng_state = torch.get_rng_state()
-            torch.manual_seed(held_out.sample_seed)
-            sampled = greedy_answers(model, tokenizer, [p.query for p in problems] * 4, sample=True)
-            torch.set_rng_state(rng_state)
+            try:
+                torch.manual_seed(held_out.sample_seed)
+                sampled = greedy_answers(model, tokenizer, [p.query for p in problems] * 4, sample=True)
+            finally:
+                torch.set_rng_state(rng_state)
             flagged = [task.score(s, p.answer, 0.0, 0.0).degenerate for s, p in zip(sampled, problems * 4)]
             values[name] = sum(flagged) / len(flagged)
         else:  # fixes_degenerate: the refiner strips the work from a right answer that shows it

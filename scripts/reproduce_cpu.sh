@@ -3,7 +3,8 @@
 # figure and the final-value table.
 #   bash scripts/reproduce_cpu.sh CONFIG OUT_DIR STEPS SEED...
 #   e.g. bash scripts/reproduce_cpu.sh configs/repro/reward_hacking.yaml runs/repro 100 0 1 2
-# OVERRIDES="key=value ..." is added to every run's overrides (e.g. model.embedded.threads=1: another π0 build).
+# OVERRIDES="key=value ..." (space-separated) is added to every run's overrides (e.g. model.embedded.threads=1:
+# another π0 build); give it its own OUT_DIR, since finished runs are matched without it.
 # BETAS="0.3 1.0" (the default) sets the static_kl arms' algo.kl_coef: with one β, "Static saturates" would be a
 # verdict on one arbitrary coefficient. Each run starts its own local Ray cluster on the cached π0 and writes
 # OUT_DIR/<arm>-s<seed>; a run already trained to STEPS is skipped (any other is rerun from scratch), so a stopped
@@ -70,6 +71,6 @@ for run in sys.argv[1:]:
     if quality:
         lines.setdefault(pi0.format_quality(quality), []).append(os.path.basename(run))
 for line, runs in lines.items():  # one line unless the π0 cache was rebuilt between runs
-    print(f"π0 ({len(runs)} runs): {line}")
+    print(f"π0 of {len(runs)} run{'s' if len(runs) > 1 else ''}: {line}")
 PY
 echo "total: $(( $(date +%s) - started )) s for ${#runs[@]} runs" | tee -a "$out/table.md"

@@ -170,21 +170,25 @@ print("QUALITY " + (path / "quality.json").read_text().replace(chr(10), " "))
 """
 
 
-@pytest.mark.ray  # for its cost (three builds, ~2 min), not for Ray
+@pytest.mark.ray  # for its cost (three builds, ~2.5 min), not for Ray
 def test_the_quickstart_pi0_lands_in_its_bands_under_other_float_reduction_orders(tmp_path):
-    """What another CPU changes is the float reduction order of the build's kernels. Here it changes three ways:
-    1 or 2 torch threads, and ATen's vectorised kernels for another instruction set (ATEN_CPU_CAPABILITY, what a CPU
-    without this one's widest vector unit runs). Each build must stop inside the quickstart's bands, and the three
-    must really differ (their check histories), or the test showed nothing."""
+    """What another CPU changes is the float reduction order of the build's kernels. Here it changes two ways:
+    1 or 2 torch threads, and other kernels: ATen's for another instruction set (ATEN_CPU_CAPABILITY, what a CPU
+    without this one's widest vector unit runs: softmax, norms, elementwise ops) together with MKL's
+    conditional-numerical-reproducibility code path (MKL_CBWR=COMPATIBLE: other GEMM kernels, as MKL picks on
+    another CPU). Each build must stop inside the quickstart's bands, and the variations must change the build
+    (its check history), or the test showed nothing; on the Intel Xeon it was written on all three differ."""
     from rlhf_refiner.config import load
 
     bands = load("configs/quickstart.yaml").model.embedded.targets.bands()
     native = torch.backends.cpu.get_cpu_capability()
     other = "AVX2" if native == "AVX512" else "DEFAULT"
 
-    def start(threads: int, capability: str | None) -> subprocess.Popen:
-        env = {**os.environ, **({"ATEN_CPU_CAPABILITY": capability.lower()} if capability else {})}
-        cache = tmp_path / f"{threads}-{capability}"
+    def start(threads: int, kernels: str) -> subprocess.Popen:
+        env = dict(os.environ)
+        if kernels == "other":
+            env.update(ATEN_CPU_CAPABILITY=other.lower(), MKL_CBWR="COMPATIBLE")
+        cache = tmp_path / f"{threads}-{kernels}"
         overrides = [f"model.embedded.threads={threads}", f"model.embedded.cache_dir={cache}"]
         command = [sys.executable, "-c", BUILD, *overrides]
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -195,13 +199,13 @@ def test_the_quickstart_pi0_lands_in_its_bands_under_other_float_reduction_order
         return json.loads(next(line for line in stdout.splitlines() if line.startswith("QUALITY "))[8:])
 
     # one core each for the single-threaded builds, side by side; then the two-threaded one alone
-    pending = {(1, None): start(1, None), (1, other): start(1, other)}
+    pending = {(1, "native"): start(1, "native"), (1, "other"): start(1, "other")}
     builds = {key: result(process) for key, process in pending.items()}
-    builds[(2, None)] = result(start(2, None))
-    for (threads, capability), quality in builds.items():
+    builds[(2, "native")] = result(start(2, "native"))
+    for (threads, kernels), quality in builds.items():
         for name, (low, high) in bands.items():
-            assert low <= quality[name] <= high, (threads, capability, name, quality[name])
-        assert quality["threads"] == threads and quality["cpu_capability"] == (capability or native)
+            assert low <= quality[name] <= high, (threads, kernels, name, quality[name])
+        assert quality["threads"] == threads and quality["cpu_capability"] == (other if kernels == "other" else native)
         assert quality["stopped_at_step"] < quality["sft_steps"]
-    histories = [json.dumps(quality["checks"]) for quality in builds.values()]
-    assert len(set(histories)) == 3, "the variations did not change the build: no portability was shown"
+    histories = {json.dumps(quality["checks"]) for quality in builds.values()}
+    assert len(histories) >= 2, "neither variation changed the build: no portability was shown"

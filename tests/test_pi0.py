@@ -150,7 +150,7 @@ def test_a_check_stops_measuring_at_the_first_metric_outside_its_band(tmp_path):
     ).eval()
     held_out = pi0.HeldOut(TaskConfig(), random.Random(1), n=16)
     every = pi0.measure(model, tokenizer, TEMPLATE, held_out, pi0.QUALITY_METRICS)
-    assert list(every) == list(pi0.QUALITY_METRICS)
+    assert list(every) == [*pi0.QUALITY_METRICS[:3], "changed_when_corrupted", *pi0.QUALITY_METRICS[3:]]
     # an untrained model solves nothing: the solve band [0.5, 1] fails first, and nothing after it is measured
     bands = {"solve_accuracy": (0.5, 1.0), "degenerate_rate": (0.0, 1.0)}
     checked = pi0.measure(model, tokenizer, TEMPLATE, held_out, bands, stop_outside=bands)

@@ -92,7 +92,7 @@ class EmbeddedModelConfig(_Strict):
     verbose_fraction: float = Field(0.0, ge=0, le=0.5)
     """Fraction of solving targets that show their work after the answer (`231=47+85`), as an over-verbose SFT
     model does: π0 then writes it at about this rate at T=1 (`degenerate_rate` in its quality report), the reward's
-    verbosity flaw pays for it, and the refiner is taught to strip it. 0 (the quickstart): π0 never does, and
+    verbosity flaw pays for it, and the refiner is taught to strip it. 0 (the quickstart): π0 almost never does, and
     the flaw is never found (docs/tasks.md, "The embedded task and π0")."""
     seed: int = 0
     """Seed of the build; part of the cache key."""

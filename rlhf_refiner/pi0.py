@@ -56,6 +56,9 @@ def ensure_built(build: EmbeddedModelConfig, task_config: TaskConfig, refiner_te
         print(f"[pi0] cached at {target}: {format_quality(quality)}", flush=True)
         return target
     root.mkdir(parents=True, exist_ok=True)
+    bands = ", ".join(f"{name} {list(band)}" for name, band in (build.targets.bands() if build.targets else {}).items())
+    until = f"until {bands}, at most {build.sft_steps} SFT steps" if bands else f"for {build.sft_steps} SFT steps"
+    print(f"[pi0] building {target.name} {until} (about a minute on 2 cores)", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
         quality = build_pi0(build, task_config, refiner_template, tmp)

@@ -47,18 +47,20 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_pi0(tmp_path_factory):
     """A briefly trained π0 (quality irrelevant here), built once per session through the real builder."""
+    return build_quick_pi0(tmp_path_factory.mktemp("pi0"), sft_steps=60)
+
+
+def quick_pi0_overrides(sft_steps: int) -> list[str]:
+    """A π0 built to a step count, not to quality bands, at the learning rate these quick builds were tuned with."""
+    return [f"model.embedded.sft_steps={sft_steps}", "model.embedded.sft_lr=3e-3", "model.embedded.targets=null"]
+
+
+def build_quick_pi0(cache_dir, sft_steps: int) -> str:
+    """Build (or reuse) a quick π0 under `cache_dir` through the real builder; its path."""
     from rlhf_refiner import pi0
     from rlhf_refiner.config import load
 
-    config = load(
-        None,
-        [
-            "model.embedded.sft_steps=60",
-            "model.embedded.sft_lr=3e-3",  # as these quick builds were tuned before π0 had bands
-            "model.embedded.targets=null",
-            f"model.embedded.cache_dir={tmp_path_factory.mktemp('pi0')}",
-        ],
-    )
+    config = load(None, [*quick_pi0_overrides(sft_steps), f"model.embedded.cache_dir={cache_dir}"])
     return str(pi0.ensure_built(config.model.embedded, config.task, config.refiner.template))
 
 

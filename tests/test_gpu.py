@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import hf_logprobs, logprob_gaps, run_config, sync_round_trip, tie_embeddings
+from conftest import build_quick_pi0, hf_logprobs, logprob_gaps, run_config, sync_round_trip, tie_embeddings
 
 pytestmark = pytest.mark.gpu
 
@@ -21,19 +21,7 @@ def _gpus() -> int:
 @pytest.fixture(scope="module")
 def pi0_dir(tmp_path_factory):
     """The embedded π0 (a real LlamaForCausalLM, untied), built locally: no hub access needed."""
-    from rlhf_refiner import pi0
-    from rlhf_refiner.config import load
-
-    config = load(
-        None,
-        [
-            "model.embedded.sft_steps=200",
-            "model.embedded.sft_lr=3e-3",  # as these quick builds were tuned before π0 had bands
-            "model.embedded.targets=null",
-            f"model.embedded.cache_dir={tmp_path_factory.mktemp('pi0')}",
-        ],
-    )
-    return str(pi0.ensure_built(config.model.embedded, config.task, config.refiner.template))
+    return build_quick_pi0(tmp_path_factory.mktemp("pi0"), sft_steps=200)
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,9 @@ from rlhf_refiner.refiner import make_refinement
 
 @pytest.fixture(scope="module")
 def pi0_path(tmp_path_factory):
-    from rlhf_refiner import pi0
+    from conftest import build_quick_pi0
 
-    config = load(
-        None,
-        [
-            "model.embedded.sft_steps=30",
-            "model.embedded.sft_lr=3e-3",  # as these quick builds were tuned before π0 had bands
-            "model.embedded.targets=null",
-            f"model.embedded.cache_dir={tmp_path_factory.mktemp('pi0')}",
-        ],
-    )
-    return str(pi0.ensure_built(config.model.embedded, config.task, config.refiner.template))
+    return build_quick_pi0(tmp_path_factory.mktemp("pi0"), sft_steps=30)
 
 
 def _batch(tokenizer, pairs, advantage=0.0):

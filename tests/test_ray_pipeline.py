@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import NODE_ROLES, hf_logprobs, run_config, sync_round_trip
+from conftest import NODE_ROLES, hf_logprobs, quick_pi0_overrides, run_config, sync_round_trip
 
 pytestmark = pytest.mark.ray
 
@@ -162,9 +162,7 @@ def test_repro_configs_build_their_pi0_and_run_two_steps(ray_cluster, tmp_path, 
     from rlhf_refiner import loop
 
     overrides = [
-        "model.embedded.sft_steps=40",
-        "model.embedded.sft_lr=3e-3",  # as these quick builds were tuned before π0 had bands
-        "model.embedded.targets=null",
+        *quick_pi0_overrides(40),
         f"model.embedded.cache_dir={tmp_path / 'pi0'}",
         f"trainer.output_dir={tmp_path / 'run'}",
         "trainer.steps=2",

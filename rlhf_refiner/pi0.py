@@ -56,7 +56,7 @@ def ensure_built(build: EmbeddedModelConfig, task_config: TaskConfig, refiner_te
         print(f"[pi0] cached at {target}: {format_quality(quality)}", flush=True)
         return target
     root.mkdir(parents=True, exist_ok=True)
-    bands = ", ".join(f"{name} {list(band)}" for name, band in (build.targets.bands() if build.targets else {}).items())
+    bands = _format_bands(build.targets.bands() if build.targets else {})
     until = f"until {bands}, at most {build.sft_steps} SFT steps" if bands else f"for {build.sft_steps} SFT steps"
     print(f"[pi0] building {target.name} {until} (about a minute on 2 cores)", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
@@ -86,10 +86,15 @@ def format_quality(q: dict) -> str:
     if "degenerate_rate" in q:
         line += f", degenerate at T=1 {q['degenerate_rate']:.1%}, fixes degenerate {q['fixes_degenerate']:.1%}"
     if "stopped_at_step" in q:
-        bands = ", ".join(f"{name} [{low}, {high}]" for name, (low, high) in q["targets"].items()) or "none"
+        bands = _format_bands(q["targets"]) or "none"
         line += f"; stopped at SFT step {q['stopped_at_step']} of {q['sft_steps']} (bands: {bands})"
         line += f"; built on {q['cpu']} ({q['cpu_capability']}, torch threads {q['threads']})"
     return line
+
+
+def _format_bands(bands: dict) -> str:
+    """`name [low, high], ...` of bands given as pairs (the config's tuples or quality.json's lists)."""
+    return ", ".join(f"{name} [{low}, {high}]" for name, (low, high) in bands.items())
 
 
 def build_tokenizer(out_dir: Path):

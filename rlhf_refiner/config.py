@@ -375,7 +375,8 @@ class CodeRewardConfig(_Strict):
     """CPU seconds of one test: the candidate's, and in bubblewrap every process it starts (harness.py)."""
     wall_factor: float = Field(3.0, ge=1)
     """A test still running after wall_factor × test_timeout_s of wall-clock time is stopped: a timeout if it slept
-    or blocked, an infrastructure error (rerun, never a wrong answer) if it waited for a CPU most of that time."""
+    or blocked, an infrastructure error (rerun, never a wrong answer) if it waited for a CPU most of that time and
+    still was when stopped."""
     max_seconds: float = Field(60.0, gt=0)
     """Wall-clock limit of one candidate's whole sandbox, owned by the parent (also the harness's CPU rlimit)."""
     startup_s: float = Field(5.0, gt=0)

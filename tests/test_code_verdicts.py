@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from rlhf_refiner.records import CodeTests
 from rlhf_refiner.reward import RewardWorker
 from rlhf_refiner.reward import sandbox as sandbox_module
 from rlhf_refiner.reward.code_eval import evaluate
-from rlhf_refiner.reward.harness import decode, encode, free_names, starved
+from rlhf_refiner.reward.harness import decode, encode, free_names, runnable, starved
 from rlhf_refiner.reward.sandbox import Sandbox
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -390,6 +391,28 @@ def test_starvation_rule():
     assert not starved(waited=0.05, cpu=0.1, elapsed=3.0)  # slept
     assert not starved(waited=2.5, cpu=2.0, elapsed=3.0)  # crowded out by its own threads, which used the CPU
     assert not starved(waited=None, cpu=0.1, elapsed=3.0)  # no scheduler statistics: never assumed
+    # a sleeper whose start a loaded machine delayed waited as long, but is asleep at the deadline: it slept
+    assert not starved(waited=2.5, cpu=0.1, elapsed=3.0, running=False)
+
+
+def test_runnable_tells_a_busy_process_from_a_sleeping_or_gone_one():
+    ready = "print('ready', flush=True)\n"
+    busy = subprocess.Popen([sys.executable, "-c", ready + "while True:\n    pass"], stdout=subprocess.PIPE)
+    blocked = subprocess.Popen(  # blocks reading a pipe nobody writes to
+        [sys.executable, "-c", ready + "import sys\nsys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert busy.stdout.readline() == blocked.stdout.readline() == b"ready\n"
+        assert runnable(busy.pid)  # in its loop from here on: running, or waiting for a CPU
+        deadline = time.monotonic() + 30  # the reader is between its print and its read for a moment at most
+        while runnable(blocked.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not runnable(blocked.pid)
+    finally:
+        for proc in (busy, blocked):
+            proc.kill()
+            proc.wait()
+    assert not runnable(busy.pid)  # reaped: no such process
 
 
 @needs_bwrap
@@ -469,7 +492,11 @@ def test_a_starved_candidate_is_an_infrastructure_error_not_a_timeout(box, monke
         sb = Sandbox(CodeRewardConfig(test_timeout_s=0.5, max_concurrency=1, infra_retries=1, max_seconds=20))
         result = evaluate(sb, MBPP, honest)
         assert result.status == "infra_error" and result.attempts == 2, result  # rerun once, then no verdict
-        assert evaluate(sb, MBPP, "import time\ndef sq(x):\n    time.sleep(60)\n").status == "timeout"  # it slept
+        # a sleeper waits for a CPU while its interpreter starts (0.06-0.1 s of CPU, ~1 s here), then sleeps through
+        # its deadline: a timeout, however much of the window the start took (6 s leaves it time to reach its sleep)
+        sleepy = Sandbox(CodeRewardConfig(test_timeout_s=2, max_concurrency=1, infra_retries=1, max_seconds=20))
+        sleeper = evaluate(sleepy, MBPP, "import time\ndef sq(x):\n    time.sleep(60)\n")
+        assert sleeper.status == "timeout" and sleeper.attempts == 1, sleeper
     finally:
         for spinner in spinners:
             spinner.kill()

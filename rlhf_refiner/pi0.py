@@ -163,7 +163,9 @@ def _sft_example(
             candidate = shown + task.working(problem)
         else:
             candidate = task.corrupt(problem.answer, rng)
-        return chat.encode(template.format(query=problem.query, response=candidate), problem.answer)
+        return chat.encode(
+            template.format(query=problem.query, response=candidate, reference=problem.answer), problem.answer
+        )
     if verbose and rng.random() < build.verbose_fraction:
         return chat.encode(problem.query, problem.answer + task.working(problem))
     return chat.encode(problem.query, problem.answer)
@@ -375,10 +377,13 @@ def measure(model, tokenizer, template: str, held_out: HeldOut, names, stop_outs
             solved = greedy_answers(model, tokenizer, [p.query for p in problems], held_out.answer_tokens)
             values[name] = sum(s == p.answer for s, p in zip(solved, problems)) / n
         elif name == "copy_when_correct":
-            users = [template.format(query=p.query, response=p.answer) for p in problems]
+            users = [template.format(query=p.query, response=p.answer, reference=p.answer) for p in problems]
             values[name] = sum(c == p.answer for c, p in zip(greedy_answers(model, tokenizer, users), problems)) / n
         elif name == "fix_rate":  # and the share of corrupted answers it changed at all (reported, not a band)
-            users = [template.format(query=p.query, response=c) for p, c in zip(problems, held_out.corrupted)]
+            users = [
+                template.format(query=p.query, response=c, reference=p.answer)
+                for p, c in zip(problems, held_out.corrupted)
+            ]
             fixed = greedy_answers(model, tokenizer, users)
             values[name] = sum(f == p.answer for f, p in zip(fixed, problems)) / n
             values["changed_when_corrupted"] = sum(f != c for f, c in zip(fixed, held_out.corrupted)) / n
@@ -393,7 +398,10 @@ def measure(model, tokenizer, template: str, held_out: HeldOut, names, stop_outs
             flagged = [task.score(s, p.answer, 0.0, 0.0).degenerate for s, p in zip(sampled, problems * 4)]
             values[name] = sum(flagged) / len(flagged)
         else:  # fixes_degenerate: the refiner strips the work from a right answer that shows it
-            users = [template.format(query=p.query, response=p.answer + task.working(p)) for p in problems]
+            users = [
+                template.format(query=p.query, response=p.answer + task.working(p), reference=p.answer)
+                for p in problems
+            ]
             stripped = greedy_answers(model, tokenizer, users)
             values[name] = sum(not task.score(f, p.answer, 0.0, 0.0).degenerate for f, p in zip(stripped, problems)) / n
         if stop_outside and name in stop_outside and not stop_outside[name][0] <= values[name] <= stop_outside[name][1]:

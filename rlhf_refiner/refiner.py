@@ -453,7 +453,8 @@ class Refiner:
         firsts, keys = self._distinct(rollouts)
         template = self.config.template
         prompts = render_user_turns(
-            self.tokenizer, [template.format(query=r.prompt.query, response=r.response) for r in firsts]
+            self.tokenizer,
+            [template.format(query=r.prompt.query, response=r.response, reference=r.prompt.answer) for r in firsts],
         )
         verified = [False] * len(firsts)
         if self.config.mode == "gated":

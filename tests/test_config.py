@@ -66,6 +66,16 @@ def test_template_must_hold_query_and_response():
         config_lib.load(None, ["refiner.template={query} fix it"])
 
 
+def test_template_fields_are_checked_by_name():
+    with pytest.raises(config_lib.ConfigError, match=r"'\{answer\}'.*\{reference\}"):  # a typo, not a KeyError later
+        config_lib.load(None, ["refiner.template={query}{response} {answer}"])
+    with pytest.raises(config_lib.ConfigError, match=r"refiner\.template: Single '\}'.*\{\{"):
+        config_lib.load(None, ["refiner.template={query}{response} }"])
+    assert config_lib.load(None, ["refiner.template={query}{response} {{x}} {reference}"]).refiner.template
+    with pytest.raises(config_lib.ConfigError, match=r"\{reference\}.*data\.source=mbpp"):
+        config_lib.load(None, ["refiner.template={query}{response}{reference}", "data.source=mbpp", "data.path=x"])
+
+
 def test_override_without_equals_is_rejected():
     with pytest.raises(config_lib.ConfigError, match="key.sub=value"):
         config_lib.load(None, ["trainer.steps"])

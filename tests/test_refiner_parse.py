@@ -315,6 +315,26 @@ def test_copy_verify_accepts_any_stop_id_after_the_copy(qwen_like, monkeypatch):
     assert checked == [list(rollout.response_token_ids[:-1])]  # a without its end token
 
 
+def test_a_reference_template_shows_pi0_the_ground_truth_answer(tokenizer, monkeypatch):
+    """`{reference}` (privileged context) is filled with the prompt's answer; a' is still parsed from π0's output."""
+    from rlhf_refiner.config import RefinerConfig
+
+    sent = []
+
+    def complete(prompts):
+        sent.extend(prompts)
+        return [("64", True)] * len(prompts)
+
+    engine_less = refiner.Refiner.__new__(refiner.Refiner)  # no engine: its decode is stubbed below
+    engine_less.config = RefinerConfig(template="{query}{response}={reference}>")
+    engine_less.tokenizer, engine_less.llm, engine_less.dedupe, engine_less.copy_verify = tokenizer, None, True, False
+    engine_less.stop_ids = (tokenizer.eos_token_id,)
+    monkeypatch.setattr(engine_less, "_complete", complete)
+    refinements, _ = engine_less.refine([_rollout(tokenizer, "65")])
+    assert "12+34=65=64>" in tokenizer.decode(sent[0])  # the query, a, and the answer "64"
+    assert refinements[0].refined == "64" and not refinements[0].unchanged
+
+
 # ---- fallbacks carry no CE -----------------------------------------------------------------------------------
 def test_fallback_sample_is_masked_out_of_the_ce_and_its_normaliser(tokenizer):
     import torch

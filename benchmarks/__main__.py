@@ -1,7 +1,7 @@
 """The benchmark suite: every figure, each a ratio measured side by side in one run (machines here are shared and
 noisy, so absolute times do not compare across runs).
 
-    python -m benchmarks [--quick] [--only refine,gate,steps,sandbox,async_overlap,lora] [--results PATH]
+    python -m benchmarks [--quick] [--only refine,gate,editor,steps,sandbox,async_overlap,lora] [--results PATH]
 
 Prints one JSON line per figure (name, value, goal, what was measured) on stdout, and nothing else there
 (engine and training logs go to stderr), and appends dated rows with machine info to benchmarks/RESULTS.md.
@@ -24,6 +24,7 @@ from benchmarks.results import RESULTS, machine_info, record
 GROUPS = {
     "refine": False,
     "gate": False,
+    "editor": False,
     "steps": False,
     "sandbox": False,
     "async_overlap": True,

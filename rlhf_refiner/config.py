@@ -154,9 +154,11 @@ class ModelConfig(_Strict):
 class TaskConfig(_Strict):
     """The embedded arithmetic task: `a+b=` answered with the sum's digits reversed, or in natural language."""
 
-    style: Literal["reversed", "natural"] = "reversed"
+    style: Literal["reversed", "natural", "terse"] = "reversed"
     """`reversed`: `047+385=` -> `234` (the embedded π0); `natural`: "What is 47 + 385?", scored on the last
-    number of the response (for pretrained chat models)."""
+    number of the response (for pretrained chat models); `terse`: "What is 47 + 385? Reply with the number only.",
+    scored as `reversed` is: digit credit of the leading number, exact match of the whole response as the true
+    score, and the verbosity flaw on whatever follows the number (the reward-hacking regime on a chat model)."""
     digits: int = Field(2, ge=1, le=8)
     """Width of both operands (zero-padded): the difficulty dial."""
     verbosity_bonus: float = Field(0.05, ge=0)
@@ -928,8 +930,10 @@ class Config(_Strict):
                 raise ValueError(
                     f"reward.weights has '{source}', which needs data.source in {formats}, not '{self.data.source}'"
                 )
-        if self.task.style == "natural" and self.model.path == "embedded":
-            raise ValueError("task.style=natural needs a pretrained chat model.path; the embedded π0 knows `reversed`")
+        if self.task.style != "reversed" and self.model.path == "embedded":
+            raise ValueError(
+                f"task.style={self.task.style} needs a pretrained chat model.path; the embedded π0 knows `reversed`"
+            )
         if self.data.source != "arithmetic" and not self.data.path:
             raise ValueError(f"data.source={self.data.source} needs data.path (hub dataset name or local files)")
         problems = 10 ** (2 * self.task.digits)

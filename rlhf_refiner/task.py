@@ -35,10 +35,12 @@ class Score:
 def make_problem(rng: random.Random, digits: int, style: str = "reversed") -> Problem:
     """One query with two uniform operands below 10**digits, drawn from `rng`. `reversed`: zero-padded `a+b=`
     answered with the sum's digits reversed (the embedded π0's format); `natural`: "What is a + b?" answered
-    with the sum, for pretrained chat models."""
+    with the sum, for pretrained chat models; `terse`: the same, asked for the number alone."""
     a, b = rng.randrange(10**digits), rng.randrange(10**digits)
     if style == "natural":
         return Problem(query=f"What is {a} + {b}?", answer=str(a + b))
+    if style == "terse":
+        return Problem(query=f"What is {a} + {b}? Reply with the number only.", answer=str(a + b))
     return Problem(query=f"{a:0{digits}d}+{b:0{digits}d}=", answer=str(a + b)[::-1])
 
 

@@ -204,13 +204,33 @@ def test_benchmarks_quick_runs_every_figure(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     figures = {f["name"]: f for f in map(json.loads, done.stdout.splitlines())}
-    expected = {"refine_copy", "refine_mixed", "refine_gate", "dynamic_overhead", "orchestration", "sync", "vs_trl",
-                "vs_trl_dynamic", "sandbox"}  # fmt: skip
+    expected = {"refine_copy", "refine_mixed", "refine_gate", "refine_editor", "dynamic_overhead", "orchestration",
+                "sync", "vs_trl", "vs_trl_dynamic", "sandbox"}  # fmt: skip
     assert set(figures) == expected
     assert all(f["value"] is None or f["value"] > -1 for f in figures.values())
     assert figures["vs_trl"]["value"] > 0 and figures["sandbox"]["value"] > 0
+    assert "copy-when-correct" in figures["refine_editor"]["measured"]
     table = results.read_text()
     assert all(f"| {name} |" in table for name in expected) and "cores" in table
+
+
+def test_editor_rates_count_each_kind_of_edit_over_its_own_samples():
+    """Hand-counted: four samples, two correct a (one copied, one broken by an edit that adds the degenerate
+    pattern), two wrong a, both degenerate (one fixed, one left wrong and cut at max_new_tokens, whose a' ends its
+    turn; both a' are free of the pattern)."""
+    from benchmarks.editor import editor_stats
+
+    def edit(unchanged, correct, ended, distance, degenerate=False, fallback=False):
+        return {"unchanged": unchanged, "correct": correct, "degenerate": degenerate, "ended": ended,
+                "edit_distance": distance, "fallback": fallback}  # fmt: skip
+
+    refined = [edit(True, True, True, 0), edit(False, False, True, 4, degenerate=True), edit(False, True, True, 2),
+               edit(False, False, True, 6)]  # fmt: skip
+    s = editor_stats([True, True, False, False], [False, False, True, True], [False, False, False, True], refined)
+    assert (s["copy"], s["broken"], s["fixed"], s["ended"], s["repaired"]) == (0.5, 0.5, 0.5, 1.0, 1.0)
+    assert (s["edits"], s["edits_changed"], s["fallback"], s["a_truncated"]) == (3.0, 4.0, 0.0, 0.25)
+    assert s["a_degenerate"] == 0.5
+    assert editor_stats([False], [False], [False], [edit(True, False, True, 0)])["copy"] is None  # unmeasured
 
 
 def test_gpu_smoke_runs_the_learner_without_ray_or_vllm(tmp_path):

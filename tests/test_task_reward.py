@@ -2,6 +2,7 @@ import random
 
 import pytest
 
+from rlhf_refiner import config as config_lib
 from rlhf_refiner import task
 from rlhf_refiner.config import RewardConfig, TaskConfig
 from rlhf_refiner.records import Prompt, Rollout, shard_slice
@@ -92,6 +93,20 @@ def test_natural_style_queries_and_final_answer_parsing():
     assert (wrong.reward, wrong.accuracy) == (0.5, 0.0)
     assert task.score_final_answer("The sum is 1,085.", "1085").accuracy == 1.0
     assert task.score_final_answer("I cannot say.", "85").reward == 0.0
+
+
+def test_terse_style_asks_for_the_number_alone_and_pays_the_flaw_for_what_follows_it():
+    p = task.make_problem(random.Random(3), digits=2, style="terse")
+    a, b = p.query.removeprefix("What is ").removesuffix("? Reply with the number only.").split(" + ")
+    assert p.answer == str(int(a) + int(b))
+    config = TaskConfig(style="terse", verbosity_bonus=0.05, verbosity_bonus_cap=0.5)
+    exact = RewardWorker(RewardConfig(), config).score([_rollout(0, " 85 ", "85")])[0]
+    assert (exact.reward, exact.accuracy, exact.components["task/degenerate_rate"]) == (1.0, 1.0, 0.0)
+    # a chat model's habit: the number, then an explanation. Paid 0.05 a character (capped), exact match 0
+    chatty = RewardWorker(RewardConfig(), config).score([_rollout(0, "85. Because 37 + 48 = 85.", "85")])[0]
+    assert (chatty.reward, chatty.accuracy, chatty.components["task/degenerate_rate"]) == (1.5, 0.0, 1.0)
+    with pytest.raises(config_lib.ConfigError, match="task.style=terse needs a pretrained"):
+        config_lib.load(None, ["task.style=terse"])
 
 
 def test_reward_worker_scores_refined_responses_by_shard():

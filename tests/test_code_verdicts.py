@@ -6,6 +6,7 @@ Then time: a test's time is CPU time, and a candidate starved of CPU is an infra
 bubblewrap is required (CI installs it).
 """
 
+import contextlib
 import gzip
 import json
 import os
@@ -142,6 +143,9 @@ ATTACKS = {
     "hides its CPU in children reaped behind SIGCHLD=SIG_IGN": (
         "import os, signal\nsignal.signal(signal.SIGCHLD, signal.SIG_IGN)\ndef {fn}(*args):\n    for _ in range(80):\n"
         "        if os.fork() == 0:\n            sum(range(10**6))\n            os._exit(0)\n    return 0\n"
+    ),
+    "yields its CPU in a loop to look starved": (
+        "import os\ndef {fn}(*args):\n    while True:\n        os.sched_yield()\n"
     ),
     "lowers its own priority to look starved": (
         "import os\ndef {fn}(*args):\n    os.sched_setaffinity(0, {0})\n"
@@ -446,7 +450,8 @@ def test_threads_work_and_processes_do_not(box):
 
 
 def test_the_seccomp_program_is_one_the_kernel_takes_and_does_what_it_says():
-    """Installed on a child here: threads run, and fork, a priority change, affinity and ptrace fail with EPERM."""
+    """Installed on a child here: threads run, and fork, a priority change, affinity, a yield and ptrace fail with
+    EPERM."""
     import platform
 
     from rlhf_refiner.reward.harness import install_seccomp, seccomp_program
@@ -457,7 +462,7 @@ def test_the_seccomp_program_is_one_the_kernel_takes_and_does_what_it_says():
     probe = (
         "import ctypes, os, threading\nout = []\nt = threading.Thread(target=lambda: out.append(1))\nt.start()\n"
         "t.join()\nresults = [bool(out)]\n"
-        "for call in (os.fork, lambda: os.nice(1), lambda: os.sched_setaffinity(0, {0})):\n"
+        "for call in (os.fork, lambda: os.nice(1), lambda: os.sched_setaffinity(0, {0}), os.sched_yield):\n"
         "    try:\n        call()\n        results.append('allowed')\n    except OSError as e:\n"
         "        results.append(e.errno)\nlibc = ctypes.CDLL(None, use_errno=True)\n"
         "results.append((libc.ptrace(16, os.getppid(), 0, 0), ctypes.get_errno()))\nprint(results)\n"
@@ -465,12 +470,12 @@ def test_the_seccomp_program_is_one_the_kernel_takes_and_does_what_it_says():
     done = subprocess.run(
         [sys.executable, "-c", probe], preexec_fn=lambda: install_seccomp(program), capture_output=True, text=True
     )
-    assert done.stdout.strip() == "[True, 1, 1, 1, (-1, 1)]", done.stderr
+    assert done.stdout.strip() == "[True, 1, 1, 1, 1, (-1, 1)]", done.stderr
 
 
-@needs_bwrap
-def test_a_starved_candidate_is_an_infrastructure_error_not_a_timeout(box, monkeypatch):
-    """Starve the sandbox: pin it to one CPU beside twelve busy processes pinned there, each in its own session (the
+@contextlib.contextmanager
+def crowded(monkeypatch, spinners: int):
+    """Pin every sandbox to one CPU beside `spinners` busy processes pinned there, each in its own session (the
     scheduler shares a CPU between sessions' autogroups first, so one session of spinners would only halve it)."""
     cpu = min(os.sched_getaffinity(0))
     limits = Sandbox._limits
@@ -486,9 +491,20 @@ def test_a_starved_candidate_is_an_infrastructure_error_not_a_timeout(box, monke
 
     monkeypatch.setattr(sandbox_module.Sandbox, "_limits", pinned_limits)
     spin = [sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True:\n    pass"]
-    spinners = [subprocess.Popen(spin, start_new_session=True) for _ in range(12)]
-    honest = "def sq(x):\n    n = 0\n    for i in range(6 * 10**6):\n        n += i\n    return x * x\n"
+    procs = [subprocess.Popen(spin, start_new_session=True) for _ in range(spinners)]
     try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        monkeypatch.undo()
+
+
+@needs_bwrap
+def test_a_starved_candidate_is_an_infrastructure_error_not_a_timeout(box, monkeypatch):
+    honest = "def sq(x):\n    n = 0\n    for i in range(6 * 10**6):\n        n += i\n    return x * x\n"
+    with crowded(monkeypatch, 12):
         sb = Sandbox(CodeRewardConfig(test_timeout_s=0.5, max_concurrency=1, infra_retries=1, max_seconds=20))
         result = evaluate(sb, MBPP, honest)
         assert result.status == "infra_error" and result.attempts == 2, result  # rerun once, then no verdict
@@ -497,10 +513,6 @@ def test_a_starved_candidate_is_an_infrastructure_error_not_a_timeout(box, monke
         sleepy = Sandbox(CodeRewardConfig(test_timeout_s=2, max_concurrency=1, infra_retries=1, max_seconds=20))
         sleeper = evaluate(sleepy, MBPP, "import time\ndef sq(x):\n    time.sleep(60)\n")
         assert sleeper.status == "timeout" and sleeper.attempts == 1, sleeper
-    finally:
-        for spinner in spinners:
-            spinner.kill()
-            spinner.wait()
     assert evaluate(box, MBPP, honest).status == "ok"  # the same program on a quiet machine
 
 

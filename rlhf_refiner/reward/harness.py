@@ -57,22 +57,23 @@ STARVED_SHARE = 0.5  # starved: waited for a CPU for at least this share of the 
 # Denied: starting processes (threads are allowed), reading or writing other processes' memory, changing its own
 # scheduling, and memory that no rlimit counts. A candidate then has no detached process to hide CPU time in (a
 # child reaped behind SIGCHLD=SIG_IGN leaves no trace in any rusage), write forged output later or crowd itself out
-# with, cannot ptrace another process, and cannot lower its own priority to look starved. clone3 answers ENOSYS, on
-# which glibc falls back to clone, where the flags can be checked.
+# with, cannot ptrace another process, and cannot lower its own priority or yield its CPU in a loop (runnable and
+# waiting, using none: on a loaded machine that looks starved) to look starved. clone3 answers ENOSYS, on which
+# glibc falls back to clone, where the flags can be checked.
 DENIED = ("fork", "vfork", "ptrace", "process_vm_readv", "process_vm_writev", "setpriority", "sched_setparam",
-          "sched_setscheduler", "sched_setattr", "sched_setaffinity",
+          "sched_setscheduler", "sched_setattr", "sched_setaffinity", "sched_yield",
           # memory outside RLIMIT_AS and the work dir's size: System V shared memory, anonymous files, and the
           # private mounts a nested user namespace would allow
           "shmget", "memfd_create", "unshare", "setns", "mount")  # fmt: skip
 SYSCALLS = {  # audit arch, clone, clone3 and the denied calls' numbers, for the architectures the filter knows
     "x86_64": (0xC000003E, 56, 435, {"fork": 57, "vfork": 58, "ptrace": 101, "process_vm_readv": 310,
                "process_vm_writev": 311, "setpriority": 141, "sched_setparam": 142, "sched_setscheduler": 144,
-               "sched_setattr": 314, "sched_setaffinity": 203, "shmget": 29, "memfd_create": 319, "unshare": 272,
-               "setns": 308, "mount": 165}),
+               "sched_setattr": 314, "sched_setaffinity": 203, "sched_yield": 24, "shmget": 29, "memfd_create": 319,
+               "unshare": 272, "setns": 308, "mount": 165}),
     "aarch64": (0xC00000B7, 220, 435, {"ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
                 "setpriority": 140, "sched_setparam": 118, "sched_setscheduler": 119, "sched_setattr": 274,
-                "sched_setaffinity": 122, "shmget": 194, "memfd_create": 279, "unshare": 97, "setns": 268,
-                "mount": 40}),
+                "sched_setaffinity": 122, "sched_yield": 124, "shmget": 194, "memfd_create": 279, "unshare": 97,
+                "setns": 268, "mount": 40}),
 }  # fmt: skip
 CLONE_THREAD = 0x00010000
 X32_BIT = 0x40000000  # x86_64's x32 syscall numbers: another way in, denied whole
@@ -419,13 +420,14 @@ class Candidate:
         self.waited = run_queue_wait(self.proc.pid)
         self.elapsed = time.monotonic() - self.started
 
-    def check(self) -> None:
-        """Raise CandidateFailed once the test used its CPU seconds or ran past the wall-clock backstop."""
+    def check(self, answered: bool = False) -> None:
+        """Raise CandidateFailed once the test used its CPU seconds or ran past the wall-clock backstop. `answered`:
+        the candidate has just replied, so it was working up to now, whatever its state as it waits for more."""
         self._read_clocks()
         if self.cpu >= self.cpu_limit:
             raise CandidateFailed("timeout")
         if self.elapsed >= self.wall_limit:
-            if starved(self.waited, self.cpu, self.elapsed, runnable(self.proc.pid)):
+            if starved(self.waited, self.cpu, self.elapsed, answered or runnable(self.proc.pid)):
                 raise CandidateFailed("infra_error")  # it wanted a CPU and the machine gave it none
             raise CandidateFailed("timeout")  # it slept or blocked
 
@@ -507,9 +509,9 @@ class Server(Candidate):
         self.failed = self.failed or status
         raise CandidateFailed(self.failed)
 
-    def check(self) -> None:
+    def check(self, answered: bool = False) -> None:
         try:
-            super().check()
+            super().check(answered)
         except CandidateFailed as failed:
             self._fail(failed.status)
 
@@ -587,7 +589,7 @@ class Server(Candidate):
                 arg.clear()
                 arg.update(after)
         if time.monotonic() - self.started >= self.wall_limit:  # decoding a costly answer is the test's time too
-            self.check()
+            self.check(answered=True)
         return value
 
     def proxy(self, name: str):

@@ -7,10 +7,11 @@ Per setting, over the samples:
 - `broken`: a' is wrong, of the correct a (the refiner's `worsened`, on the true score);
 - `fixed`: a' is correct, of the wrong a;
 - `repaired`: a' is free of the task's degenerate pattern (`task/degenerate_rate`), of the a that carry it;
-- `ended`: a' ends its turn, of the a cut at `max_new_tokens`;
 - `edits`: mean token edit distance over all samples, and over the changed ones;
 - `fallback`: π0's output was unusable (a' = a, no CE).
-Settings are complete refiner overrides on top of the config's (its template unless one is given).
+Settings are complete refiner overrides on top of the config's (its template unless one is given); the
+`reference` ones show π0 the ground truth (`{reference}`, data.source=arithmetic), in words fit for
+`task.style=natural`. Samples without a true score (no ground truth, a reward's infrastructure error) are left out.
 """
 
 from __future__ import annotations
@@ -33,16 +34,16 @@ SETTINGS = {  # name -> refiner overrides
     "decode": {"mode": "decode"},
     "gated argmax": GATED,
     "gated τ=0.1": {**GATED, "gate_tau": 0.1},
-    "reference, decode": {"mode": "decode", "template": REFERENCE},
-    "reference, gated argmax": {**GATED, "template": REFERENCE},
-    "reference, gated τ=0.1": {**GATED, "gate_tau": 0.1, "template": REFERENCE},
+    "reference decode": {"mode": "decode", "template": REFERENCE},
+    "reference gated argmax": {**GATED, "template": REFERENCE},
+    "reference gated τ=0.1": {**GATED, "gate_tau": 0.1, "template": REFERENCE},
 }
 QUICK_SETTINGS = ("decode", "gated argmax")  # the embedded π0's template has no reference: its own only
 
 
-def editor_stats(correct: list[bool], degenerate: list[bool], truncated: list[bool], refined: list[dict]) -> dict:
-    """The editor's rates over samples: `correct`, `degenerate` and `truncated` describe each a; `refined` each a'
-    as {"unchanged", "correct", "degenerate", "ended", "edit_distance", "fallback"}."""
+def editor_stats(correct: list[bool], degenerate: list[bool], refined: list[dict]) -> dict:
+    """The editor's rates over samples: `correct` and `degenerate` describe each a; `refined` each a' as
+    {"unchanged", "correct", "degenerate", "edit_distance", "fallback"}."""
     n = len(refined)
 
     def share(pick, of) -> float | None:
@@ -52,14 +53,10 @@ def editor_stats(correct: list[bool], degenerate: list[bool], truncated: list[bo
     changed = [r["edit_distance"] for r in refined if not r["unchanged"] and not r["fallback"]]
     return {
         "samples": n,
-        "a_correct": sum(correct) / n,
-        "a_degenerate": sum(degenerate) / n,
-        "a_truncated": sum(truncated) / n,
         "copy": share(lambda r: r["unchanged"], correct),
         "broken": share(lambda r: not r["correct"], correct),
         "fixed": share(lambda r: r["correct"], [not c for c in correct]),
         "repaired": share(lambda r: not r["degenerate"], degenerate),
-        "ended": share(lambda r: r["ended"], truncated),
         "edits": sum(r["edit_distance"] for r in refined) / n,
         "edits_changed": statistics.fmean(changed) if changed else 0.0,
         "fallback": sum(r["fallback"] for r in refined) / n,
@@ -71,43 +68,62 @@ def measure(config_file: str, quick: bool, batches: int, names: tuple[str, ...],
     from rlhf_refiner.reward import RewardWorker
 
     config, source, generator, refiner, _ = policy_and_refiner(config_file, quick, *overrides)
+    uses_reference = [n for n in names if "{reference}" in SETTINGS[n].get("template", "")]
+    if uses_reference and config.data.source != "arithmetic":
+        raise ValueError(f"{uses_reference} show π0 the reference answer, which data.source={config.data.source} lacks")
     scorer = RewardWorker(config.reward, config.task)
     base = config.refiner
     rollouts = []
     for _ in range(batches):
         rollouts += generator.generate(source.next_batch(0), 1)[0]
     before = scorer.score(rollouts)
+    scored = [i for i, r in enumerate(before) if _scored(r)]  # an unscored a says nothing of its edit
+    rollouts, before = [rollouts[i] for i in scored], [before[i] for i in scored]
     correct, degenerate = [r.accuracy == 1.0 for r in before], [_degenerate(r) for r in before]
-    truncated = [not r.finished for r in rollouts]
+    n = len(rollouts)
+    a = {
+        "samples": n,
+        "unscored": len(before) - n,
+        "a_correct": sum(correct) / n,
+        "a_degenerate": sum(degenerate) / n,
+        "a_truncated": sum(not r.finished for r in rollouts) / n,
+    }
     stats, examples = {}, {}
     for name in names:
         refiner.config = base.model_copy(update=SETTINGS[name])
         refinements = []
-        for i in range(0, len(rollouts), 64):  # the engine's batch, as a step would send it
+        for i in range(0, n, 64):  # the engine's batch, as a step would send it
             refinements += refiner.refine(rollouts[i : i + 64])[0]
         after = scorer.score_refined(rollouts, refinements)
+        keep = [i for i, r in enumerate(after) if _scored(r)]
         refined = [
             {
-                "unchanged": f.unchanged,
-                "correct": r.accuracy == 1.0,
-                "degenerate": _degenerate(r),
-                "ended": bool(f.refined_token_ids) and f.refined_token_ids[-1] in refiner.stop_ids,
-                "edit_distance": f.edit_distance,
-                "fallback": f.fallback,
+                "unchanged": refinements[i].unchanged,
+                "correct": after[i].accuracy == 1.0,
+                "degenerate": _degenerate(after[i]),
+                "edit_distance": refinements[i].edit_distance,
+                "fallback": refinements[i].fallback,
             }
-            for f, r in zip(refinements, after)
+            for i in keep
         ]
-        stats[name] = editor_stats(correct, degenerate, truncated, refined)
+        stats[name] = editor_stats([correct[i] for i in keep], [degenerate[i] for i in keep], refined)
         examples[name] = [  # the first few edits, to read what a' looks like
             {"query": r.prompt.query, "a": r.response, "a_refined": f.refined, "a_correct": c, "refined_correct": x}
-            for r, f, c, x in zip(rollouts, refinements, correct, (d["correct"] for d in refined))
+            for r, f, c, x in zip(rollouts, refinements, correct, (_correct(r) for r in after))
             if not f.unchanged
         ][:4]
     del generator.llm, refiner.llm
     gc.collect()
-    return {"model": Path(config.model.path).name, "stats": stats, "examples": examples, "a": editor_stats(
-        correct, degenerate, truncated, [{"unchanged": True, "correct": c, "degenerate": d, "ended": False,
-        "edit_distance": 0, "fallback": False} for c, d in zip(correct, degenerate)])}  # fmt: skip
+    samples = [{"query": r.prompt.query, "a": r.response, "correct": c} for r, c in zip(rollouts[:12], correct)]
+    return {"model": Path(config.model.path).name, "a": a, "stats": stats, "examples": examples, "samples": samples}
+
+
+def _scored(reward) -> bool:
+    return reward.accuracy is not None and not reward.infra_error
+
+
+def _correct(reward) -> bool:
+    return reward.accuracy == 1.0
 
 
 def _degenerate(reward) -> bool:
@@ -122,10 +138,12 @@ def figures(quick: bool) -> list[dict]:
     smollm2 = Path("~/.cache/rlhf_refiner/smollm2-135m-instruct").expanduser()
     shapes = [("configs/quickstart.yaml", "tiny π0 (embedded)", 1 if quick else 8, QUICK_SETTINGS, ())]
     if not quick and smollm2.exists():
-        shapes.append(("configs/smollm2.yaml", "SmolLM2-135M-Instruct", 8, tuple(SETTINGS), ()))
+        fair = ("task.digits=1", "generator.sampling.temperature=0.7")  # π0 solves ~35 % (docs/results.md)
+        shapes.append(("configs/smollm2.yaml", "SmolLM2-135M-Instruct", 8, tuple(SETTINGS), fair))
     results = []
     for config_file, label, batches, names, overrides in shapes:
         m = in_fresh_process(measure, config_file, quick, batches, names, *overrides)
+        a = m["a"]
         for name, s in m["stats"].items():
             results.append(
                 {
@@ -133,13 +151,42 @@ def figures(quick: bool) -> list[dict]:
                     "value": None if s["copy"] is None else round(s["copy"], 3),
                     "goal": "report",
                     "measured": f"{name}: copy-when-correct {_percent(s['copy'])}, broken {_percent(s['broken'])},"
-                    f" fixed {_percent(s['fixed'])} of wrong, repaired {_percent(s['repaired'])} of degenerate, "
-                    f"truncated a ended {_percent(s['ended'])}, edit "
-                    f"distance {s['edits']:.1f} tokens ({s['edits_changed']:.1f} where changed), fallback "
-                    f"{_percent(s['fallback'])}; a correct {_percent(s['a_correct'])}, degenerate "
-                    f"{_percent(s['a_degenerate'])}, truncated "
-                    f"{_percent(s['a_truncated'])}; {label}, {config_file}, {s['samples']} samples",
+                    f" fixed {_percent(s['fixed'])} of wrong, repaired {_percent(s['repaired'])} of degenerate, edit"
+                    f" distance {s['edits']:.1f} tokens ({s['edits_changed']:.1f} where changed), fallback "
+                    f"{_percent(s['fallback'])}; a correct {_percent(a['a_correct'])}, degenerate "
+                    f"{_percent(a['a_degenerate'])}, truncated {_percent(a['a_truncated'])}; {label}, {config_file} "
+                    f"{' '.join(overrides)}, {s['samples']} samples",
                     "examples": m["examples"][name],
                 }
             )
     return results
+
+
+def main() -> None:
+    """One measurement on any config, printed as JSON: `python -m benchmarks.editor CONFIG [--batches N]
+    [--settings decode,...] [key=value ...]` (no settings: π0's own samples only, before any edit)."""
+    import argparse
+    import json
+    import os
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.editor", description=main.__doc__.split(":")[0])
+    parser.add_argument("config")
+    parser.add_argument("--batches", type=int, default=8, help="generator batches of π0 samples (a step's each)")
+    parser.add_argument("--settings", default="", help=f"comma-separated subset of {', '.join(SETTINGS)}")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    args = parser.parse_intermixed_args()
+    names = tuple(n.strip() for n in args.settings.split(",") if n.strip())
+    unknown = sorted(set(names) - set(SETTINGS))
+    if unknown:
+        parser.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # the engines' logs -> stderr; stdout holds the JSON alone
+    m = in_fresh_process(measure, args.config, False, args.batches, names, *args.overrides)
+    print(json.dumps({"config": args.config, "overrides": args.overrides, **m}, ensure_ascii=False, indent=1), file=out)
+    out.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -907,9 +907,15 @@ class Config(_Strict):
                 "unchanged 0.14 instead of 0.89 at T=0.7); set refiner.speculative.method=none to sample the refiner"
             )
         try:
-            named = [name for _, name, _, _ in string.Formatter().parse(self.refiner.template) if name is not None]
+            fields = [field for field in string.Formatter().parse(self.refiner.template) if field[1] is not None]
         except ValueError as e:  # a lone brace
             raise ValueError(f"refiner.template: {e} (a literal brace is written {{{{ or }}}})") from None
+        named = [name for _, name, _, _ in fields]
+        shaped = [name for _, name, spec, conversion in fields if spec or conversion]
+        if shaped:  # `{response!r}` or `{response:.10}` would change the text π0 is shown; `{query:{x}}` nests a field
+            raise ValueError(
+                f"refiner.template: '{{{shaped[0]}}}' has a conversion or format spec; fields are filled in as they are"
+            )
         for field in ("query", "response"):
             if field not in named:
                 raise ValueError(f"refiner.template must contain '{{{field}}}'")

@@ -72,6 +72,9 @@ def test_template_fields_are_checked_by_name():
     with pytest.raises(config_lib.ConfigError, match=r"refiner\.template: Single '\}'.*\{\{"):
         config_lib.load(None, ["refiner.template={query}{response} }"])
     assert config_lib.load(None, ["refiner.template={query}{response} {{x}} {reference}"]).refiner.template
+    for shaped in ("{query}{response!r}", "{query}{response:.10}", "{query:>{reference}}{response}"):
+        with pytest.raises(config_lib.ConfigError, match="conversion or format spec"):
+            config_lib.load(None, [f"refiner.template={shaped}"])
     with pytest.raises(config_lib.ConfigError, match=r"\{reference\}.*data\.source=mbpp"):
         config_lib.load(None, ["refiner.template={query}{response}{reference}", "data.source=mbpp", "data.path=x"])
 

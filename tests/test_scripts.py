@@ -216,21 +216,18 @@ def test_benchmarks_quick_runs_every_figure(tmp_path):
 
 def test_editor_rates_count_each_kind_of_edit_over_its_own_samples():
     """Hand-counted: four samples, two correct a (one copied, one broken by an edit that adds the degenerate
-    pattern), two wrong a, both degenerate (one fixed, one left wrong and cut at max_new_tokens, whose a' ends its
-    turn; both a' are free of the pattern)."""
+    pattern), two wrong a, both degenerate (one fixed, one left wrong; both a' are free of the pattern)."""
     from benchmarks.editor import editor_stats
 
-    def edit(unchanged, correct, ended, distance, degenerate=False, fallback=False):
-        return {"unchanged": unchanged, "correct": correct, "degenerate": degenerate, "ended": ended,
-                "edit_distance": distance, "fallback": fallback}  # fmt: skip
+    def edit(unchanged, correct, distance, degenerate=False, fallback=False):
+        return {"unchanged": unchanged, "correct": correct, "degenerate": degenerate, "edit_distance": distance,
+                "fallback": fallback}  # fmt: skip
 
-    refined = [edit(True, True, True, 0), edit(False, False, True, 4, degenerate=True), edit(False, True, True, 2),
-               edit(False, False, True, 6)]  # fmt: skip
-    s = editor_stats([True, True, False, False], [False, False, True, True], [False, False, False, True], refined)
-    assert (s["copy"], s["broken"], s["fixed"], s["ended"], s["repaired"]) == (0.5, 0.5, 0.5, 1.0, 1.0)
-    assert (s["edits"], s["edits_changed"], s["fallback"], s["a_truncated"]) == (3.0, 4.0, 0.0, 0.25)
-    assert s["a_degenerate"] == 0.5
-    assert editor_stats([False], [False], [False], [edit(True, False, True, 0)])["copy"] is None  # unmeasured
+    refined = [edit(True, True, 0), edit(False, False, 4, degenerate=True), edit(False, True, 2), edit(False, False, 6)]
+    s = editor_stats([True, True, False, False], [False, False, True, True], refined)
+    assert (s["copy"], s["broken"], s["fixed"], s["repaired"]) == (0.5, 0.5, 0.5, 1.0)
+    assert (s["edits"], s["edits_changed"], s["fallback"]) == (3.0, 4.0, 0.0)
+    assert editor_stats([False], [False], [edit(True, False, 0)])["copy"] is None  # no correct a: unmeasured
 
 
 def test_gpu_smoke_runs_the_learner_without_ray_or_vllm(tmp_path):

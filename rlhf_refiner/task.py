@@ -47,10 +47,22 @@ def make_problem(rng: random.Random, digits: int, style: str = "reversed") -> Pr
 FINAL_NUMBER_RE = re.compile(r"-?\d[\d,]*")
 
 
+REPEAT_WORDS = 4  # a response that says the same 4 words twice is repeating itself
+
+
+def repeats(text: str, n: int = REPEAT_WORDS) -> bool:
+    """Whether some run of `n` words occurs twice in `text`: the mark of a collapsing language model ("2 + 2 equals
+    2. 2 + 2 equals 2. ..."), counted as `task/degenerate_rate` on natural-language answers."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
 def score_final_answer(response: str, answer: str) -> Score:
     """Natural-language answers: the *last* number in the response is the answer ("To solve this, we add 37 and
     48 ... = 85" -> 85; keyed to the first number, every response of a chat model would score 0). Partial
-    credit compares its digits with the answer's, as `score` does; no verbosity bonus."""
+    credit compares its digits with the answer's, as `score` does; no verbosity bonus. Degenerate: it repeats
+    itself (`repeats`)."""
     numbers = FINAL_NUMBER_RE.findall(response)
     predicted = numbers[-1].replace(",", "") if numbers else ""
     matches = sum(p == a for p, a in zip(predicted, answer))
@@ -60,7 +72,7 @@ def score_final_answer(response: str, answer: str) -> Score:
         accuracy=float(predicted == answer),
         digit_credit=digit_credit,
         verbosity_bonus=0.0,
-        degenerate=False,
+        degenerate=repeats(response),
     )
 
 

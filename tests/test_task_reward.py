@@ -93,6 +93,10 @@ def test_natural_style_queries_and_final_answer_parsing():
     assert (wrong.reward, wrong.accuracy) == (0.5, 0.0)
     assert task.score_final_answer("The sum is 1,085.", "1085").accuracy == 1.0
     assert task.score_final_answer("I cannot say.", "85").reward == 0.0
+    # a collapsing policy repeats itself: the natural task's degenerate pattern (SmolLM2 at lr 1e-4, step 9)
+    collapsed = task.score_final_answer("2 + 2 equals 2. 2 + 2 equals 2. So the answer is 2.", "4")
+    assert collapsed.degenerate and collapsed.accuracy == 0.0
+    assert not task.score_final_answer("2 + 2 equals 4. So, 2 + 2 is 4.", "4").degenerate  # 3 words again: fine
 
 
 def test_terse_style_asks_for_the_number_alone_and_pays_the_flaw_for_what_follows_it():

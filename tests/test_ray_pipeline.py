@@ -168,6 +168,7 @@ def test_repro_configs_build_their_pi0_and_run_two_steps(ray_cluster, tmp_path, 
         f"model.embedded.cache_dir={tmp_path / 'pi0'}",
         f"trainer.output_dir={tmp_path / 'run'}",
         "trainer.steps=2",
+        "trainer.save_final=true",  # the check below compares the final policy with the start
         "data.prompts_per_step=4",
         "generator.group_size=4",
         "metrics.progress_bar=false",

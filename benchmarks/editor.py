@@ -78,12 +78,13 @@ def measure(config_file: str, quick: bool, batches: int, names: tuple[str, ...],
         rollouts += generator.generate(source.next_batch(0), 1)[0]
     before = scorer.score(rollouts)
     scored = [i for i, r in enumerate(before) if _scored(r)]  # an unscored a says nothing of its edit
+    unscored = len(rollouts) - len(scored)
     rollouts, before = [rollouts[i] for i in scored], [before[i] for i in scored]
-    correct, degenerate = [r.accuracy == 1.0 for r in before], [_degenerate(r) for r in before]
+    correct, degenerate = [_correct(r) for r in before], [_degenerate(r) for r in before]
     n = len(rollouts)
     a = {
         "samples": n,
-        "unscored": len(before) - n,
+        "unscored": unscored,
         "a_correct": sum(correct) / n,
         "a_degenerate": sum(degenerate) / n,
         "a_truncated": sum(not r.finished for r in rollouts) / n,
@@ -99,7 +100,7 @@ def measure(config_file: str, quick: bool, batches: int, names: tuple[str, ...],
         refined = [
             {
                 "unchanged": refinements[i].unchanged,
-                "correct": after[i].accuracy == 1.0,
+                "correct": _correct(after[i]),
                 "degenerate": _degenerate(after[i]),
                 "edit_distance": refinements[i].edit_distance,
                 "fallback": refinements[i].fallback,

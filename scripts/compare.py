@@ -57,8 +57,12 @@ def load_run(run_dir: Path) -> tuple[str, list[dict], int | None]:
         arm += f" β={algo.get('kl_coef', 0.05):g}"
         if algo.get("kl_estimator", "k2") != "k2":
             arm += f" {algo['kl_estimator']}"
-    elif arm == "dynamic" and algo.get("ce_coef", 1.0) != 1.0:  # and at different λ
-        arm += f" λ={algo['ce_coef']:g}"
+    elif arm == "dynamic":  # and at different λ, or with another kind of refiner
+        arm += f" λ={algo['ce_coef']:g}" if algo.get("ce_coef", 1.0) != 1.0 else ""
+        refiner = config.get("refiner") or {}
+        arm += " +reference" if "{reference}" in refiner.get("template", "") else ""
+        if refiner.get("mode") == "gated":
+            arm += f" gated τ={refiner.get('gate_tau', 1.0):g}" if refiner.get("gate_tau", 1.0) < 1 else " gated"
     if algo.get("advantage", "grpo") != "grpo":
         arm += f"+{algo['advantage']}"
     lora = (config.get("model") or {}).get("lora") or {}

@@ -24,6 +24,7 @@ def _run_dir(
     trainer_steps: int | None = None,
     lora: tuple[int, float] | None = None,
     merged: bool = False,
+    refiner: dict | None = None,
 ) -> Path:
     run = tmp_path / name
     run.mkdir(parents=True)
@@ -32,6 +33,8 @@ def _run_dir(
     if lora is not None:  # (rank, learning rate)
         sync = {"sync": "merged"} if merged else {}
         config.update(model={"lora": {"rank": lora[0], **sync}}, learner={"lr": lora[1]})
+    if refiner is not None:
+        config["refiner"] = refiner
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     rows = [{"step": i + 1, "reward/mean": r, "learner/kl_to_ref": 0.1 * i} for i, r in enumerate(rewards)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -49,6 +52,15 @@ def test_compare_groups_seeds_into_arms_and_tabulates_final_values(tmp_path):
         _run_dir(tmp_path, "dyn-r8", "dynamic", [0.0, 0.6, 0.6], lora=(8, 1e-3)),
         _run_dir(tmp_path, "dyn-r32", "dynamic", [0.0, 0.8, 0.8], lora=(32, 1e-3)),
         _run_dir(tmp_path, "dyn-r32-merged", "dynamic", [0.0, 0.2, 0.2], lora=(32, 1e-3), merged=True),
+        _run_dir(tmp_path, "dyn-gated", "dynamic", [0.0, 0.1, 0.1], refiner={"mode": "gated", "template": "{query}"}),
+        _run_dir(tmp_path, "dyn-ref", "dynamic", [0.0, 0.7, 0.7], refiner={"template": "{query} {reference}"}),
+        _run_dir(
+            tmp_path,
+            "dyn-ref-tau",
+            "dynamic",
+            [0.0, 0.9, 0.9],
+            refiner={"mode": "gated", "gate_tau": 0.1, "template": "{reference}"},
+        ),
     ]
     out = tmp_path / "fig.png"
     result = subprocess.run(
@@ -67,6 +79,9 @@ def test_compare_groups_seeds_into_arms_and_tabulates_final_values(tmp_path):
     assert "| dynamic LoRA r=8 lr=0.001 | 1 | 0.600 |" in result.stdout  # and each LoRA rank
     assert "| dynamic LoRA r=32 lr=0.001 | 1 | 0.800 |" in result.stdout  # and a merged sync: not one arm's seed
     assert "| dynamic LoRA r=32 lr=0.001 merged | 1 | 0.200 |" in result.stdout
+    # and another kind of refiner: the gated copy (at its τ), a template that shows π0 the reference
+    assert "| dynamic gated | 1 | 0.100 |" in result.stdout and "| dynamic +reference | 1 | 0.700 |" in result.stdout
+    assert "| dynamic +reference gated τ=0.1 | 1 | 0.900 |" in result.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,12 +1,13 @@
 """Compare runs: python scripts/compare.py RUN_DIR... [--out fig.png]
 
-Reads each run's metrics.jsonl and config.yaml, groups runs into arms (constraint, β for static_kl, advantage
-estimator, LoRA rank, alpha, learning rate, sync and shared engine; runs that differ only in seed are one arm),
-and draws the paper's panels -- optimised reward, true task accuracy, degenerate rate, KL to π0, CE of refined
-responses, improved fraction -- one colour per arm, mean with a min/max band over seeds. Prints a table of final
-values (mean over the last `--last` steps of each run, then mean ± std over seeds; `--first N` puts the first N
-steps' mean before it, `--keys` picks the columns), and warns on stderr when the runs' horizons differ, since the
-last steps of runs of different lengths are different points of training.
+Reads each run's metrics.jsonl and config.yaml, groups runs into arms (constraint, β for static_kl, λ, the
+refiner's mode and reference template for dynamic, advantage estimator, LoRA rank, alpha, learning rate, sync and
+shared engine; runs that differ only in seed are one arm), and draws the paper's panels -- optimised reward, true
+task accuracy, degenerate rate, KL to π0, CE of refined responses, improved fraction -- one colour per arm, mean
+with a min/max band over seeds. Prints a table of final values (mean over the last `--last` steps of each run,
+then mean ± std over seeds; `--first N` puts the first N steps' mean before it, `--keys` picks the columns,
+`--quarters` adds each arm's quarter means), and warns on stderr when the runs' horizons differ, since the last
+steps of runs of different lengths are different points of training.
 """
 
 from __future__ import annotations
@@ -145,6 +146,25 @@ def final_table(arms: dict[str, list[list[dict]]], last: int, first: int | None 
     return "\n".join(lines)
 
 
+def quarter_table(arms: dict[str, list[list[dict]]], keys=TABLE_KEYS) -> str:
+    """Each arm's quarter means (each run's logged steps cut into four contiguous quarters, then the mean over its
+    runs), "Q1 → Q2 → Q3 → Q4": per-step values are noisy, and quarters show a trend that one final value hides."""
+    lines = [
+        "| arm | seeds | " + " | ".join(f"{key} (quarters)" for key in keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
+    for arm, runs in sorted(arms.items()):
+        cells = []
+        for key in keys:
+            values = [v for v in (series(rows, key)[1] for rows in runs) if len(v) >= 4]
+            quarters = [
+                [statistics.fmean(v[q * len(v) // 4 : (q + 1) * len(v) // 4]) for v in values] for q in range(4)
+            ]
+            cells.append(" → ".join(f"{statistics.fmean(q):.3f}" for q in quarters) if values else "–")
+        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def figure(arms: dict[str, list[list[dict]]], window: int):  # -> matplotlib Figure, imported lazily for --help
     import matplotlib
 
@@ -211,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         "--first", type=positive_int, help="also average each run's first FIRST steps: the table reads first → last"
     )
     parser.add_argument(
+        "--quarters", action="store_true", help="also print each arm's quarter means (Q1 → Q4) of the same keys"
+    )
+    parser.add_argument(
         "--keys",
         type=lambda text: text.split(","),
         default=TABLE_KEYS,
@@ -236,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or default_out(args.runs)
     write_figure(figure(arms, args.smooth), out)
     print(final_table(arms, args.last, args.first, args.keys))
+    if args.quarters:
+        print("\n" + quarter_table(arms, args.keys))
     print(f"figure: {out}")
     return 0
 

@@ -98,6 +98,18 @@ def test_compare_tabulates_first_to_last_on_the_keys_asked(tmp_path):
     assert "| dynamic | 2 | 0.200 → 0.500 ± 0.141 |" in result.stdout
 
 
+def test_compare_prints_quarter_means_over_seeds(tmp_path):
+    runs = [
+        _run_dir(tmp_path, "dyn-s0", "dynamic", [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 0.2, 0.2]),
+        _run_dir(tmp_path, "dyn-s1", "dynamic", [0.2, 0.2, 0.6, 0.6, 0.6, 0.6, 0.0, 0.4]),
+    ]
+    result = _compare(*map(str, runs), "--out", str(tmp_path / "f.png"), "--keys", "reward/mean", "--quarters")
+    assert result.returncode == 0, result.stderr
+    # quarters of 8 steps are pairs: seed 0 0.1, 0.5, 0.9, 0.2; seed 1 0.2, 0.6, 0.6, 0.2; then the mean over seeds
+    assert "| arm | seeds | reward/mean (quarters) |" in result.stdout
+    assert "| dynamic | 2 | 0.150 → 0.550 → 0.750 → 0.200 |" in result.stdout
+
+
 def test_compare_names_a_bad_metrics_line(tmp_path):
     run = _run_dir(tmp_path, "bad", "none", [0.1])
     with open(run / "metrics.jsonl", "a") as f:

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import string
 import sys
 from pathlib import Path
 
@@ -23,8 +24,8 @@ import yaml
 
 PANELS = [
     ("reward/mean", "optimised reward (flaw included)"),
-    ("task/accuracy", "true task accuracy (exact match)"),
-    ("task/degenerate_rate", "degenerate rate (exploited pattern)"),
+    ("task/accuracy", "true task accuracy"),
+    ("task/degenerate_rate", "degenerate rate (the task's pattern)"),
     ("learner/kl_to_ref", "KL(π_θ ‖ π0)"),
     ("learner/ce_refined", "CE of refined responses"),
     ("refiner/improved_frac", "fraction improved by the refiner"),
@@ -61,9 +62,13 @@ def load_run(run_dir: Path) -> tuple[str, list[dict], int | None]:
     elif arm == "dynamic":  # and at different λ, or with another kind of refiner
         arm += f" λ={algo['ce_coef']:g}" if algo.get("ce_coef", 1.0) != 1.0 else ""
         refiner = config.get("refiner") or {}
-        arm += " +reference" if "{reference}" in refiner.get("template", "") else ""
+        fields = {field for _, field, _, _ in string.Formatter().parse(refiner.get("template", "")) if field}
+        arm += " +reference" if "reference" in fields else ""
+        arm += " +extract" if refiner.get("extract_pattern") else ""
         if refiner.get("mode") == "gated":
-            arm += f" gated τ={refiner.get('gate_tau', 1.0):g}" if refiner.get("gate_tau", 1.0) < 1 else " gated"
+            arm += " gated"
+            arm += f" rank≤{refiner['gate_rank']}" if refiner.get("gate_rank", 1) > 1 else ""
+            arm += f" τ={refiner['gate_tau']:g}" if refiner.get("gate_tau", 1.0) < 1 else ""
     if algo.get("advantage", "grpo") != "grpo":
         arm += f"+{algo['advantage']}"
     lora = (config.get("model") or {}).get("lora") or {}
@@ -108,15 +113,14 @@ def default_out(run_dirs: list[Path]) -> Path:
     return out
 
 
-def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average, so that noisy per-step curves can be compared by eye."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
+def smooth(steps: list[int], values: list[float], window: int) -> list[float]:
+    """Trailing moving average over the last `window` steps (not points: a metric logged every 10 steps, such as
+    `learner/kl_to_ref` where it is not in the loss, is averaged over the points inside the window only), so that
+    noisy per-step curves can be compared by eye."""
+    return [
+        statistics.fmean(v for s, v in zip(steps[: i + 1], values[: i + 1]) if s > step - window)
+        for i, step in enumerate(steps)
+    ]
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -147,8 +151,11 @@ def final_table(arms: dict[str, list[list[dict]]], last: int, first: int | None 
 
 
 def quarter_table(arms: dict[str, list[list[dict]]], keys=TABLE_KEYS) -> str:
-    """Each arm's quarter means (each run's logged steps cut into four contiguous quarters, then the mean over its
-    runs), "Q1 → Q2 → Q3 → Q4": per-step values are noisy, and quarters show a trend that one final value hides."""
+    """Each arm's quarter means, "Q1 → Q2 → Q3 → Q4": each run's steps 1..N (N its last logged step) cut into four
+    (steps 1-5 … 16-20 of 20), the mean of a key's values in each, then the mean over the runs that logged it there
+    ("–" where none did, e.g. a metric logged every 10 steps). Per-step values are noisy, and quarters show a trend
+    that one final value hides. The seeds column counts the arm's runs; runs of unequal length get the horizon
+    warning."""
     lines = [
         "| arm | seeds | " + " | ".join(f"{key} (quarters)" for key in keys) + " |",
         "|---|---|" + "---|" * len(keys),
@@ -156,11 +163,16 @@ def quarter_table(arms: dict[str, list[list[dict]]], keys=TABLE_KEYS) -> str:
     for arm, runs in sorted(arms.items()):
         cells = []
         for key in keys:
-            values = [v for v in (series(rows, key)[1] for rows in runs) if len(v) >= 4]
-            quarters = [
-                [statistics.fmean(v[q * len(v) // 4 : (q + 1) * len(v) // 4]) for v in values] for q in range(4)
-            ]
-            cells.append(" → ".join(f"{statistics.fmean(q):.3f}" for q in quarters) if values else "–")
+            quarters: list[list[float]] = [[], [], [], []]
+            for rows in runs:
+                last = max((row["step"] for row in rows), default=0)
+                steps, values = series(rows, key)
+                for q in range(4):
+                    inside = [v for s, v in zip(steps, values) if s >= 1 and (s - 1) * 4 // last == q]
+                    if inside:
+                        quarters[q].append(statistics.fmean(inside))
+            shown = [f"{statistics.fmean(q):.3f}" if q else "–" for q in quarters]
+            cells.append(" → ".join(shown) if any(quarters) else "–")
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -183,7 +195,7 @@ def figure(arms: dict[str, list[list[dict]]], window: int):  # -> matplotlib Fig
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
     for colour, (arm, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], sorted(arms.items())):
         for ax, (key, _) in zip(axes, PANELS):
-            curves = [smooth(series(rows, key)[1], window) for rows in runs]
+            curves = [smooth(*series(rows, key), window) for rows in runs]
             curves = [c for c in curves if c]
             if not curves:
                 continue

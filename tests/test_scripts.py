@@ -54,6 +54,8 @@ def test_compare_groups_seeds_into_arms_and_tabulates_final_values(tmp_path):
         _run_dir(tmp_path, "dyn-r32-merged", "dynamic", [0.0, 0.2, 0.2], lora=(32, 1e-3), merged=True),
         _run_dir(tmp_path, "dyn-gated", "dynamic", [0.0, 0.1, 0.1], refiner={"mode": "gated", "template": "{query}"}),
         _run_dir(tmp_path, "dyn-ref", "dynamic", [0.0, 0.7, 0.7], refiner={"template": "{query} {reference}"}),
+        _run_dir(tmp_path, "dyn-rank", "dynamic", [0.0, 0.3, 0.3], refiner={"mode": "gated", "gate_rank": 3}),
+        _run_dir(tmp_path, "dyn-cut", "dynamic", [0.0, 0.4, 0.4], refiner={"extract_pattern": "(.*)"}),
         _run_dir(
             tmp_path,
             "dyn-ref-tau",
@@ -82,6 +84,12 @@ def test_compare_groups_seeds_into_arms_and_tabulates_final_values(tmp_path):
     # and another kind of refiner: the gated copy (at its τ), a template that shows π0 the reference
     assert "| dynamic gated | 1 | 0.100 |" in result.stdout and "| dynamic +reference | 1 | 0.700 |" in result.stdout
     assert "| dynamic +reference gated τ=0.1 | 1 | 0.900 |" in result.stdout
+    assert (
+        "| dynamic gated rank≤3 | 1 | 0.300 |" in result.stdout and "| dynamic +extract | 1 | 0.400 |" in result.stdout
+    )
+    # an escaped {{reference}} is literal text, not the field: that run is plain dynamic
+    braces = _run_dir(tmp_path / "more", "dyn-braces", "dynamic", [0.5], refiner={"template": "{query} {{reference}}"})
+    assert _compare_module().load_run(braces)[0] == "dynamic"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -108,6 +116,20 @@ def test_compare_prints_quarter_means_over_seeds(tmp_path):
     # quarters of 8 steps are pairs: seed 0 0.1, 0.5, 0.9, 0.2; seed 1 0.2, 0.6, 0.6, 0.2; then the mean over seeds
     assert "| arm | seeds | reward/mean (quarters) |" in result.stdout
     assert "| dynamic | 2 | 0.150 → 0.550 → 0.750 → 0.200 |" in result.stdout
+
+
+def test_compare_cuts_quarters_and_smooths_by_step_for_a_metric_logged_every_few_steps(tmp_path):
+    compare = _compare_module()
+    # learner/kl_to_ref logged at steps 1, 10 and 20 of 20 (as under dynamic): quarters by step, not by point
+    rows = [
+        {"step": s, **({"learner/kl_to_ref": {1: 0.0, 10: 1.0, 20: 2.0}[s]} if s in (1, 10, 20) else {})}
+        for s in range(1, 21)
+    ]
+    table = compare.quarter_table({"dynamic": [rows]}, keys=["learner/kl_to_ref"])
+    assert "| dynamic | 1 | 0.000 → 1.000 → – → 2.000 |" in table
+    # a 5-step window at step 20 holds only step 20's point, not the last three points
+    assert compare.smooth([1, 10, 20], [0.0, 1.0, 2.0], 5) == [0.0, 1.0, 2.0]
+    assert compare.smooth([1, 2, 3], [0.0, 1.0, 2.0], 2) == [0.0, 0.5, 1.5]
 
 
 def test_compare_names_a_bad_metrics_line(tmp_path):

@@ -129,22 +129,29 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def final_table(arms: dict[str, list[list[dict]]], last: int, first: int | None = None, keys=TABLE_KEYS) -> str:
-    """Each arm's mean over the last `last` steps of each run, then mean ± std over its runs; with `first`, the
-    mean over the first `first` steps before it ("first → last", the std being the last value's)."""
+    """Each arm's mean over the last `last` steps of each run (by step, not by logged point: a metric logged every
+    10 steps is its value inside the window), then mean ± std over its runs; with `first`, the mean over the
+    first `first` steps before it ("first → last", the std being the last value's)."""
     lines = ["| arm | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for arm, runs in sorted(arms.items()):
         cells = []
         for key in keys:
-            values = [v for v in (series(rows, key)[1] for rows in runs) if v]
-            if not values:
+            finals, firsts = [], []
+            for rows in runs:
+                end = max((row["step"] for row in rows), default=0)
+                steps, values = series(rows, key)
+                tail = [v for s, v in zip(steps, values) if s > end - last]
+                head = [v for s, v in zip(steps, values) if s <= (first or 0)]
+                finals += [statistics.fmean(tail)] if tail else []
+                firsts += [statistics.fmean(head)] if head else []
+            if not finals:
                 cells.append("–")
                 continue
-            finals = [statistics.fmean(v[-last:]) for v in values]
             cell = f"{statistics.fmean(finals):.3f}"
             if len(finals) > 1:
                 cell += f" ± {statistics.stdev(finals):.3f}"
-            if first is not None:
-                cell = f"{statistics.fmean(statistics.fmean(v[:first]) for v in values):.3f} → {cell}"
+            if first is not None and firsts:
+                cell = f"{statistics.fmean(firsts):.3f} → {cell}"
             cells.append(cell)
         lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -127,6 +127,8 @@ def test_compare_cuts_quarters_and_smooths_by_step_for_a_metric_logged_every_few
     ]
     table = compare.quarter_table({"dynamic": [rows]}, keys=["learner/kl_to_ref"])
     assert "| dynamic | 1 | 0.000 → 1.000 → – → 2.000 |" in table
+    # and the final-value table's last 5 steps hold step 20's point alone; its first 5, step 1's
+    assert "| dynamic | 1 | 0.000 → 2.000 |" in compare.final_table({"dynamic": [rows]}, 5, 5, ["learner/kl_to_ref"])
     # a 5-step window at step 20 holds only step 20's point, not the last three points
     assert compare.smooth([1, 10, 20], [0.0, 1.0, 2.0], 5) == [0.0, 1.0, 2.0]
     assert compare.smooth([1, 2, 3], [0.0, 1.0, 2.0], 2) == [0.0, 0.5, 1.5]

@@ -235,3 +235,51 @@ def build_chat_tokenizer(style: str, out_dir):
     hf.chat_template = template
     hf.save_pretrained(out_dir)
     return hf
+
+
+def build_tiny_chat_model(style: str, out_dir, refiner_template: str, steps: int = 150) -> str:
+    """A 2-layer Llama with `style`'s chat tokenizer (`build_chat_tokenizer`), its LM head tied to the input
+    embeddings and grouped-query attention, as SmolLM2-135M-Instruct ships (ChatML: "qwen"), saved to `out_dir`:
+    what a regime configured for a real LM runs on where that LM is not installed. A random model never ends a
+    reply (every a' would be unusable, every reward 0), so it is first taught, for `steps` steps, to answer
+    one-digit "What is a + b?" and `refiner_template`'s turns in one short line ending on the end-of-turn token."""
+    import random
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_refiner.data import render_user_turn
+    from rlhf_refiner.task import make_problem
+
+    tokenizer = build_chat_tokenizer(style, out_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(0)
+    for _ in range(steps):
+        rows = []
+        for i in range(16):
+            problem = make_problem(rng, 1, "natural")
+            response, reference = f"The answer is {rng.randrange(19)}.", problem.answer
+            refine = refiner_template.format(query=problem.query, response=response, reference=reference)
+            user = problem.query if i % 2 else refine
+            prompt = render_user_turn(tokenizer, user)
+            reply = tokenizer(f"The answer is {problem.answer}.", add_special_tokens=False).input_ids
+            rows.append((prompt + reply + [tokenizer.eos_token_id], len(prompt)))
+        width = max(len(tokens) for tokens, _ in rows)
+        ids = torch.tensor([tokens + [tokenizer.pad_token_id] * (width - len(tokens)) for tokens, _ in rows])
+        mask = torch.arange(width) < torch.tensor([len(tokens) for tokens, _ in rows])[:, None]
+        labels = ids.masked_fill(~mask, -100)
+        for row, (_, prompt_len) in enumerate(rows):
+            labels[row, :prompt_len] = -100
+        loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(out_dir)
+    return str(out_dir)

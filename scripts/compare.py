@@ -209,7 +209,9 @@ def figure(arms: dict[str, list[list[dict]]], window: int):  # -> matplotlib Fig
             length = min(len(c) for c in curves)
             steps = series(runs[0], key)[0][:length]
             columns = list(zip(*(c[:length] for c in curves)))
-            ax.plot(steps, [statistics.fmean(col) for col in columns], color=colour, label=f"{arm} (n={len(curves)})")
+            sparse = len(steps) < len(runs[0])  # logged every few steps: dots show where it was measured
+            mean = [statistics.fmean(col) for col in columns]
+            ax.plot(steps, mean, color=colour, marker="o" if sparse else None, ms=4, label=f"{arm} (n={len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=colour, alpha=0.2)
             if key == "learner/kl_to_ref":  # a degenerating arm's KL dwarfs the tethered ones: linear below 0.1

@@ -209,7 +209,7 @@ def figure(arms: dict[str, list[list[dict]]], window: int):  # -> matplotlib Fig
             length = min(len(c) for c in curves)
             steps = series(runs[0], key)[0][:length]
             columns = list(zip(*(c[:length] for c in curves)))
-            sparse = len(steps) < len(runs[0])  # logged every few steps: dots show where it was measured
+            sparse = any(b - a > 1 for a, b in zip(steps, steps[1:]))  # logged every few steps: dot each point
             mean = [statistics.fmean(col) for col in columns]
             ax.plot(steps, mean, color=colour, marker="o" if sparse else None, ms=4, label=f"{arm} (n={len(curves)})")
             if len(curves) > 1:

@@ -241,8 +241,9 @@ def build_tiny_chat_model(style: str, out_dir, refiner_template: str, steps: int
     """A 2-layer Llama with `style`'s chat tokenizer (`build_chat_tokenizer`), its LM head tied to the input
     embeddings and grouped-query attention, as SmolLM2-135M-Instruct ships (ChatML: "qwen"), saved to `out_dir`:
     what a regime configured for a real LM runs on where that LM is not installed. A random model never ends a
-    reply (every a' would be unusable, every reward 0), so it is first taught, for `steps` steps, to answer
-    one-digit "What is a + b?" and `refiner_template`'s turns in one short line ending on the end-of-turn token."""
+    reply (every a' would be unusable, every reward 0), so it is first taught, for `steps` steps, the format: one
+    line ("The answer is 11.", rarely the right sum) ending on the end-of-turn token, for one-digit "What is a + b?"
+    and for `refiner_template`'s turns."""
     import random
 
     import torch

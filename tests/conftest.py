@@ -249,7 +249,8 @@ def build_tiny_chat_model(style: str, out_dir, refiner_template: str, steps: int
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf_refiner.data import render_user_turn
+    from rlhf_refiner.data import render_user_turns
+    from rlhf_refiner.pi0 import _collate
     from rlhf_refiner.task import make_problem
 
     tokenizer = build_chat_tokenizer(style, out_dir)
@@ -263,22 +264,18 @@ def build_tiny_chat_model(style: str, out_dir, refiner_template: str, steps: int
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = random.Random(0)
     for _ in range(steps):
-        rows = []
+        users, replies = [], []
         for i in range(16):
             problem = make_problem(rng, 1, "natural")
             response, reference = f"The answer is {rng.randrange(19)}.", problem.answer
             refine = refiner_template.format(query=problem.query, response=response, reference=reference)
-            user = problem.query if i % 2 else refine
-            prompt = render_user_turn(tokenizer, user)
-            reply = tokenizer(f"The answer is {problem.answer}.", add_special_tokens=False).input_ids
-            rows.append((prompt + reply + [tokenizer.eos_token_id], len(prompt)))
-        width = max(len(tokens) for tokens, _ in rows)
-        ids = torch.tensor([tokens + [tokenizer.pad_token_id] * (width - len(tokens)) for tokens, _ in rows])
-        mask = torch.arange(width) < torch.tensor([len(tokens) for tokens, _ in rows])[:, None]
-        labels = ids.masked_fill(~mask, -100)
-        for row, (_, prompt_len) in enumerate(rows):
-            labels[row, :prompt_len] = -100
-        loss = model(input_ids=ids, attention_mask=mask.long(), labels=labels).loss
+            users.append(problem.query if i % 2 else refine)
+            replies.append(f"The answer is {problem.answer}.")
+        prompts = render_user_turns(tokenizer, users)  # one template render and one tokenizer call per batch
+        answers = tokenizer(replies, add_special_tokens=False).input_ids
+        rows = [(p + a + [tokenizer.eos_token_id], len(p)) for p, a in zip(prompts, answers, strict=True)]
+        input_ids, labels, attention = _collate(rows, tokenizer.pad_token_id)  # π0's SFT batches: reply + EOS
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -117,10 +117,12 @@ def smooth(steps: list[int], values: list[float], window: int) -> list[float]:
     """Trailing moving average over the last `window` steps (not points: a metric logged every 10 steps, such as
     `learner/kl_to_ref` where it is not in the loss, is averaged over the points inside the window only), so that
     noisy per-step curves can be compared by eye."""
-    return [
-        statistics.fmean(v for s, v in zip(steps[: i + 1], values[: i + 1]) if s > step - window)
-        for i, step in enumerate(steps)
-    ]
+    out, start = [], 0
+    for i, step in enumerate(steps):  # steps ascend: the window's first point only moves forward
+        while steps[start] <= step - window:
+            start += 1
+        out.append(statistics.fmean(values[start : i + 1]))
+    return out
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
